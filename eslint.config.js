@@ -1,0 +1,64 @@
+// Lint, including the architecture rules of DESIGN.md that CI enforces (test/dependency-rule.test.ts
+// proves each one bites).
+import js from '@eslint/js';
+import tseslint from 'typescript-eslint';
+
+/** Rule 1: only the PHI gateway (src/phi) reaches the resource store. */
+export const STORE_RULE = {
+  group: ['**/store/resource-store', '**/store/resource-store.ts', '**/store/resource-store.js'],
+  message: 'Only the PHI gateway (src/phi) may import the resource store: ask the gateway instead.',
+};
+
+/** Outbound connections go through the egress port (src/egress) only. */
+const OUTBOUND_IMPORTS = [
+  { name: 'undici', message: 'Outbound connections go through src/egress.' },
+  { name: 'axios', message: 'Outbound connections go through src/egress.' },
+  { name: 'node-fetch', message: 'Outbound connections go through src/egress.' },
+  ...['http', 'https', 'node:http', 'node:https'].map((name) => ({
+    name,
+    importNames: ['request', 'get', 'Agent', 'ClientRequest'],
+    message: 'Outbound connections go through src/egress (listeners are fine).',
+  })),
+  ...['net', 'tls', 'node:net', 'node:tls'].map((name) => ({
+    name,
+    importNames: ['connect', 'createConnection', 'Socket'],
+    message: 'Outbound connections go through src/egress (listeners are fine).',
+  })),
+];
+
+export default tseslint.config(
+  { ignores: ['node_modules/**', '.custos/**', 'coverage/**'] },
+  js.configs.recommended,
+  ...tseslint.configs.recommended,
+  {
+    rules: {
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
+      '@typescript-eslint/no-empty-function': 'off',
+    },
+  },
+  {
+    files: ['src/**/*.ts'],
+    rules: {
+      'no-console': 'error',
+      'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [STORE_RULE] }],
+      'no-restricted-globals': ['error', { name: 'fetch', message: 'Outbound connections go through src/egress.' }],
+    },
+  },
+  {
+    // The gateway and the store itself may import the store.
+    files: ['src/phi/**/*.ts', 'src/store/**/*.ts'],
+    rules: { 'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS }] },
+  },
+  {
+    files: ['src/egress/**/*.ts'],
+    rules: { 'no-restricted-imports': ['error', { patterns: [STORE_RULE] }], 'no-restricted-globals': 'off' },
+  },
+  {
+    files: ['src/cli/**/*.ts', 'bench/**/*.ts', 'scripts/**/*.ts', 'test/**/*.ts', 'bin/**'],
+    rules: { 'no-console': 'off' },
+  },
+  {
+    files: ['**/*.js', '**/*.mjs'],
+    languageOptions: { globals: { process: 'readonly', console: 'readonly' } },
+  },
+);

@@ -1,0 +1,42 @@
+import { timingSafeEqual } from 'node:crypto';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { CustosError } from '../kernel/errors.ts';
+import type { AdminService, CreateClientRequest } from './admin-service.ts';
+
+/** The header carrying the admin token that the server writes to `<dataDir>/admin-token` (mode 0600). */
+export const ADMIN_TOKEN_HEADER = 'x-custos-admin-token';
+
+/**
+ * The admin API used by the CLI while the server holds the embedded storage. Possession of the
+ * token file (readable only by the account that runs Custos) is the credential.
+ */
+export function registerAdminRoutes(
+  app: FastifyInstance,
+  admin: AdminService,
+  adminToken: string,
+  verifyAudit: () => Promise<unknown>,
+): void {
+  const expected = Buffer.from(adminToken, 'utf8');
+  const check = (req: FastifyRequest) => {
+    const got = Buffer.from(String(req.headers[ADMIN_TOKEN_HEADER] ?? ''), 'utf8');
+    if (got.length !== expected.length || !timingSafeEqual(got, expected)) throw new CustosError('ADMIN_TOKEN_INVALID');
+  };
+  app.post('/admin/init', async (req) => {
+    check(req);
+    const body = (req.body ?? {}) as { newSecret?: unknown };
+    return admin.init({ newSecret: body.newSecret === true, requestId: req.id });
+  });
+  app.post('/admin/audit/verify', async (req) => {
+    check(req);
+    return verifyAudit();
+  });
+  app.post('/admin/clients', async (req) => {
+    check(req);
+    const b = (req.body ?? {}) as Partial<CreateClientRequest>;
+    if (typeof b.projectId !== 'string' || !Array.isArray(b.scopes) || !Array.isArray(b.purposes)) throw new CustosError('BAD_REQUEST');
+    return admin.createClient(
+      { projectId: b.projectId, scopes: b.scopes.map(String), purposes: b.purposes.map(String), jwks: b.jwks, name: typeof b.name === 'string' ? b.name : undefined },
+      req.id,
+    );
+  });
+}

@@ -1,0 +1,133 @@
+import { newId } from '../kernel/ids.ts';
+import { CustosError } from '../kernel/errors.ts';
+import type { SqlDriver } from '../store/sql-driver.ts';
+import type { AuditLog } from '../audit/audit-log.ts';
+import type { ClientRegistry } from '../auth/client-registry.ts';
+import { allOrdinaryPurposes, BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from '../phi/purpose-of-use.ts';
+
+/** What `custos init` and `custos client create` print (INTERFACE.md). */
+export interface ClientCredentials {
+  projectId: string;
+  clientId: string;
+  /** Present only when a secret was created or rotated. */
+  clientSecret?: string;
+  tokenUrl: string;
+  fhirBaseUrl: string;
+}
+
+export interface InitResult extends ClientCredentials {
+  adminUserId: string;
+  /** False when the installation already existed. */
+  created: boolean;
+}
+
+export interface CreateClientRequest {
+  projectId: string;
+  scopes: string[];
+  purposes: string[];
+  jwks?: { keys: Record<string, unknown>[] };
+  name?: string;
+}
+
+export const DEMO_ADMIN_EMAIL = 'admin@example.org';
+
+/**
+ * Administrative actions shared by the CLI (storage opened directly) and the admin API (server
+ * running): one implementation, so both paths behave the same. Every action is audited.
+ */
+export class AdminService {
+  constructor(
+    private readonly deps: { db: SqlDriver; clients: ClientRegistry; audit: AuditLog; publicUrl: string },
+  ) {}
+
+  private urls() {
+    return { tokenUrl: `${this.deps.publicUrl}/oauth/token`, fhirBaseUrl: `${this.deps.publicUrl}/fhir/R4` };
+  }
+
+  private async auditAdmin(requestId: string, what: string, id: string, projectId: string): Promise<void> {
+    await this.deps.audit.append({
+      v: 1,
+      id: newId(),
+      time: new Date().toISOString(),
+      phase: 'access',
+      action: 'admin',
+      outcome: 'success',
+      code: what,
+      requestId,
+      projectId,
+      actor: { roles: ['installation-admin'] },
+      resource: { type: what.startsWith('client') ? 'Client' : 'Project', id },
+      source: {},
+    });
+  }
+
+  /**
+   * Idempotent first-run set-up: a sandbox project, an administrator and a system client that may
+   * claim every purpose of use except break-glass. Run again: same ids, no secret, unless
+   * `newSecret` rotates it.
+   */
+  async init(opts: { newSecret?: boolean; requestId?: string } = {}): Promise<InitResult> {
+    const requestId = opts.requestId ?? newId();
+    const existing = await this.deps.db.query<{ project_id: string; client_id: string; admin_user_id: string }>(
+      'SELECT project_id, client_id, admin_user_id FROM installation WHERE id = 1',
+    );
+    const row = existing.rows[0];
+    if (row) {
+      let clientSecret: string | undefined;
+      if (opts.newSecret) {
+        clientSecret = await this.deps.clients.rotateSecret(row.client_id);
+        await this.auditAdmin(requestId, 'client.secret_rotated', row.client_id, row.project_id);
+      }
+      return { projectId: row.project_id, clientId: row.client_id, clientSecret, adminUserId: row.admin_user_id, created: false, ...this.urls() };
+    }
+    const projectId = newId();
+    const adminUserId = newId();
+    await this.deps.db.transaction(async (tx) => {
+      await tx.query(`INSERT INTO project (id, name, kind) VALUES ($1, 'Demo sandbox', 'sandbox')`, [projectId]);
+      await tx.query(`INSERT INTO app_user (id, project_id, role, email) VALUES ($1, $2, 'admin', $3)`, [adminUserId, projectId, DEMO_ADMIN_EMAIL]);
+    });
+    const { clientId, clientSecret } = await this.deps.clients.create({
+      projectId,
+      name: 'init system client',
+      scopes: ['system/*.cruds'],
+      purposes: allOrdinaryPurposes(),
+    });
+    // A concurrent init may have won the race: the primary key keeps exactly one installation.
+    await this.deps.db.query(
+      'INSERT INTO installation (id, project_id, client_id, admin_user_id) VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING',
+      [projectId, clientId, adminUserId],
+    );
+    const winner = await this.deps.db.query<{ project_id: string }>('SELECT project_id FROM installation WHERE id = 1');
+    if (winner.rows[0]?.project_id !== projectId) {
+      await this.deps.clients.deactivate(clientId);
+      return this.init(opts);
+    }
+    await this.auditAdmin(requestId, 'project.created', projectId, projectId);
+    await this.auditAdmin(requestId, 'client.created', clientId, projectId);
+    return { projectId, clientId, clientSecret, adminUserId, created: true, ...this.urls() };
+  }
+
+  async createClient(req: CreateClientRequest, requestId = newId()): Promise<ClientCredentials> {
+    const project = await this.deps.db.query('SELECT 1 FROM project WHERE id = $1', [req.projectId]);
+    if (project.rows.length === 0) {
+      throw new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'not-found', diagnostics: 'No such project.' }]);
+    }
+    for (const p of req.purposes) {
+      if (!PURPOSES_OF_USE.has(p)) {
+        throw new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'value', diagnostics: 'Unknown purpose of use code.' }]);
+      }
+      if (BREAK_GLASS_PURPOSES.has(p)) {
+        throw new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'business-rule', diagnostics: 'System clients may not break glass.' }]);
+      }
+    }
+    const { clientId, clientSecret } = await this.deps.clients.create({
+      projectId: req.projectId,
+      name: req.name ?? 'system client',
+      scopes: req.scopes,
+      purposes: req.purposes,
+      jwks: req.jwks as never,
+    });
+    await this.auditAdmin(requestId, 'client.created', clientId, req.projectId);
+    return { projectId: req.projectId, clientId, clientSecret, ...this.urls() };
+  }
+}

@@ -1,0 +1,91 @@
+import { createHash } from 'node:crypto';
+import type { AuditLog } from './audit-log.ts';
+import { leafHash } from './audit-event.ts';
+
+export interface AuditVerifyReport {
+  ok: boolean;
+  size: number;
+  /** RFC 9162 Merkle tree head over all leaves, hex; undefined for an empty log. */
+  rootHash: string | undefined;
+  /** First sequence number that does not verify (hash mismatch, gap, undecodable entry). */
+  firstBadSeq: number | undefined;
+  problem: 'leaf_hash_mismatch' | 'sequence_gap' | 'undecodable_entry' | undefined;
+  /** Write attempts (request ids) with no recorded outcome: a crash or an audit failure after commit. */
+  attemptsWithoutOutcome: string[];
+}
+
+function nodeHash(left: Buffer, right: Buffer): Buffer {
+  return createHash('sha256').update(Buffer.from([1])).update(left).update(right).digest();
+}
+
+/**
+ * Incremental Merkle tree head (RFC 9162 §2.1.1) using a stack of perfect subtree roots, so that
+ * verification streams over the log in O(log n) memory.
+ */
+export class MerkleAccumulator {
+  private stack: { size: number; hash: Buffer }[] = [];
+  add(leaf: Buffer): void {
+    let node = { size: 1, hash: leaf };
+    while (this.stack.length > 0 && this.stack[this.stack.length - 1]!.size === node.size) {
+      const left = this.stack.pop()!;
+      node = { size: left.size * 2, hash: nodeHash(left.hash, node.hash) };
+    }
+    this.stack.push(node);
+  }
+  root(): Buffer | undefined {
+    if (this.stack.length === 0) return undefined;
+    let acc = this.stack[this.stack.length - 1]!.hash;
+    for (let i = this.stack.length - 2; i >= 0; i--) acc = nodeHash(this.stack[i]!.hash, acc);
+    return acc;
+  }
+}
+
+/** Recomputes every leaf hash from the stored bytes and the tree head; finds dangling write attempts. */
+export async function verifyAuditLog(log: AuditLog): Promise<AuditVerifyReport> {
+  const size = await log.size();
+  const acc = new MerkleAccumulator();
+  const pendingAttempts = new Set<string>();
+  let expected = 0;
+  let firstBadSeq: number | undefined;
+  let problem: AuditVerifyReport['problem'];
+  const PAGE = 2000;
+  for (;;) {
+    const rows = await log.read(expected, PAGE);
+    for (const row of rows) {
+      if (firstBadSeq === undefined) {
+        if (row.seq !== expected) {
+          firstBadSeq = expected;
+          problem = 'sequence_gap';
+        } else if (!leafHash(row.entry).equals(row.leafHash)) {
+          firstBadSeq = row.seq;
+          problem = 'leaf_hash_mismatch';
+        }
+      }
+      acc.add(leafHash(row.entry));
+      try {
+        const e = JSON.parse(row.entry.toString('utf8')) as { phase?: string; requestId?: string };
+        if (e.phase === 'attempt' && e.requestId) pendingAttempts.add(e.requestId);
+        if (e.phase === 'outcome' && e.requestId) pendingAttempts.delete(e.requestId);
+      } catch {
+        if (firstBadSeq === undefined) {
+          firstBadSeq = row.seq;
+          problem = 'undecodable_entry';
+        }
+      }
+      expected = row.seq + 1;
+    }
+    if (rows.length < PAGE) break;
+  }
+  if (firstBadSeq === undefined && expected !== size) {
+    firstBadSeq = expected;
+    problem = 'sequence_gap';
+  }
+  return {
+    ok: firstBadSeq === undefined,
+    size,
+    rootHash: acc.root()?.toString('hex'),
+    firstBadSeq,
+    problem,
+    attemptsWithoutOutcome: [...pendingAttempts],
+  };
+}

@@ -1,0 +1,193 @@
+import { createHmac, randomBytes } from 'node:crypto';
+import type { JSONWebKeySet } from 'jose';
+import type { SqlDriver } from '../store/sql-driver.ts';
+import { CustosError } from '../kernel/errors.ts';
+import { readOrCreateKeyFile } from './key-file.ts';
+import { parseSmartScope } from './smart-scopes.ts';
+
+/** How a client proves who it is at the token endpoint. */
+export type ClientAuthMethod = 'client_secret' | 'private_key_jwt' | 'none';
+
+/** A registered OAuth client, as stored (never with a secret). */
+export interface ClientRegistration {
+  readonly id: string;
+  readonly projectId: string;
+  readonly name: string;
+  readonly authMethod: ClientAuthMethod;
+  /** Incremented by {@link ClientRegistry.rotateSecret}; the secret is derived from it. */
+  readonly secretVersion: number;
+  readonly jwks: JSONWebKeySet | undefined;
+  /** SMART scopes the client may be granted, e.g. `system/*.cruds`. */
+  readonly scopes: readonly string[];
+  /** HL7 v3 PurposeOfUse codes the client may claim, e.g. `TREAT`. */
+  readonly purposes: readonly string[];
+  readonly mayBreakGlass: boolean;
+  readonly active: boolean;
+}
+
+export interface CreateClientInput {
+  projectId: string;
+  name: string;
+  scopes: string[];
+  purposes: string[];
+  /** Public keys for `private_key_jwt` (SMART Backend Services); without it the client gets a secret. */
+  jwks?: JSONWebKeySet;
+  mayBreakGlass?: boolean;
+}
+
+interface ClientRow {
+  id: string;
+  project_id: string;
+  name: string;
+  auth_method: ClientAuthMethod;
+  secret_version: number;
+  jwks: JSONWebKeySet | null;
+  scopes: string[];
+  purposes: string[];
+  may_break_glass: boolean;
+  active: boolean;
+}
+
+const COLUMNS =
+  'id, project_id, name, auth_method, secret_version, jwks, scopes, purposes, may_break_glass, active';
+const PURPOSE = /^[A-Z]{2,12}$/;
+/** JWK members that only a private or symmetric key has (RFC 7518 section 6). */
+const PRIVATE_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'oth', 'k', 'priv'];
+
+/**
+ * The OAuth clients of every project, in table `oauth_client`.
+ *
+ * Client secrets are never stored: a secret is `base64url(HMAC-SHA256(key, clientId:secretVersion))`
+ * with a 32-byte key kept in `keyFile`, outside the database (DESIGN.md rule 5). A dump of the
+ * database therefore reveals no credential, and rotating a secret is incrementing `secret_version`.
+ *
+ * @example
+ * const clients = new ClientRegistry({ db, keyFile: '.custos/client-secret.key' });
+ * const { clientId, clientSecret } = await clients.create({
+ *   projectId, name: 'lab feed', scopes: ['system/Observation.cruds'], purposes: ['TREAT'],
+ * });
+ */
+export class ClientRegistry {
+  private readonly db: SqlDriver;
+  private readonly key: Buffer;
+
+  constructor(opts: { db: SqlDriver; keyFile: string }) {
+    this.db = opts.db;
+    const text = readOrCreateKeyFile(opts.keyFile, () => randomBytes(32).toString('base64url') + '\n');
+    const key = Buffer.from(text.trim(), 'base64url');
+    if (key.length !== 32) throw new CustosError('CONFIG_INVALID');
+    this.key = key;
+  }
+
+  /**
+   * Registers a client. Returns its secret (shown once; derivable again only by rotation) unless
+   * `jwks` is given, in which case the client authenticates with `private_key_jwt`.
+   * Scopes must be SMART resource scopes and purposes v3 ActReason codes, else `BAD_REQUEST`.
+   */
+  async create(input: CreateClientInput): Promise<{ clientId: string; clientSecret?: string }> {
+    if (typeof input.name !== 'string' || input.name.trim() === '') throw new CustosError('BAD_REQUEST');
+    if (input.scopes.length === 0 || input.scopes.some((s) => parseSmartScope(s) === null)) {
+      throw new CustosError('BAD_REQUEST');
+    }
+    if (input.purposes.some((p) => !PURPOSE.test(p))) throw new CustosError('BAD_REQUEST');
+    if (input.jwks !== undefined) assertPublicJwks(input.jwks);
+
+    const id = randomBytes(16).toString('base64url');
+    const authMethod: ClientAuthMethod = input.jwks ? 'private_key_jwt' : 'client_secret';
+    await this.db.query(
+      `INSERT INTO oauth_client (id, project_id, name, auth_method, jwks, scopes, purposes, may_break_glass)
+       VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)`,
+      [
+        id,
+        input.projectId,
+        input.name,
+        authMethod,
+        input.jwks ? JSON.stringify(input.jwks) : null,
+        [...new Set(input.scopes)],
+        [...new Set(input.purposes)],
+        input.mayBreakGlass ?? false,
+      ],
+    );
+    return authMethod === 'client_secret' ? { clientId: id, clientSecret: this.deriveSecret(id, 0) } : { clientId: id };
+  }
+
+  /** The registration, active or not; undefined when no such client exists. */
+  async find(clientId: string): Promise<ClientRegistration | undefined> {
+    const { rows } = await this.db.query<ClientRow>(`SELECT ${COLUMNS} FROM oauth_client WHERE id = $1`, [clientId]);
+    return rows[0] ? toRegistration(rows[0]) : undefined;
+  }
+
+  /** All clients of a project, oldest first. */
+  async listByProject(projectId: string): Promise<ClientRegistration[]> {
+    const { rows } = await this.db.query<ClientRow>(
+      `SELECT ${COLUMNS} FROM oauth_client WHERE project_id = $1 ORDER BY created_at, id`,
+      [projectId],
+    );
+    return rows.map(toRegistration);
+  }
+
+  /**
+   * Replaces the secret of an active `client_secret` client and returns the new one; the old one
+   * stops working at once. `NOT_FOUND` for any other client.
+   */
+  async rotateSecret(clientId: string): Promise<string> {
+    const { rows } = await this.db.query<{ secret_version: number }>(
+      `UPDATE oauth_client SET secret_version = secret_version + 1
+       WHERE id = $1 AND auth_method = 'client_secret' AND active RETURNING secret_version`,
+      [clientId],
+    );
+    if (!rows[0]) throw new CustosError('NOT_FOUND');
+    return this.deriveSecret(clientId, rows[0].secret_version);
+  }
+
+  /**
+   * Deactivates a client: the token endpoint refuses it from now on. Access tokens already issued
+   * stay valid until they expire (at most 300 s) unless the resource server checks `active`.
+   */
+  async deactivate(clientId: string): Promise<void> {
+    const { rows } = await this.db.query(`UPDATE oauth_client SET active = false WHERE id = $1 RETURNING id`, [
+      clientId,
+    ]);
+    if (!rows[0]) throw new CustosError('NOT_FOUND');
+  }
+
+  /**
+   * The current secret of a `client_secret` client, for the authorization server's client lookup
+   * (src/auth/oidc-adapter.ts) only. Undefined for other clients.
+   */
+  currentSecret(client: ClientRegistration): string | undefined {
+    return client.authMethod === 'client_secret' ? this.deriveSecret(client.id, client.secretVersion) : undefined;
+  }
+
+  private deriveSecret(clientId: string, version: number): string {
+    return createHmac('sha256', this.key).update(`${clientId}:${version}`).digest('base64url');
+  }
+}
+
+function toRegistration(r: ClientRow): ClientRegistration {
+  return {
+    id: r.id,
+    projectId: r.project_id,
+    name: r.name,
+    authMethod: r.auth_method,
+    secretVersion: r.secret_version,
+    jwks: r.jwks ?? undefined,
+    scopes: r.scopes,
+    purposes: r.purposes,
+    mayBreakGlass: r.may_break_glass,
+    active: r.active,
+  };
+}
+
+/** Refuses a JWKS that is malformed or holds private key material (a client must never send us its private key). */
+function assertPublicJwks(jwks: JSONWebKeySet): void {
+  const keys: unknown = (jwks as { keys?: unknown } | null)?.keys;
+  if (!Array.isArray(keys) || keys.length === 0) throw new CustosError('BAD_REQUEST');
+  for (const k of keys as unknown[]) {
+    if (typeof k !== 'object' || k === null) throw new CustosError('BAD_REQUEST');
+    const jwk = k as Record<string, unknown>;
+    if (!['RSA', 'EC', 'OKP'].includes(jwk.kty as string) || PRIVATE_MEMBERS.some((m) => m in jwk)) {
+      throw new CustosError('BAD_REQUEST');
+    }
+  }
+}

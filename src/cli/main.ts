@@ -1,0 +1,227 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { Command, CommanderError } from 'commander';
+import { ConfigError, loadConfig, type Config } from '../config/config.ts';
+import { createLogger, silentLogger, type Logger } from '../log/logger.ts';
+import { isCustosError } from '../kernel/errors.ts';
+import { dataPaths, openCore, runningServer, startServer, VERSION, type CustosCore } from '../server.ts';
+import { verifyAuditLog, type AuditVerifyReport } from '../audit/audit-verify.ts';
+import type { ClientCredentials, InitResult } from '../admin/admin-service.ts';
+import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
+import { egressFetch } from '../egress/egress.ts';
+
+/**
+ * The `custos` command (INTERFACE.md, "Command line"). Exit 0 on success, 1 when the thing checked
+ * is not right, 2 on usage or configuration errors. With `--json`, exactly one JSON document on
+ * stdout. CLI output never contains resource data.
+ */
+
+class ExitError extends Error {
+  constructor(
+    readonly exitCode: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+function config(): Config {
+  try {
+    return loadConfig();
+  } catch (e) {
+    if (e instanceof ConfigError) throw new ExitError(2, `custos: configuration: ${e.message}`);
+    throw e;
+  }
+}
+
+/** Runs `action` through the running server's admin API, or on storage opened directly. */
+async function withBackend<T>(
+  cfg: Config,
+  viaApi: (call: (p: string, body: unknown) => Promise<unknown>) => Promise<T>,
+  direct: (core: CustosCore) => Promise<T>,
+): Promise<T> {
+  const server = runningServer(cfg.dataDir);
+  if (server) {
+    process.stderr.write(`custos: using the running server's admin API (pid ${server.pid})\n`);
+    const token = fs.readFileSync(dataPaths(cfg.dataDir).adminToken, 'utf8').trim();
+    return viaApi(async (p, body) => {
+      const res = await egressFetch({
+        purpose: 'admin-api',
+        url: `${server.url}${p}`,
+        init: { method: 'POST', headers: { 'content-type': 'application/json', [ADMIN_TOKEN_HEADER]: token }, body: JSON.stringify(body) },
+      });
+      const json = (await res.json()) as { resourceType?: string; issue?: { details?: { text?: string }; diagnostics?: string }[] };
+      if (!res.ok) {
+        const issue = json.issue?.[0];
+        throw new ExitError(res.status >= 500 ? 1 : 2, `custos: ${issue?.details?.text ?? 'request failed'}${issue?.diagnostics ? ` (${issue.diagnostics})` : ''}`);
+      }
+      return json;
+    });
+  }
+  process.stderr.write('custos: no server running on this data directory; opening storage directly\n');
+  const core = await openCore(cfg, silentLogger);
+  try {
+    return await direct(core);
+  } finally {
+    await core.close();
+  }
+}
+
+function print(json: boolean, value: unknown, human: string): void {
+  process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${human}\n`);
+}
+
+function credentialsText(c: ClientCredentials): string {
+  return [
+    `project:       ${c.projectId}`,
+    `client id:     ${c.clientId}`,
+    c.clientSecret ? `client secret: ${c.clientSecret}   (shown once; store it now)` : 'client secret: (not shown: use --new-secret to rotate)',
+    `token URL:     ${c.tokenUrl}`,
+    `FHIR base URL: ${c.fhirBaseUrl}`,
+  ].join('\n');
+}
+
+function publicCredentials(r: InitResult | ClientCredentials) {
+  const { projectId, clientId, clientSecret, tokenUrl, fhirBaseUrl } = r;
+  return clientSecret ? { projectId, clientId, clientSecret, tokenUrl, fhirBaseUrl } : { projectId, clientId, tokenUrl, fhirBaseUrl };
+}
+
+function list(v: string): string[] {
+  return v.split(/[,\s]+/).map((s) => s.trim()).filter(Boolean);
+}
+
+export function buildCli(): Command {
+  const program = new Command('custos')
+    .description('Custos: a FHIR R4 server in which every access to PHI is authorized, justified and audited.')
+    .version(VERSION)
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+  program
+    .command('serve')
+    .description('Serve FHIR R4, OAuth and the admin API over HTTP')
+    .option('--demo', 'create the demo sandbox project on first start and print where its credentials are')
+    .action(async (opts: { demo?: boolean }) => {
+      const cfg = config();
+      const log: Logger = createLogger({ level: cfg.logLevel });
+      const server = await startServer(cfg, log);
+      const say = (s: string) => process.stderr.write(`${s}\n`);
+      if (cfg.env === 'development') {
+        say('custos: DEVELOPMENT MODE: embedded storage and the local development keyring are for development only.');
+      }
+      if (opts.demo) {
+        const result = await server.core.admin.init();
+        const credFile = path.join(cfg.dataDir, 'demo-credentials.json');
+        if (result.clientSecret) {
+          fs.writeFileSync(credFile, JSON.stringify(publicCredentials(result), null, 2), { mode: 0o600 });
+        }
+        say(`custos: demo sandbox project ${result.projectId} (accepts only test data labelled HTEST)`);
+        say(`custos: demo client credentials are in ${credFile} (mode 0600; development only)`);
+      }
+      say(`custos: FHIR base ${cfg.publicUrl}/fhir/R4 (listening on ${server.url}); Ctrl-C to stop`);
+      const stop = async () => {
+        await server.close();
+        process.exit(0);
+      };
+      process.once('SIGINT', () => void stop());
+      process.once('SIGTERM', () => void stop());
+    });
+
+  program
+    .command('init')
+    .description('Idempotent first-run set-up: a sandbox project, an administrator and a system client')
+    .option('--json', 'print one JSON document')
+    .option('--new-secret', "rotate the system client's secret and print the new one")
+    .action(async (opts: { json?: boolean; newSecret?: boolean }) => {
+      const cfg = config();
+      const r = await withBackend<InitResult>(
+        cfg,
+        async (call) => (await call('/admin/init', { newSecret: opts.newSecret === true })) as InitResult,
+        (core) => core.admin.init({ newSecret: opts.newSecret === true }),
+      );
+      print(opts.json === true, publicCredentials(r), `${r.created ? 'Created' : 'Already initialised'}:\n${credentialsText(r)}`);
+    });
+
+  const client = program.command('client').description('OAuth clients');
+  client
+    .command('create')
+    .description('Register a system client (client credentials; SMART Backend Services with --jwks)')
+    .requiredOption('--project <id>', 'project id')
+    .requiredOption('--scopes <scopes>', 'SMART scopes, e.g. "system/*.cruds"')
+    .requiredOption('--purposes <codes>', 'purposes of use the client may claim, e.g. TREAT,HOPERAT')
+    .option('--jwks <file>', 'public JWKS for private_key_jwt (no secret is issued)')
+    .option('--name <name>', 'a label for administrators')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { project: string; scopes: string; purposes: string; jwks?: string; name?: string; json?: boolean }) => {
+      const cfg = config();
+      let jwks: { keys: Record<string, unknown>[] } | undefined;
+      if (opts.jwks) {
+        try {
+          jwks = JSON.parse(fs.readFileSync(opts.jwks, 'utf8')) as { keys: Record<string, unknown>[] };
+        } catch {
+          throw new ExitError(2, 'custos: --jwks: cannot read a JSON Web Key Set from that file');
+        }
+      }
+      const req = { projectId: opts.project, scopes: list(opts.scopes), purposes: list(opts.purposes), jwks, name: opts.name };
+      const r = await withBackend<ClientCredentials>(
+        cfg,
+        async (call) => (await call('/admin/clients', req)) as ClientCredentials,
+        (core) => core.admin.createClient(req),
+      );
+      print(opts.json === true, publicCredentials(r), `Client created:\n${credentialsText(r)}`);
+    });
+
+  const audit = program.command('audit').description('The audit log');
+  audit
+    .command('verify')
+    .description('Recompute every leaf hash and the Merkle tree head; list write attempts without outcome')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { json?: boolean }) => {
+      const cfg = config();
+      const r = await withBackend<AuditVerifyReport>(
+        cfg,
+        async (call) => (await call('/admin/audit/verify', {})) as AuditVerifyReport,
+        (core) => verifyAuditLog(core.audit),
+      );
+      const human = r.ok
+        ? `audit log OK: ${r.size} entries, tree head ${r.rootHash ?? '(empty)'}`
+        : `audit log BROKEN at sequence number ${r.firstBadSeq} (${r.problem})`;
+      const pending = r.attemptsWithoutOutcome.length
+        ? `\n${r.attemptsWithoutOutcome.length} write attempt(s) without outcome: ${r.attemptsWithoutOutcome.join(', ')}`
+        : '';
+      print(opts.json === true, r, human + pending);
+      if (!r.ok) process.exitCode = 1;
+    });
+  return program;
+}
+
+export async function runCli(argv: string[]): Promise<number> {
+  const program = buildCli();
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (e) {
+    if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
+    if (e instanceof ExitError) {
+      process.stderr.write(`${e.message}\n`);
+      return e.exitCode;
+    }
+    if (isCustosError(e)) {
+      const detail = e.details[0]?.diagnostics;
+      process.stderr.write(`custos: ${e.message}${detail ? ` ${detail}` : ''}\n`);
+      return e.status >= 500 ? 1 : 2;
+    }
+    // Unknown errors may quote data: print only their class.
+    process.stderr.write(`custos: unexpected ${e instanceof Error ? e.name : 'error'}; see the server log\n`);
+    return 1;
+  }
+}
+
+const isMain = process.argv[1] && /(?:custos(?:\.mjs)?|main\.ts)$/.test(process.argv[1]);
+if (isMain) {
+  const args = process.argv.slice(2);
+  void runCli(args).then((code) => {
+    // `serve` keeps running; every other command exits with its code.
+    if (args[0] !== 'serve' || code !== 0) process.exit(code);
+  });
+}

@@ -1,0 +1,146 @@
+import path from 'node:path';
+
+/**
+ * The one typed configuration of a Custos process, loaded once at start from the environment
+ * (INTERFACE.md, "Configuration") and frozen. Modules receive the part they need as arguments;
+ * there is no global config singleton.
+ */
+export interface Config {
+  readonly env: 'development' | 'production';
+  readonly dataDir: string;
+  /** PostgreSQL for resources; undefined means embedded PGlite under dataDir. */
+  readonly databaseUrl: string | undefined;
+  /** PostgreSQL for the audit log; undefined means a separate embedded database under dataDir. */
+  readonly auditDatabaseUrl: string | undefined;
+  readonly host: string;
+  readonly port: number;
+  readonly publicUrl: string;
+  readonly tls: { readonly certFile: string; readonly keyFile: string } | undefined;
+  readonly trustedProxies: readonly string[];
+  readonly keyProvider: 'local' | 'pkcs11' | 'aws-kms';
+  /** Undefined means the generated development passphrase (refused in production). */
+  readonly keyringPassphrase: string | undefined;
+  readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
+}
+
+/** A configuration problem: the message names the variable and the reason, in one line. */
+export class ConfigError extends Error {
+  constructor(
+    readonly variable: string,
+    reason: string,
+  ) {
+    super(`${variable}: ${reason}`);
+    this.name = 'ConfigError';
+  }
+}
+
+type Env = Readonly<Record<string, string | undefined>>;
+
+function str(env: Env, name: string): string | undefined {
+  const v = env[name];
+  return v === undefined || v.trim() === '' ? undefined : v.trim();
+}
+
+function oneOf<T extends string>(env: Env, name: string, allowed: readonly T[], dflt: T): T {
+  const v = str(env, name);
+  if (v === undefined) return dflt;
+  if (!(allowed as readonly string[]).includes(v)) {
+    throw new ConfigError(name, `must be one of ${allowed.join(', ')}`);
+  }
+  return v as T;
+}
+
+function postgresUrl(env: Env, name: string): string | undefined {
+  const v = str(env, name);
+  if (v === undefined) return undefined;
+  let u: URL;
+  try {
+    u = new URL(v);
+  } catch {
+    throw new ConfigError(name, 'is not a URL (expected postgres://user@host:port/database)');
+  }
+  if (u.protocol !== 'postgres:' && u.protocol !== 'postgresql:') {
+    throw new ConfigError(name, 'must start with postgres:// or postgresql://');
+  }
+  if (u.pathname.length <= 1) throw new ConfigError(name, 'must name a database');
+  return v;
+}
+
+/** The identity of a PostgreSQL database, ignoring credentials and options. */
+export function databaseIdentity(url: string): string {
+  const u = new URL(url);
+  const host = u.hostname === 'localhost' ? '127.0.0.1' : u.hostname;
+  return `${host}:${u.port || '5432'}${u.pathname}`;
+}
+
+export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config {
+  const mode = oneOf(env, 'CUSTOS_ENV', ['development', 'production'] as const, 'development');
+  const dataDir = path.resolve(cwd, str(env, 'CUSTOS_DATA_DIR') ?? '.custos');
+  const databaseUrl = postgresUrl(env, 'CUSTOS_DATABASE_URL');
+  const auditDatabaseUrl = postgresUrl(env, 'CUSTOS_AUDIT_DATABASE_URL');
+  const host = str(env, 'CUSTOS_HOST') ?? '127.0.0.1';
+  const portText = str(env, 'CUSTOS_PORT') ?? '8080';
+  if (!/^\d{1,5}$/.test(portText) || Number(portText) > 65535) {
+    throw new ConfigError('CUSTOS_PORT', 'must be an integer from 0 to 65535');
+  }
+  const port = Number(portText);
+  const publicUrlText = str(env, 'CUSTOS_PUBLIC_URL') ?? `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${port}`;
+  let publicUrl: string;
+  try {
+    const u = new URL(publicUrlText);
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new Error('scheme');
+    if (u.search || u.hash) throw new Error('query');
+    publicUrl = u.href.replace(/\/$/, '');
+  } catch {
+    throw new ConfigError('CUSTOS_PUBLIC_URL', 'must be an absolute http(s) URL without query or fragment');
+  }
+  const cert = str(env, 'CUSTOS_TLS_CERT');
+  const key = str(env, 'CUSTOS_TLS_KEY');
+  if ((cert === undefined) !== (key === undefined)) {
+    throw new ConfigError(cert === undefined ? 'CUSTOS_TLS_CERT' : 'CUSTOS_TLS_KEY', 'CUSTOS_TLS_CERT and CUSTOS_TLS_KEY must be set together');
+  }
+  const tls = cert && key ? { certFile: path.resolve(cwd, cert), keyFile: path.resolve(cwd, key) } : undefined;
+  const proxiesText = str(env, 'CUSTOS_TRUSTED_PROXIES');
+  const trustedProxies = proxiesText ? proxiesText.split(',').map((s) => s.trim()).filter(Boolean) : [];
+  for (const p of trustedProxies) {
+    if (!/^[0-9a-fA-F:.]+(\/\d{1,3})?$/.test(p)) {
+      throw new ConfigError('CUSTOS_TRUSTED_PROXIES', 'must be a comma-separated list of IP addresses or CIDR ranges');
+    }
+  }
+  const keyProvider = oneOf(env, 'CUSTOS_KEY_PROVIDER', ['local', 'pkcs11', 'aws-kms'] as const, 'local');
+  const keyringPassphrase = str(env, 'CUSTOS_KEYRING_PASSPHRASE');
+  const logLevel = oneOf(env, 'CUSTOS_LOG_LEVEL', ['debug', 'info', 'warn', 'error'] as const, 'info');
+
+  if (databaseUrl && auditDatabaseUrl && databaseIdentity(databaseUrl) === databaseIdentity(auditDatabaseUrl)) {
+    throw new ConfigError('CUSTOS_AUDIT_DATABASE_URL', 'must not be the resource database (CUSTOS_DATABASE_URL)');
+  }
+  if (mode === 'production') {
+    if (!databaseUrl) throw new ConfigError('CUSTOS_DATABASE_URL', 'production refuses embedded storage: set a PostgreSQL URL');
+    if (!auditDatabaseUrl) {
+      throw new ConfigError('CUSTOS_AUDIT_DATABASE_URL', 'production refuses the embedded audit database: set a PostgreSQL URL');
+    }
+    if (keyProvider === 'local' && keyringPassphrase === undefined) {
+      throw new ConfigError('CUSTOS_KEYRING_PASSPHRASE', 'production refuses the development keyring: set a passphrase or another key provider');
+    }
+    if (!tls && trustedProxies.length === 0) {
+      throw new ConfigError('CUSTOS_TLS_CERT', 'production refuses plaintext HTTP: set CUSTOS_TLS_CERT/KEY or CUSTOS_TRUSTED_PROXIES');
+    }
+    if (!publicUrl.startsWith('https:')) {
+      throw new ConfigError('CUSTOS_PUBLIC_URL', 'must be https:// in production');
+    }
+  }
+  return Object.freeze({
+    env: mode,
+    dataDir,
+    databaseUrl,
+    auditDatabaseUrl,
+    host,
+    port,
+    publicUrl,
+    tls: tls && Object.freeze(tls),
+    trustedProxies: Object.freeze(trustedProxies),
+    keyProvider,
+    keyringPassphrase,
+    logLevel,
+  });
+}

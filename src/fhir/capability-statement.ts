@@ -1,0 +1,69 @@
+/**
+ * The CapabilityStatement at /fhir/R4/metadata. It states only what this version does: every
+ * interaction listed is implemented and tested; search is absent until issue 3 lands.
+ */
+export function capabilityStatement(opts: { publicUrl: string; resourceTypes: Iterable<string>; version: string }): unknown {
+  const resourceInteractions = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'history-type', 'create'].map((code) => ({ code }));
+  return {
+    resourceType: 'CapabilityStatement',
+    status: 'active',
+    date: '2026-12-01',
+    kind: 'instance',
+    software: { name: 'Custos', version: opts.version },
+    implementation: { description: 'Custos FHIR R4 server', url: `${opts.publicUrl}/fhir/R4` },
+    fhirVersion: '4.0.1',
+    format: ['application/fhir+json', 'application/json'],
+    patchFormat: ['application/json-patch+json'],
+    rest: [
+      {
+        mode: 'server',
+        security: {
+          cors: false,
+          service: [{ coding: [{ system: 'http://terminology.hl7.org/CodeSystem/restful-security-service', code: 'SMART-on-FHIR' }] }],
+          description:
+            'OAuth 2.0 client credentials (client secret or SMART Backend Services private_key_jwt). Every request needs a purpose of use (X-Purpose-Of-Use).',
+          extension: [
+            {
+              url: 'http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris',
+              extension: [
+                { url: 'token', valueUri: `${opts.publicUrl}/oauth/token` },
+                { url: 'introspect', valueUri: `${opts.publicUrl}/oauth/introspect` },
+                { url: 'revoke', valueUri: `${opts.publicUrl}/oauth/revoke` },
+              ],
+            },
+          ],
+        },
+        resource: [...opts.resourceTypes].sort().map((type) => ({
+          type,
+          interaction: resourceInteractions,
+          versioning: 'versioned-update',
+          readHistory: true,
+          updateCreate: true,
+          conditionalCreate: true,
+          conditionalRead: 'not-supported',
+          conditionalUpdate: true,
+          conditionalDelete: 'not-supported',
+          referencePolicy: ['literal', 'local'],
+        })),
+        interaction: [{ code: 'transaction' }, { code: 'batch' }, { code: 'history-system' }],
+      },
+    ],
+  };
+}
+
+/** SMART discovery (https://hl7.org/fhir/smart-app-launch/conformance.html). */
+export function smartConfiguration(publicUrl: string): unknown {
+  return {
+    issuer: publicUrl,
+    jwks_uri: `${publicUrl}/oauth/jwks`,
+    token_endpoint: `${publicUrl}/oauth/token`,
+    introspection_endpoint: `${publicUrl}/oauth/introspect`,
+    revocation_endpoint: `${publicUrl}/oauth/revoke`,
+    grant_types_supported: ['client_credentials'],
+    token_endpoint_auth_methods_supported: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+    token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384', 'RS256', 'ES256'],
+    scopes_supported: ['system/*.cruds', 'system/*.read', 'system/*.write', 'system/*.*'],
+    capabilities: ['client-confidential-symmetric', 'client-confidential-asymmetric', 'permission-v1', 'permission-v2'],
+    code_challenge_methods_supported: ['S256'],
+  };
+}

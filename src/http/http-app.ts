@@ -1,0 +1,269 @@
+import http from 'node:http';
+import https from 'node:https';
+import fs from 'node:fs';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { CustosError, isCustosError, type ErrorCode } from '../kernel/errors.ts';
+import { newId } from '../kernel/ids.ts';
+import { errorFields, type Logger } from '../log/logger.ts';
+import { operationOutcomeJson, parseIfMatch, type InteractionResult, type PhiGateway, type Principal } from '../phi/gateway.ts';
+import type { Config } from '../config/config.ts';
+import { parseJsonBody } from './json-body.ts';
+
+/** What the HTTP layer needs from authentication: a principal from a bearer token, or an error. */
+export type Authenticate = (bearer: string) => Promise<Principal>;
+
+export interface HttpAppDeps {
+  config: Config;
+  log: Logger;
+  gateway: PhiGateway;
+  authenticate: Authenticate;
+  /** oidc-provider's request handler, mounted for /oauth/* and OpenID discovery. */
+  oauthHandler: (req: http.IncomingMessage, res: http.ServerResponse) => void;
+  capabilityStatement: () => unknown;
+  smartConfiguration: () => unknown;
+  /** Admin API routes (registered by src/admin). */
+  registerAdmin: (app: FastifyInstance) => void;
+}
+
+const FHIR_JSON = 'application/fhir+json; charset=utf-8';
+/** Largest request body: a large transaction bundle fits; 50 MB is refused with 413. */
+export const BODY_LIMIT = 32 * 1024 * 1024;
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    principal?: Principal;
+    startedAt: number;
+  }
+}
+
+function isOauthPath(url: string): boolean {
+  return url.startsWith('/oauth/') || url.startsWith('/.well-known/openid-configuration');
+}
+
+/**
+ * The Fastify application: a thin adapter from HTTP to the PHI gateway. Fastify's own request
+ * logging is off: its serializer logs URLs with their query strings (PHI). We log route patterns.
+ */
+export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
+  const { config, log, gateway } = deps;
+  const base = `${config.publicUrl}/fhir/R4`;
+  const serverFactory = (handler: http.RequestListener) => {
+    const listener: http.RequestListener = (req, res) => {
+      if (isOauthPath(req.url ?? '')) deps.oauthHandler(req, res);
+      else handler(req, res);
+    };
+    if (config.tls) {
+      return https.createServer(
+        { cert: fs.readFileSync(config.tls.certFile), key: fs.readFileSync(config.tls.keyFile), minVersion: 'TLSv1.2' },
+        listener,
+      );
+    }
+    return http.createServer(listener);
+  };
+  const app = Fastify({
+    logger: false,
+    disableRequestLogging: true,
+    bodyLimit: BODY_LIMIT,
+    trustProxy: config.trustedProxies.length > 0 ? [...config.trustedProxies] : false,
+    genReqId: () => newId(),
+    serverFactory,
+    // FHIR ids may be 64 characters; resource URLs stay short.
+    maxParamLength: 200,
+    ignoreTrailingSlash: true,
+    onProtoPoisoning: 'error',
+    onConstructorPoisoning: 'error',
+  });
+
+  app.decorateRequest('principal', undefined);
+  app.decorateRequest('startedAt', 0);
+  app.addHook('onRequest', async (req, reply) => {
+    req.startedAt = performance.now();
+    void reply.header('X-Request-Id', req.id);
+  });
+  app.addHook('onResponse', async (req, reply) => {
+    log.info('http.request', {
+      requestId: req.id,
+      method: req.method,
+      route: req.routeOptions.url ?? 'unmatched',
+      status: reply.statusCode,
+      durationMs: Math.round((performance.now() - req.startedAt) * 100) / 100,
+      clientId: req.principal?.clientId,
+    });
+  });
+
+  // Bodies: FHIR JSON (and plain JSON), JSON Patch. Anything else gets 415 from Fastify.
+  app.removeAllContentTypeParsers();
+  for (const type of ['application/fhir+json', 'application/json', 'application/json-patch+json']) {
+    app.addContentTypeParser(type, { parseAs: 'string', bodyLimit: BODY_LIMIT }, (_req, body, done) => {
+      try {
+        done(null, parseJsonBody(body as string));
+      } catch (e) {
+        done(e as Error, undefined);
+      }
+    });
+  }
+
+  app.setErrorHandler((err, req, reply) => {
+    const code = errorCodeOf(err);
+    if (code === 'INTERNAL') log.error('http.internal_error', { requestId: req.id, ...errorFields(err) });
+    void reply
+      .status(new CustosError(code).status)
+      .type(FHIR_JSON)
+      .send(operationOutcomeJson(code, isCustosError(err) ? err.details : [], code === 'INTERNAL' ? req.id : undefined));
+  });
+  app.setNotFoundHandler((_req, reply) => {
+    void reply.status(404).type(FHIR_JSON).send(operationOutcomeJson('ROUTE_NOT_FOUND'));
+  });
+
+  // ---- unauthenticated discovery ----
+  app.get('/fhir/R4/metadata', async (_req, reply) => reply.type(FHIR_JSON).send(JSON.stringify(deps.capabilityStatement())));
+  app.get('/fhir/R4/.well-known/smart-configuration', async (_req, reply) =>
+    reply.type('application/json').header('Cache-Control', 'public, max-age=300').send(deps.smartConfiguration()),
+  );
+  app.get('/healthz', async () => ({ status: 'ok' }));
+
+  deps.registerAdmin(app);
+
+  // ---- authenticated FHIR interactions ----
+  const authed = async (req: FastifyRequest, action: Parameters<PhiGateway['recordUnauthenticated']>[1]): Promise<Principal> => {
+    const h = req.headers.authorization;
+    const m = typeof h === 'string' ? /^Bearer ([A-Za-z0-9\-._~+/]+=*)$/.exec(h) : null;
+    try {
+      if (!m) throw new CustosError('UNAUTHENTICATED');
+      req.principal = await deps.authenticate(m[1]!);
+      return req.principal;
+    } catch (e) {
+      const type = (req.params as { type?: string } | undefined)?.type;
+      try {
+        await gateway.recordUnauthenticated(facts(req), action, type);
+      } catch {
+        throw new CustosError('AUDIT_UNAVAILABLE');
+      }
+      throw isCustosError(e) && e.code === 'UNAUTHENTICATED' ? e : new CustosError('UNAUTHENTICATED');
+    }
+  };
+  const session = async (req: FastifyRequest, action: Parameters<PhiGateway['recordUnauthenticated']>[1]) =>
+    gateway.session(await authed(req, action), facts(req));
+
+  type P = { type: string; id: string; vid: string };
+
+  app.get<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) => {
+    if (req.params.id === '_history') {
+      const q = req.query as Record<string, string | undefined>;
+      return sendResult(reply, await (await session(req, 'history')).history(base, { type: req.params.type, ...historyOpts(q) }));
+    }
+    return sendResult(reply, await (await session(req, 'read')).read(req.params.type, req.params.id));
+  });
+  app.get<{ Params: P }>('/fhir/R4/:type/:id/_history', async (req, reply) => {
+    const q = req.query as Record<string, string | undefined>;
+    return sendResult(reply, await (await session(req, 'history')).history(base, { type: req.params.type, id: req.params.id, ...historyOpts(q) }));
+  });
+  app.get<{ Params: P }>('/fhir/R4/:type/:id/_history/:vid', async (req, reply) =>
+    sendResult(reply, await (await session(req, 'vread')).vread(req.params.type, req.params.id, req.params.vid)),
+  );
+  app.get('/fhir/R4/_history', async (req, reply) => {
+    const q = req.query as Record<string, string | undefined>;
+    return sendResult(reply, await (await session(req, 'history')).history(base, historyOpts(q)));
+  });
+  app.get<{ Params: P }>('/fhir/R4/:type', async (req) => {
+    await authed(req, 'search');
+    throw new CustosError('SEARCH_NOT_SUPPORTED');
+  });
+  app.post<{ Params: P }>('/fhir/R4/:type', async (req, reply) => {
+    const s = await session(req, 'create');
+    const ifNoneExist = header(req, 'if-none-exist');
+    return sendResult(reply, await s.create(req.params.type, req.body, { ifNoneExist }), preferOf(req));
+  });
+  app.put<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) => {
+    const s = await session(req, 'update');
+    const ifMatch = parseIfMatch(header(req, 'if-match'));
+    return sendResult(reply, await s.update(req.params.type, req.params.id, req.body, { ifMatch }), preferOf(req));
+  });
+  app.put<{ Params: P }>('/fhir/R4/:type', async (req, reply) => {
+    const s = await session(req, 'update');
+    const qi = req.url.indexOf('?');
+    if (qi < 0) throw new CustosError('UNSUPPORTED_CONDITION');
+    return sendResult(reply, await s.conditionalUpdate(req.params.type, req.url.slice(qi + 1), req.body), preferOf(req));
+  });
+  app.patch<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) => {
+    const s = await session(req, 'patch');
+    const ifMatch = parseIfMatch(header(req, 'if-match'));
+    return sendResult(reply, await s.patch(req.params.type, req.params.id, req.body, { ifMatch }), preferOf(req));
+  });
+  app.delete<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) =>
+    sendResult(reply, await (await session(req, 'delete')).delete(req.params.type, req.params.id)),
+  );
+  // Batch and transaction: POST to the base, with or without the trailing slash.
+  app.post('/fhir/R4', async (req, reply) => {
+    const kind = (req.body as { type?: unknown } | null)?.type;
+    const action = kind === 'batch' ? 'batch' : 'transaction';
+    const s = await session(req, action);
+    if ((req.body as { resourceType?: unknown } | null)?.resourceType !== 'Bundle') throw new CustosError('INVALID_BUNDLE');
+    if (kind === 'batch') return sendResult(reply, await s.batch(base, req.body));
+    if (kind === 'transaction') return sendResult(reply, await s.transaction(base, req.body));
+    throw new CustosError('INVALID_BUNDLE');
+  });
+
+  function sendResult(reply: FastifyReply, r: InteractionResult, prefer: string | undefined = undefined) {
+    void reply.status(r.status).type(FHIR_JSON);
+    if (r.body !== undefined) return reply.send(r.body);
+    const v = r.version;
+    if (!v) return reply.send();
+    void reply.header('ETag', `W/"${v.versionId}"`).header('Last-Modified', new Date(v.lastUpdated).toUTCString());
+    if (r.status === 201) void reply.header('Location', `${base}/${v.resourceType}/${v.id}/_history/${v.versionId}`);
+    if (r.status === 204 || r.status === 410) {
+      return r.status === 410 ? reply.send(operationOutcomeJson('GONE')) : reply.send();
+    }
+    if (prefer === 'minimal') return reply.send();
+    if (prefer === 'OperationOutcome') {
+      return reply.send(JSON.stringify({ resourceType: 'OperationOutcome', issue: [{ severity: 'information', code: 'informational', diagnostics: r.existing ? 'Existing resource matched the condition.' : 'Done.' }] }));
+    }
+    return reply.send(v.json);
+  }
+  return app;
+}
+
+function header(req: FastifyRequest, name: string): string | undefined {
+  const v = req.headers[name];
+  return typeof v === 'string' ? v : undefined;
+}
+
+function preferOf(req: FastifyRequest): string | undefined {
+  const m = /return=(minimal|representation|OperationOutcome)/.exec(header(req, 'prefer') ?? '');
+  return m?.[1];
+}
+
+function facts(req: FastifyRequest) {
+  return {
+    requestId: req.id,
+    sourceIp: req.ip,
+    purposeHeader: header(req, 'x-purpose-of-use'),
+    breakGlassReason: header(req, 'x-break-glass-reason'),
+  };
+}
+
+function historyOpts(q: Record<string, string | undefined>) {
+  const count = q._count !== undefined ? Number(q._count) : undefined;
+  if (count !== undefined && !(Number.isInteger(count) && count > 0)) throw new CustosError('BAD_REQUEST');
+  return { since: q._since, count, cursor: q._cursor };
+}
+
+/** Maps an error (ours or Fastify's) to a catalog code; anything unknown is INTERNAL. */
+function errorCodeOf(err: unknown): ErrorCode {
+  if (isCustosError(err)) return err.code;
+  const code = (err as { code?: unknown }).code;
+  switch (code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return 'BODY_TOO_LARGE';
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
+      return 'UNSUPPORTED_MEDIA_TYPE';
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+    case 'FST_ERR_CTP_INVALID_TYPE':
+      return 'INVALID_JSON';
+    default: {
+      const status = (err as { statusCode?: unknown }).statusCode;
+      return typeof status === 'number' && status >= 400 && status < 500 ? 'BAD_REQUEST' : 'INTERNAL';
+    }
+  }
+}

@@ -1,0 +1,149 @@
+/**
+ * The one catalog of error codes. Code branches on `code`, never on message text.
+ *
+ * Each code maps to an HTTP status, a FHIR `IssueType` and an HL7 v2 ACK code. Messages here are
+ * fixed text written by us: they may be shown to callers and logged, so they never carry values
+ * taken from a request, a resource or a database error (those could be PHI).
+ * `test/errors-doc.test.ts` keeps this catalog and docs/errors.md in step.
+ */
+export const ERROR_CATALOG = {
+  BAD_REQUEST: { status: 400, issue: 'invalid', ack: 'AR', message: 'The request is malformed.' },
+  INVALID_JSON: { status: 400, issue: 'structure', ack: 'AR', message: 'The request body is not valid JSON.' },
+  JSON_TOO_DEEP: { status: 400, issue: 'too-costly', ack: 'AR', message: 'The JSON body is nested too deeply.' },
+  BODY_TOO_LARGE: { status: 413, issue: 'too-costly', ack: 'AR', message: 'The request body is too large.' },
+  UNSUPPORTED_MEDIA_TYPE: {
+    status: 415,
+    issue: 'not-supported',
+    ack: 'AR',
+    message: 'Content-Type must be application/fhir+json or application/json.',
+  },
+  UNKNOWN_RESOURCE_TYPE: { status: 404, issue: 'not-supported', ack: 'AR', message: 'Unknown resource type.' },
+  INVALID_ID: { status: 400, issue: 'value', ack: 'AR', message: 'The id is not a valid FHIR id.' },
+  ID_MISMATCH: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AR',
+    message: 'The resource id in the body does not match the id in the URL.',
+  },
+  TYPE_MISMATCH: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AR',
+    message: 'The resourceType in the body does not match the URL.',
+  },
+  VALIDATION_FAILED: { status: 400, issue: 'invalid', ack: 'AE', message: 'The resource is not valid FHIR R4.' },
+  NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AE', message: 'Resource not found.' },
+  GONE: { status: 410, issue: 'deleted', ack: 'AE', message: 'The resource has been deleted.' },
+  VERSION_CONFLICT: {
+    status: 412,
+    issue: 'conflict',
+    ack: 'AE',
+    message: 'If-Match does not match the current version of the resource.',
+  },
+  CONDITIONAL_MULTIPLE: {
+    status: 412,
+    issue: 'multiple-matches',
+    ack: 'AE',
+    message: 'The condition matches more than one resource.',
+  },
+  UNSUPPORTED_CONDITION: {
+    status: 400,
+    issue: 'not-supported',
+    ack: 'AR',
+    message: 'The conditional criteria use a parameter this server does not support yet.',
+  },
+  SEARCH_NOT_SUPPORTED: {
+    status: 501,
+    issue: 'not-supported',
+    ack: 'AR',
+    message: 'Search is not available yet in this version of Custos.',
+  },
+  ROUTE_NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AR', message: 'No such endpoint.' },
+  METHOD_NOT_ALLOWED: { status: 405, issue: 'not-supported', ack: 'AR', message: 'Method not allowed.' },
+  INVALID_PATCH: { status: 422, issue: 'processing', ack: 'AE', message: 'The JSON Patch cannot be applied.' },
+  INVALID_BUNDLE: { status: 400, issue: 'invalid', ack: 'AR', message: 'The Bundle cannot be processed.' },
+  SANDBOX_REQUIRES_TEST_LABEL: {
+    status: 422,
+    issue: 'business-rule',
+    ack: 'AR',
+    message:
+      'This is a sandbox project: it accepts only test data. Label the resource with meta.security ' +
+      'system http://terminology.hl7.org/CodeSystem/v3-ActReason code HTEST.',
+  },
+  UNAUTHENTICATED: {
+    status: 401,
+    issue: 'login',
+    ack: 'AR',
+    message: 'A valid bearer access token is required.',
+  },
+  FORBIDDEN_SCOPE: {
+    status: 403,
+    issue: 'forbidden',
+    ack: 'AR',
+    message: 'The access token does not grant this interaction on this resource type.',
+  },
+  PURPOSE_REQUIRED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AR',
+    message:
+      'A purpose of use is required: send X-Purpose-Of-Use with a code from ' +
+      'http://terminology.hl7.org/CodeSystem/v3-ActReason, or use a token that carries purpose_of_use.',
+  },
+  PURPOSE_NOT_ALLOWED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AR',
+    message: 'The purpose of use is not allowed for this client.',
+  },
+  BREAK_GLASS_NOT_ALLOWED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AR',
+    message: 'This principal may not break glass (ETREAT with X-Break-Glass-Reason).',
+  },
+  AUDIT_UNAVAILABLE: {
+    status: 503,
+    issue: 'transient',
+    ack: 'AE',
+    message: 'The audit log is unavailable; no data was returned or changed.',
+  },
+  ADMIN_TOKEN_INVALID: { status: 401, issue: 'login', ack: 'AR', message: 'Invalid admin token.' },
+  CONFIG_INVALID: { status: 500, issue: 'exception', ack: 'AE', message: 'Invalid configuration.' },
+  INTERNAL: {
+    status: 500,
+    issue: 'exception',
+    ack: 'AE',
+    message: 'Internal error. Quote the correlation id to your administrator.',
+  },
+} as const satisfies Record<string, { status: number; issue: string; ack: 'AE' | 'AR'; message: string }>;
+
+export type ErrorCode = keyof typeof ERROR_CATALOG;
+
+/** One problem found in a request, located by a FHIRPath expression. The text is ours, never the caller's. */
+export interface IssueDetail {
+  severity: 'error' | 'warning' | 'information';
+  code: string;
+  /** FHIRPath of the element, e.g. `Patient.name[0].given[1]`. */
+  expression?: string;
+  /** Fixed wording chosen by us (never echoes a value). */
+  diagnostics?: string;
+}
+
+/** An error whose meaning is its `code`; safe to show and to log. */
+export class CustosError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly details: readonly IssueDetail[];
+  constructor(code: ErrorCode, details: readonly IssueDetail[] = []) {
+    super(ERROR_CATALOG[code].message);
+    this.name = 'CustosError';
+    this.code = code;
+    this.status = ERROR_CATALOG[code].status;
+    this.details = details;
+  }
+}
+
+export function isCustosError(e: unknown): e is CustosError {
+  return e instanceof CustosError;
+}

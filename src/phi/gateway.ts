@@ -1,0 +1,743 @@
+import { applyPatch, type Operation } from 'fast-json-patch';
+import { CustosError, ERROR_CATALOG, isCustosError, type ErrorCode, type IssueDetail } from '../kernel/errors.ts';
+import { isFhirId, newId } from '../kernel/ids.ts';
+import type { Logger } from '../log/logger.ts';
+import { errorFields } from '../log/logger.ts';
+import type { AuditAction, AuditEvent } from '../audit/audit-event.ts';
+import type { AuditLog } from '../audit/audit-log.ts';
+import { ResourceStore, type Project, type StoredVersion } from '../store/resource-store.ts';
+import type { SqlDriver, SqlQueryable } from '../store/sql-driver.ts';
+import { classifyDatabaseError } from '../store/sql-driver.ts';
+import { patientCompartment } from '../fhir/patient-compartment.ts';
+import { BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from './purpose-of-use.ts';
+
+/** The SMART interactions a scope grants: create, read, update, delete, search. */
+export type Interaction = 'c' | 'r' | 'u' | 'd' | 's';
+
+/**
+ * Who is asking, as established by authentication. The gateway trusts nothing else about the
+ * caller. `can` is the effective permission (today: the token's SMART scopes intersected with the
+ * client's registration; the access issue adds roles and policies).
+ */
+export interface Principal {
+  projectId: string;
+  clientId: string;
+  userId?: string;
+  roles: readonly string[];
+  allowedPurposes: readonly string[];
+  mayBreakGlass: boolean;
+  /** Default purpose carried by the token (`purpose_of_use` claim). */
+  tokenPurpose?: string;
+  can(resourceType: string, interaction: Interaction): boolean;
+}
+
+/** Per-request facts the gateway records. */
+export interface RequestFacts {
+  requestId: string;
+  sourceIp?: string;
+  /** `X-Purpose-Of-Use` header, if sent. */
+  purposeHeader?: string;
+  /** `X-Break-Glass-Reason` header, if sent (never stored in clear: see audit-event.ts). */
+  breakGlassReason?: string;
+}
+
+export interface GatewayDeps {
+  /** The resource database; the gateway builds the only ResourceStore over it. */
+  db: SqlDriver;
+  audit: AuditLog;
+  log: Logger;
+  /** Structural validation against the base R4 StructureDefinitions. */
+  validate: (resource: unknown) => IssueDetail[];
+  isResourceType: (type: string) => boolean;
+  now?: () => Date;
+}
+
+type SessionDeps = Omit<GatewayDeps, 'db'> & { store: ResourceStore };
+
+/** The result of one interaction, independent of HTTP. */
+export interface InteractionResult {
+  status: number;
+  version?: StoredVersion;
+  /** Bundle or OperationOutcome JSON built by the gateway (history, batch). */
+  body?: string;
+  /** For conditional create that matched: the existing resource. */
+  existing?: boolean;
+}
+
+export interface WriteOptions {
+  ifMatch?: number;
+  ifNoneExist?: string;
+}
+
+const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
+const DATA_OPERATION = 'http://terminology.hl7.org/CodeSystem/v3-DataOperation';
+
+/**
+ * The PHI gateway: the one way to the resource store (DESIGN.md rule 1). It is opened per request
+ * for an authenticated principal; every interaction checks purpose of use and scope, and writes an
+ * audit record before returning anything (reads) or around the commit (writes: attempt, commit,
+ * outcome). If the audit record cannot be made durable, no PHI is returned and nothing is committed.
+ */
+export class PhiGateway {
+  private readonly deps: SessionDeps;
+  constructor(deps: GatewayDeps) {
+    this.deps = { ...deps, store: new ResourceStore(deps.db) };
+  }
+
+  session(principal: Principal, facts: RequestFacts): PhiSession {
+    return new PhiSession(this.deps, principal, facts);
+  }
+
+  /** Audits a request refused before a principal could be established (bad or missing token). */
+  async recordUnauthenticated(facts: RequestFacts, action: AuditAction, resourceType: string | undefined): Promise<void> {
+    await this.deps.audit.append({
+      v: 1,
+      id: newId(),
+      time: (this.deps.now?.() ?? new Date()).toISOString(),
+      phase: 'access',
+      action,
+      outcome: 'refused',
+      code: 'UNAUTHENTICATED',
+      requestId: facts.requestId,
+      actor: {},
+      resource: resourceType && this.deps.isResourceType(resourceType) ? { type: resourceType } : undefined,
+      source: { ip: facts.sourceIp },
+    });
+  }
+}
+
+type BundleEntry = {
+  fullUrl?: string;
+  resource?: Record<string, unknown>;
+  request?: { method?: string; url?: string; ifMatch?: string; ifNoneExist?: string };
+};
+
+export class PhiSession {
+  private readonly purpose: string | undefined;
+  private readonly purposeError: ErrorCode | undefined;
+  private project: Project | undefined;
+
+  constructor(
+    private readonly deps: SessionDeps,
+    private readonly principal: Principal,
+    private readonly facts: RequestFacts,
+  ) {
+    const claimed = facts.purposeHeader?.trim() || principal.tokenPurpose;
+    this.purpose = claimed && PURPOSES_OF_USE.has(claimed) ? claimed : undefined;
+    if (!claimed) this.purposeError = 'PURPOSE_REQUIRED';
+    else if (!PURPOSES_OF_USE.has(claimed)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
+    else if (BREAK_GLASS_PURPOSES.has(claimed)) {
+      if (!principal.mayBreakGlass || !facts.breakGlassReason?.trim()) this.purposeError = 'BREAK_GLASS_NOT_ALLOWED';
+    } else if (!principal.allowedPurposes.includes(claimed)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
+  }
+
+  private now(): Date {
+    return this.deps.now?.() ?? new Date();
+  }
+
+  private event(partial: Pick<AuditEvent, 'phase' | 'action' | 'outcome'> & Partial<AuditEvent>, requestId = this.facts.requestId): AuditEvent {
+    return {
+      v: 1,
+      id: newId(),
+      time: this.now().toISOString(),
+      requestId,
+      projectId: this.principal.projectId,
+      actor: { clientId: this.principal.clientId, userId: this.principal.userId, roles: [...this.principal.roles] },
+      purpose: this.purpose,
+      source: { ip: this.facts.sourceIp },
+      ...partial,
+    };
+  }
+
+  /** Appends durably or throws AUDIT_UNAVAILABLE (fail-closed). */
+  private async audit(e: AuditEvent): Promise<void> {
+    try {
+      await this.deps.audit.append(e);
+    } catch (err) {
+      this.deps.log.error('audit.append_failed', { requestId: e.requestId, ...errorFields(err) });
+      throw new CustosError('AUDIT_UNAVAILABLE');
+    }
+  }
+
+  /** Purpose and scope checks; a refusal is audited before it is thrown. */
+  private async guard(action: AuditAction, type: string, interaction: Interaction, id?: string, requestId?: string): Promise<void> {
+    if (!this.deps.isResourceType(type)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
+    if (id !== undefined && !isFhirId(id)) throw new CustosError('INVALID_ID');
+    let refusal: ErrorCode | undefined = this.purposeError;
+    if (!refusal && !this.principal.can(type, interaction)) refusal = 'FORBIDDEN_SCOPE';
+    if (refusal) {
+      await this.audit(
+        this.event({ phase: 'access', action, outcome: 'refused', code: refusal, resource: { type, id } }, requestId),
+      );
+      throw new CustosError(refusal);
+    }
+  }
+
+  private async getProject(): Promise<Project> {
+    this.project ??= await this.deps.store.getProject(this.principal.projectId);
+    if (!this.project) throw new CustosError('UNAUTHENTICATED');
+    return this.project;
+  }
+
+  // ---- reads: fetch, audit durably, then return -------------------------------------------
+
+  async read(type: string, id: string): Promise<InteractionResult> {
+    await this.guard('read', type, 'r', id);
+    const v = await this.deps.store.read(this.principal.projectId, type, id);
+    await this.audit(
+      this.event({
+        phase: 'access',
+        action: 'read',
+        outcome: v && !v.deleted ? 'success' : 'failed',
+        code: !v ? 'NOT_FOUND' : v.deleted ? 'GONE' : undefined,
+        resource: { type, id, version: v ? String(v.versionId) : undefined },
+        patients: v?.patients,
+      }),
+    );
+    if (!v) throw new CustosError('NOT_FOUND');
+    if (v.deleted) return { status: 410, version: v };
+    return { status: 200, version: v };
+  }
+
+  async vread(type: string, id: string, versionId: string): Promise<InteractionResult> {
+    await this.guard('vread', type, 'r', id);
+    const n = /^\d{1,9}$/.test(versionId) ? Number(versionId) : undefined;
+    const v = n === undefined ? undefined : await this.deps.store.vread(this.principal.projectId, type, id, n);
+    await this.audit(
+      this.event({
+        phase: 'access',
+        action: 'vread',
+        outcome: v && !v.deleted ? 'success' : 'failed',
+        code: !v ? 'NOT_FOUND' : v.deleted ? 'GONE' : undefined,
+        resource: { type, id, version: v ? String(v.versionId) : undefined },
+        patients: v?.patients,
+      }),
+    );
+    if (!v) throw new CustosError('NOT_FOUND');
+    if (v.deleted) return { status: 410, version: v };
+    return { status: 200, version: v };
+  }
+
+  /** Instance, type or system history (type and id undefined for system history). */
+  async history(
+    baseUrl: string,
+    opts: { type?: string; id?: string; since?: string; count?: number; cursor?: string },
+  ): Promise<InteractionResult> {
+    const count = Math.min(Math.max(opts.count ?? 50, 1), 1000);
+    if (opts.type) await this.guard('history', opts.type, 'r', opts.id);
+    else if (this.purposeError || !this.principal.can('*', 'r')) {
+      // System history spans every type: it needs read access to all of them.
+      const code: ErrorCode = this.purposeError ?? 'FORBIDDEN_SCOPE';
+      await this.audit(this.event({ phase: 'access', action: 'history', outcome: 'refused', code }));
+      throw new CustosError(code);
+    }
+    let before: Parameters<ResourceStore['history']>[1]['before'];
+    if (opts.cursor) {
+      try {
+        const c = JSON.parse(Buffer.from(opts.cursor, 'base64url').toString('utf8')) as [string, string, string, number];
+        before = { lastUpdated: c[0], type: c[1], id: c[2], versionId: c[3] };
+      } catch {
+        throw new CustosError('BAD_REQUEST');
+      }
+    }
+    if (opts.since !== undefined && Number.isNaN(Date.parse(opts.since))) throw new CustosError('BAD_REQUEST');
+    const versions = await this.deps.store.history(this.principal.projectId, { ...opts, count: count + 1, before });
+    const page = versions.slice(0, count);
+    const patients = [...new Set(page.flatMap((v) => v.patients))].sort();
+    await this.audit(
+      this.event({
+        phase: 'access',
+        action: 'history',
+        outcome: 'success',
+        resource: opts.type ? { type: opts.type, id: opts.id } : undefined,
+        patients,
+        count: page.length,
+      }),
+    );
+    const self = `${baseUrl}/${[opts.type, opts.id].filter(Boolean).join('/')}${opts.type ? '/' : ''}_history`;
+    const links = [{ relation: 'self', url: self }];
+    const last = page[page.length - 1];
+    if (versions.length > count && last) {
+      const cursor = Buffer.from(JSON.stringify([last.lastUpdated, last.resourceType, last.id, last.versionId])).toString('base64url');
+      const qs = new URLSearchParams({ _count: String(count), _cursor: cursor });
+      if (opts.since) qs.set('_since', opts.since);
+      links.push({ relation: 'next', url: `${self}?${qs}` });
+    }
+    const entries = page.map((v) => {
+      const url = `${v.resourceType}/${v.id}`;
+      return `{"fullUrl":${JSON.stringify(`${baseUrl}/${url}`)},${v.json ? `"resource":${v.json},` : ''}"request":${JSON.stringify({
+        method: v.deleted ? 'DELETE' : v.versionId === 1 || v.method === 'create' ? 'POST' : 'PUT',
+        url: v.versionId === 1 || v.method === 'create' ? v.resourceType : url,
+      })},"response":${JSON.stringify({
+        status: v.deleted ? '204' : v.versionId === 1 ? '201' : '200',
+        etag: `W/"${v.versionId}"`,
+        lastModified: v.lastUpdated,
+      })}}`;
+    });
+    const body = `{"resourceType":"Bundle","type":"history","link":${JSON.stringify(links)},"entry":[${entries.join(',')}]}`;
+    return { status: 200, body };
+  }
+
+  // ---- writes: attempt (durable), commit, outcome ------------------------------------------
+
+  /** Checks a body for a write: type, id, HTEST label in sandboxes, structure. */
+  private async checkBody(type: string, body: unknown, id: string | undefined): Promise<Record<string, unknown>> {
+    if (body === null || typeof body !== 'object' || Array.isArray(body)) throw new CustosError('BAD_REQUEST');
+    const r = body as Record<string, unknown>;
+    if (r.resourceType !== type) throw new CustosError('TYPE_MISMATCH');
+    if (id !== undefined && r.id !== undefined && r.id !== id) throw new CustosError('ID_MISMATCH');
+    const project = await this.getProject();
+    if (project.kind === 'sandbox' && !hasTestLabel(r)) throw new CustosError('SANDBOX_REQUIRES_TEST_LABEL');
+    const issues = this.deps.validate(r);
+    if (issues.some((i) => i.severity === 'error')) throw new CustosError('VALIDATION_FAILED', issues);
+    return r;
+  }
+
+  /**
+   * Runs one audited write: the attempt is appended durably first; if that fails nothing is
+   * committed. The outcome is appended after the commit; if that fails the write stands and
+   * `custos audit verify` reports the attempt without outcome.
+   */
+  private async audited<T extends { versions: StoredVersion[] }>(
+    action: AuditAction,
+    resource: { type: string; id?: string },
+    run: () => Promise<T>,
+    requestId = this.facts.requestId,
+  ): Promise<T> {
+    await this.audit(this.event({ phase: 'attempt', action, outcome: 'pending', resource }, requestId));
+    let result: T;
+    try {
+      result = await run();
+    } catch (e) {
+      const code: ErrorCode = isCustosError(e) ? e.code : classifyDatabaseError(e) === 'unique_violation' ? 'VERSION_CONFLICT' : 'INTERNAL';
+      await this.deps.audit
+        .append(this.event({ phase: 'outcome', action, outcome: 'failed', code, resource }, requestId))
+        .catch(() => this.deps.log.error('audit.outcome_failed', { requestId }));
+      if (code === 'VERSION_CONFLICT' && !isCustosError(e)) throw new CustosError('VERSION_CONFLICT');
+      throw e;
+    }
+    const first = result.versions[0];
+    await this.deps.audit
+      .append(
+        this.event(
+          {
+            phase: 'outcome',
+            action,
+            outcome: 'success',
+            resource: first && result.versions.length === 1 ? { type: first.resourceType, id: first.id, version: String(first.versionId) } : resource,
+            patients: [...new Set(result.versions.flatMap((v) => v.patients))].sort(),
+            count: result.versions.length > 1 ? result.versions.length : undefined,
+          },
+          requestId,
+        ),
+      )
+      .catch(() => this.deps.log.error('audit.outcome_failed', { requestId }));
+    return result;
+  }
+
+  /** Writes a version and, when the project records provenance, its Provenance, in `q`'s transaction. */
+  private async writeVersion(
+    q: SqlQueryable,
+    w: { type: string; id: string; method: 'create' | 'update' | 'patch' | 'delete'; resource: Record<string, unknown> | undefined; expectedVersion?: number },
+  ): Promise<StoredVersion[]> {
+    const project = await this.getProject();
+    const lastUpdated = this.now().toISOString();
+    const patients = w.resource ? patientCompartment({ ...w.resource, resourceType: w.type, id: w.id }) : (await this.deps.store.read(project.id, w.type, w.id, q))?.patients ?? [];
+    const v = await this.deps.store.write(q, {
+      projectId: project.id,
+      resourceType: w.type,
+      id: w.id,
+      method: w.method,
+      resource: w.resource,
+      patients,
+      expectedVersion: w.expectedVersion,
+      lastUpdated,
+    });
+    if (!project.provenanceEnabled || w.type === 'Provenance') return [v];
+    const provenance: Record<string, unknown> = {
+      resourceType: 'Provenance',
+      meta: project.kind === 'sandbox' ? { security: [HTEST] } : undefined,
+      target: [{ reference: `${w.type}/${w.id}/_history/${v.versionId}` }],
+      recorded: lastUpdated,
+      activity: { coding: [{ system: DATA_OPERATION, code: w.method === 'create' ? 'CREATE' : w.method === 'delete' ? 'DELETE' : 'UPDATE' }] },
+      agent: [
+        {
+          type: { coding: [{ system: 'http://terminology.hl7.org/CodeSystem/provenance-participant-type', code: 'author' }] },
+          who: { identifier: { system: 'urn:custos:client', value: this.principal.clientId } },
+        },
+      ],
+    };
+    const pid = newId();
+    const p = await this.deps.store.write(q, {
+      projectId: project.id,
+      resourceType: 'Provenance',
+      id: pid,
+      method: 'create',
+      resource: provenance,
+      patients: v.patients,
+      lastUpdated,
+    });
+    return [v, p];
+  }
+
+  async create(type: string, body: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
+    await this.guard('create', type, 'c');
+    const resource = await this.checkBody(type, body, undefined);
+    const id = newId();
+    const store = this.deps.store;
+    const criteria = opts.ifNoneExist !== undefined ? parseCriteria(opts.ifNoneExist) : undefined;
+    const { versions, existing } = await this.audited('create', { type }, async () => {
+      const work = async (q: SqlQueryable) => {
+        if (criteria) {
+          const ids = await store.findByCondition(q, this.principal.projectId, type, criteria);
+          if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
+          if (ids.length === 1) {
+            const cur = await store.read(this.principal.projectId, type, ids[0]!, q);
+            return { versions: cur ? [cur] : [], existing: true };
+          }
+        }
+        return { versions: await this.writeVersion(q, { type, id, method: 'create', resource }), existing: false };
+      };
+      // The advisory lock on the condition makes concurrent identical conditional creates serialize.
+      return criteria
+        ? store.db.lockedTransaction(`${this.principal.projectId}|${type}|${[...criteria].sort().join('&')}`, work)
+        : store.db.transaction(work);
+    });
+    return { status: existing ? 200 : 201, version: versions[0], existing };
+  }
+
+  async update(type: string, id: string, body: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
+    await this.guard('update', type, 'u', id);
+    const resource = await this.checkBody(type, body, id);
+    if (resource.id === undefined) throw new CustosError('ID_MISMATCH');
+    const { versions } = await this.audited('update', { type, id }, () =>
+      this.deps.store.db.transaction(async (q) => ({
+        versions: await this.writeVersion(q, { type, id, method: 'update', resource, expectedVersion: opts.ifMatch }),
+      })),
+    );
+    return { status: versions[0]!.versionId === 1 ? 201 : 200, version: versions[0] };
+  }
+
+  /** Conditional update: `PUT [type]?criteria` (https://hl7.org/fhir/R4/http.html#cond-update). */
+  async conditionalUpdate(type: string, query: string, body: unknown): Promise<InteractionResult> {
+    await this.guard('update', type, 'u');
+    const resource = await this.checkBody(type, body, undefined);
+    const criteria = parseCriteria(query);
+    const store = this.deps.store;
+    const { versions } = await this.audited('update', { type }, () =>
+      store.db.lockedTransaction(`${this.principal.projectId}|${type}|${[...criteria].sort().join('&')}`, async (q) => {
+        const ids = await store.findByCondition(q, this.principal.projectId, type, criteria);
+        if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
+        const id = ids[0] ?? (typeof resource.id === 'string' ? resource.id : newId());
+        if (ids[0] && resource.id !== undefined && resource.id !== ids[0]) throw new CustosError('ID_MISMATCH');
+        if (!isFhirId(id)) throw new CustosError('INVALID_ID');
+        return { versions: await this.writeVersion(q, { type, id, method: ids[0] ? 'update' : 'create', resource }) };
+      }),
+    );
+    return { status: versions[0]!.versionId === 1 ? 201 : 200, version: versions[0] };
+  }
+
+  async patch(type: string, id: string, operations: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
+    await this.guard('patch', type, 'u', id);
+    if (!Array.isArray(operations)) throw new CustosError('INVALID_PATCH');
+    const store = this.deps.store;
+    const { versions } = await this.audited('patch', { type, id }, () =>
+      store.db.transaction(async (q) => {
+        const cur = await store.read(this.principal.projectId, type, id, q);
+        if (!cur) throw new CustosError('NOT_FOUND');
+        if (cur.deleted || !cur.json) throw new CustosError('GONE');
+        if (opts.ifMatch !== undefined && opts.ifMatch !== cur.versionId) throw new CustosError('VERSION_CONFLICT');
+        let patched: Record<string, unknown>;
+        try {
+          // validate: true checks each operation; prototype modifications are refused by default.
+          patched = applyPatch(JSON.parse(cur.json), operations as Operation[], true, true).newDocument as Record<string, unknown>;
+        } catch {
+          throw new CustosError('INVALID_PATCH');
+        }
+        const resource = await this.checkBody(type, patched, id);
+        if (resource.id !== id) throw new CustosError('ID_MISMATCH');
+        return { versions: await this.writeVersion(q, { type, id, method: 'patch', resource, expectedVersion: cur.versionId }) };
+      }),
+    );
+    return { status: 200, version: versions[0] };
+  }
+
+  async delete(type: string, id: string): Promise<InteractionResult> {
+    await this.guard('delete', type, 'd', id);
+    const store = this.deps.store;
+    const { versions } = await this.audited('delete', { type, id }, () =>
+      store.db.transaction(async (q) => {
+        const cur = await store.read(this.principal.projectId, type, id, q);
+        if (!cur) throw new CustosError('NOT_FOUND');
+        if (cur.deleted) return { versions: [cur] }; // already deleted: idempotent, no new version
+        return { versions: await this.writeVersion(q, { type, id, method: 'delete', resource: undefined }) };
+      }),
+    );
+    return { status: 204, version: versions[0] };
+  }
+
+  // ---- batch and transaction --------------------------------------------------------------
+
+  /**
+   * A batch: each entry is an independent interaction with its own audit records; one failing
+   * entry does not affect the others (https://hl7.org/fhir/R4/http.html#brules).
+   */
+  async batch(baseUrl: string, bundle: unknown): Promise<InteractionResult> {
+    const entries = bundleEntries(bundle, 'batch');
+    const responses: string[] = [];
+    for (const [i, entry] of entries.entries()) {
+      const sub = new PhiSession(this.deps, this.principal, { ...this.facts, requestId: `${this.facts.requestId}-${i}` });
+      try {
+        responses.push(entryResponse(baseUrl, await sub.dispatch(baseUrl, entry)));
+      } catch (e) {
+        const code: ErrorCode = isCustosError(e) ? e.code : 'INTERNAL';
+        if (!isCustosError(e)) this.deps.log.error('batch.entry_failed', { requestId: sub.facts.requestId, ...errorFields(e) });
+        responses.push(`{"response":{"status":"${statusOf(code)}","outcome":${operationOutcomeJson(code, isCustosError(e) ? e.details : [])}}}`);
+      }
+    }
+    return { status: 200, body: `{"resourceType":"Bundle","type":"batch-response","entry":[${responses.join(',')}]}` };
+  }
+
+  /** One interaction described by a bundle entry. */
+  private async dispatch(baseUrl: string, entry: BundleEntry): Promise<InteractionResult> {
+    const { method, path, query } = parseEntryRequest(entry);
+    const [type, id, hist, vid] = path;
+    const ifMatch = parseIfMatch(entry.request?.ifMatch);
+    if (method === 'GET' && type && id && !hist) return this.read(type, id);
+    if (method === 'GET' && type && id && hist === '_history' && vid) return this.vread(type, id, vid);
+    if (method === 'GET' && type && (id === '_history' || hist === '_history')) {
+      return this.history(baseUrl, { type, id: id === '_history' ? undefined : id });
+    }
+    if (method === 'POST' && type && !id) return this.create(type, entry.resource, { ifNoneExist: entry.request?.ifNoneExist });
+    if (method === 'PUT' && type && id && !hist) return this.update(type, id, entry.resource, { ifMatch });
+    if (method === 'PUT' && type && !id && query) return this.conditionalUpdate(type, query, entry.resource);
+    if (method === 'PATCH' && type && id) return this.patch(type, id, binaryPatch(entry.resource), { ifMatch });
+    if (method === 'DELETE' && type && id && !hist) return this.delete(type, id);
+    throw new CustosError('INVALID_BUNDLE');
+  }
+
+  /**
+   * A transaction: all entries succeed or none is committed. `urn:uuid:` full URLs are given
+   * server ids and references to them are rewritten; conditional references (`Patient?identifier=…`)
+   * are resolved; entries run in the order DELETE, POST, PUT/PATCH, GET
+   * (https://hl7.org/fhir/R4/http.html#trules). One attempt and one outcome are audited.
+   */
+  async transaction(baseUrl: string, bundle: unknown): Promise<InteractionResult> {
+    const entries = bundleEntries(bundle, 'transaction');
+    const plans = entries.map((entry, index) => ({ entry, index, ...parseEntryRequest(entry) }));
+    // Authorize every entry before anything is written; a refusal refuses the whole transaction.
+    for (const p of plans) {
+      const type = p.path[0] ?? '';
+      const interaction: Interaction = p.method === 'GET' ? 'r' : p.method === 'POST' ? 'c' : p.method === 'DELETE' ? 'd' : 'u';
+      await this.guard('transaction', type, interaction);
+    }
+    // Assign ids to creates and build the urn:uuid map before any write.
+    const idMap = new Map<string, string>();
+    for (const p of plans) {
+      if (p.method === 'POST' && p.entry.fullUrl?.startsWith('urn:uuid:')) {
+        if (idMap.has(p.entry.fullUrl)) throw new CustosError('INVALID_BUNDLE');
+        idMap.set(p.entry.fullUrl, `${p.path[0]}/${newId()}`);
+      }
+    }
+    const order = { DELETE: 0, POST: 1, PUT: 2, PATCH: 2, GET: 3 } as Record<string, number>;
+    const sorted = [...plans].sort((a, b) => (order[a.method] ?? 9) - (order[b.method] ?? 9) || a.index - b.index);
+    const store = this.deps.store;
+    const projectId = this.principal.projectId;
+    const results: { index: number; result: InteractionResult }[] = [];
+    const reads: { index: number; type: string; id: string }[] = [];
+    await this.audited('transaction', { type: 'Bundle' }, () =>
+      store.db.transaction(async (q) => {
+        const written: StoredVersion[] = [];
+        // Conditional references are resolved inside the transaction, against committed data.
+        const resolveConditional = async (ref: string): Promise<string> => {
+          const m = /^([A-Z][A-Za-z]+)\?(.+)$/.exec(ref);
+          if (!m) return ref;
+          const ids = await store.findByCondition(q, projectId, m[1]!, parseCriteria(m[2]!));
+          if (ids.length !== 1) throw new CustosError(ids.length === 0 ? 'NOT_FOUND' : 'CONDITIONAL_MULTIPLE');
+          return `${m[1]}/${ids[0]}`;
+        };
+        for (const p of sorted) {
+          const [type = '', id, hist] = p.path;
+          const body = p.entry.resource === undefined ? undefined : await rewriteReferences(p.entry.resource, idMap, resolveConditional);
+          if (p.method === 'DELETE' && id && !hist) {
+            const cur = await store.read(projectId, type, id, q);
+            if (!cur) throw new CustosError('NOT_FOUND');
+            const vs = cur.deleted ? [cur] : await this.writeVersion(q, { type, id, method: 'delete', resource: undefined });
+            written.push(...vs);
+            results.push({ index: p.index, result: { status: 204, version: vs[0] } });
+          } else if (p.method === 'POST' && !id) {
+            const resource = await this.checkBody(type, body, undefined);
+            if (p.entry.request?.ifNoneExist) {
+              const ids = await store.findByCondition(q, projectId, type, parseCriteria(p.entry.request.ifNoneExist));
+              if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
+              if (ids.length === 1) {
+                const cur = (await store.read(projectId, type, ids[0]!, q))!;
+                if (p.entry.fullUrl?.startsWith('urn:uuid:')) idMap.set(p.entry.fullUrl, `${type}/${cur.id}`);
+                results.push({ index: p.index, result: { status: 200, version: cur, existing: true } });
+                continue;
+              }
+            }
+            const newRef = p.entry.fullUrl && idMap.get(p.entry.fullUrl);
+            const newIdValue = newRef ? newRef.slice(type.length + 1) : newId();
+            const vs = await this.writeVersion(q, { type, id: newIdValue, method: 'create', resource });
+            written.push(...vs);
+            results.push({ index: p.index, result: { status: 201, version: vs[0] } });
+          } else if (p.method === 'PUT' && id && !hist) {
+            const resource = await this.checkBody(type, body, id);
+            const vs = await this.writeVersion(q, { type, id, method: 'update', resource, expectedVersion: parseIfMatch(p.entry.request?.ifMatch) });
+            written.push(...vs);
+            results.push({ index: p.index, result: { status: vs[0]!.versionId === 1 ? 201 : 200, version: vs[0] } });
+          } else if (p.method === 'PUT' && !id && p.query) {
+            const resource = await this.checkBody(type, body, undefined);
+            const ids = await store.findByCondition(q, projectId, type, parseCriteria(p.query));
+            if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
+            const target = ids[0] ?? newId();
+            const vs = await this.writeVersion(q, { type, id: target, method: ids[0] ? 'update' : 'create', resource });
+            written.push(...vs);
+            results.push({ index: p.index, result: { status: ids[0] ? 200 : 201, version: vs[0] } });
+          } else if (p.method === 'PATCH' && id) {
+            const cur = await store.read(projectId, type, id, q);
+            if (!cur?.json || cur.deleted) throw new CustosError(cur ? 'GONE' : 'NOT_FOUND');
+            let patched: Record<string, unknown>;
+            try {
+              patched = applyPatch(JSON.parse(cur.json), binaryPatch(body) as Operation[], true, true).newDocument as Record<string, unknown>;
+            } catch {
+              throw new CustosError('INVALID_PATCH');
+            }
+            const resource = await this.checkBody(type, patched, id);
+            const vs = await this.writeVersion(q, { type, id, method: 'patch', resource, expectedVersion: cur.versionId });
+            written.push(...vs);
+            results.push({ index: p.index, result: { status: 200, version: vs[0] } });
+          } else if (p.method === 'GET' && id && !hist) {
+            reads.push({ index: p.index, type, id });
+          } else {
+            throw new CustosError('INVALID_BUNDLE');
+          }
+        }
+        return { versions: written };
+      }),
+    );
+    // GET entries run after the commit, each as an audited read.
+    for (const r of reads) {
+      try {
+        results.push({ index: r.index, result: await this.read(r.type, r.id) });
+      } catch (e) {
+        if (!isCustosError(e) || e.code === 'AUDIT_UNAVAILABLE') throw e;
+        results.push({ index: r.index, result: { status: e.status } });
+      }
+    }
+    results.sort((a, b) => a.index - b.index);
+    const body = `{"resourceType":"Bundle","type":"transaction-response","entry":[${results.map((r) => entryResponse(baseUrl, r.result)).join(',')}]}`;
+    return { status: 200, body };
+  }
+}
+
+// ---- helpers (pure) ------------------------------------------------------------------------
+
+function hasTestLabel(r: Record<string, unknown>): boolean {
+  const security = (r.meta as { security?: unknown } | undefined)?.security;
+  return Array.isArray(security) && security.some((c) => c && (c as { system?: unknown }).system === HTEST.system && (c as { code?: unknown }).code === HTEST.code);
+}
+
+function parseCriteria(query: string): URLSearchParams {
+  const q = query.startsWith('?') ? query.slice(1) : query.includes('?') ? query.slice(query.indexOf('?') + 1) : query;
+  const p = new URLSearchParams(q);
+  if ([...p].length === 0) throw new CustosError('UNSUPPORTED_CONDITION');
+  return p;
+}
+
+function parseIfMatch(v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const m = /^(?:W\/)?"(\d{1,9})"$/.exec(v.trim());
+  if (!m) throw new CustosError('VERSION_CONFLICT');
+  return Number(m[1]);
+}
+
+export { parseIfMatch };
+
+function bundleEntries(bundle: unknown, type: 'batch' | 'transaction'): BundleEntry[] {
+  const b = bundle as { resourceType?: unknown; type?: unknown; entry?: unknown } | null;
+  if (!b || b.resourceType !== 'Bundle' || b.type !== type) throw new CustosError('INVALID_BUNDLE');
+  if (b.entry === undefined) return [];
+  if (!Array.isArray(b.entry) || b.entry.some((e) => !e || typeof e !== 'object')) throw new CustosError('INVALID_BUNDLE');
+  return b.entry as BundleEntry[];
+}
+
+function parseEntryRequest(entry: BundleEntry): { method: string; path: string[]; query: string } {
+  const method = entry.request?.method;
+  const url = entry.request?.url;
+  if (typeof method !== 'string' || typeof url !== 'string') throw new CustosError('INVALID_BUNDLE');
+  const qi = url.indexOf('?');
+  const pathText = (qi < 0 ? url : url.slice(0, qi)).replace(/^\/+|\/+$/g, '');
+  return { method: method.toUpperCase(), path: pathText ? pathText.split('/') : [], query: qi < 0 ? '' : url.slice(qi + 1) };
+}
+
+/** In a bundle, a JSON Patch travels as a Binary whose data is the base64 patch document. */
+function binaryPatch(resource: unknown): unknown {
+  const r = resource as { resourceType?: unknown; data?: unknown } | undefined;
+  if (r?.resourceType === 'Binary' && typeof r.data === 'string') {
+    try {
+      return JSON.parse(Buffer.from(r.data, 'base64').toString('utf8'));
+    } catch {
+      throw new CustosError('INVALID_PATCH');
+    }
+  }
+  if (r?.resourceType === 'Parameters') throw new CustosError('INVALID_PATCH'); // FHIRPath Patch: not supported
+  return resource;
+}
+
+async function rewriteReferences(
+  resource: Record<string, unknown>,
+  idMap: Map<string, string>,
+  resolveConditional: (ref: string) => Promise<string>,
+): Promise<Record<string, unknown>> {
+  const copy = structuredClone(resource);
+  const stack: unknown[] = [copy];
+  while (stack.length > 0) {
+    const node = stack.pop();
+    if (Array.isArray(node)) stack.push(...node);
+    else if (node && typeof node === 'object') {
+      const o = node as Record<string, unknown>;
+      for (const [k, v] of Object.entries(o)) {
+        if (k === 'reference' && typeof v === 'string') {
+          const mapped = idMap.get(v);
+          if (mapped) o[k] = mapped;
+          else if (v.includes('?')) o[k] = await resolveConditional(v);
+        } else if (v && typeof v === 'object') stack.push(v);
+      }
+    }
+  }
+  return copy;
+}
+
+function statusOf(code: ErrorCode): string {
+  return String(new CustosError(code).status);
+}
+
+/** OperationOutcome JSON for an error code (our fixed text, plus per-issue details). */
+export function operationOutcomeJson(code: ErrorCode, details: readonly IssueDetail[] = [], correlationId?: string): string {
+  const e = new CustosError(code);
+  const issue = (details.length > 0 ? details : [{ severity: 'error' as const, code: '' }]).map((d) => ({
+    severity: d.severity,
+    code: d.code || ERROR_CATALOG[code].issue,
+    details: { coding: [{ system: 'urn:custos:error', code }], text: e.message },
+    diagnostics: d.diagnostics ?? (correlationId ? `correlation id ${correlationId}` : undefined),
+    expression: d.expression ? [d.expression] : undefined,
+  }));
+  return JSON.stringify({ resourceType: 'OperationOutcome', issue });
+}
+
+function entryResponse(baseUrl: string, r: InteractionResult): string {
+  const v = r.version;
+  if (r.body) return `{"resource":${r.body},"response":{"status":"${r.status}"}}`;
+  if (!v) return `{"response":{"status":"${r.status}"}}`;
+  const location = `${v.resourceType}/${v.id}/_history/${v.versionId}`;
+  const response = JSON.stringify({
+    status: `${r.status}${r.status === 201 ? ' Created' : r.status === 200 ? ' OK' : ''}`,
+    location: r.status === 201 ? location : undefined,
+    etag: `W/"${v.versionId}"`,
+    lastModified: v.lastUpdated,
+  });
+  const resource = v.json && r.status !== 204 ? `"resource":${v.json},` : '';
+  return `{"fullUrl":${JSON.stringify(`${baseUrl}/${v.resourceType}/${v.id}`)},${resource}"response":${response}}`;
+}

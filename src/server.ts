@@ -1,0 +1,186 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import type { Config } from './config/config.ts';
+import type { Logger } from './log/logger.ts';
+import { CustosError } from './kernel/errors.ts';
+import type { SqlDriver } from './store/sql-driver.ts';
+import { PgliteDriver } from './store/pglite/pglite-driver.ts';
+import { PgDriver } from './store/pg/pg-driver.ts';
+import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
+import { AUDIT_MIGRATIONS } from './audit/audit-migrations.ts';
+import { AuditLog } from './audit/audit-log.ts';
+import { verifyAuditLog } from './audit/audit-verify.ts';
+import { PhiGateway, type Principal } from './phi/gateway.ts';
+import { ClientRegistry } from './auth/client-registry.ts';
+import { createAuthorizationServer } from './auth/authorization-server.ts';
+import { createAccessTokenVerifier } from './auth/access-token.ts';
+import { allows, parseSmartScopes } from './auth/smart-scopes.ts';
+import { validateResource } from './fhir/validator.ts';
+import { isResourceType, RESOURCE_TYPES } from './fhir/resource-types.ts';
+import { capabilityStatement, smartConfiguration } from './fhir/capability-statement.ts';
+import { createHttpApp } from './http/http-app.ts';
+import { AdminService } from './admin/admin-service.ts';
+import { registerAdminRoutes } from './admin/admin-routes.ts';
+import { readOrCreateKeyFile } from './auth/key-file.ts';
+
+export const VERSION = '0.1.0';
+
+/** Files under the data directory. Keys live here, never in a database (DESIGN.md rule 5). */
+export function dataPaths(dataDir: string) {
+  return {
+    resources: path.join(dataDir, 'resources'),
+    audit: path.join(dataDir, 'audit'),
+    clientSecretKey: path.join(dataDir, 'keys', 'client-secret.key'),
+    tokenSigningKeys: path.join(dataDir, 'keys', 'token-signing.jwks.json'),
+    adminToken: path.join(dataDir, 'admin-token'),
+    serverInfo: path.join(dataDir, 'server.json'),
+  };
+}
+
+/** The opened storage and services, without HTTP: what the CLI uses when no server runs. */
+export interface CustosCore {
+  resourceDb: SqlDriver;
+  auditDb: SqlDriver;
+  audit: AuditLog;
+  clients: ClientRegistry;
+  admin: AdminService;
+  close(): Promise<void>;
+}
+
+/** Opens both databases (migrating them) and the services on top. */
+export async function openCore(config: Config, log: Logger): Promise<CustosCore> {
+  fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
+  const paths = dataPaths(config.dataDir);
+  const resourceDb = config.databaseUrl ? await PgDriver.open(config.databaseUrl) : await PgliteDriver.open(paths.resources);
+  let auditDb: SqlDriver;
+  try {
+    auditDb = config.auditDatabaseUrl ? await PgDriver.open(config.auditDatabaseUrl, { max: 4 }) : await PgliteDriver.open(paths.audit);
+  } catch (e) {
+    await resourceDb.close();
+    throw e;
+  }
+  await migrate(resourceDb, RESOURCE_MIGRATIONS, 'custos_migration', log);
+  await migrate(auditDb, AUDIT_MIGRATIONS, 'custos_audit_migration', log);
+  const audit = new AuditLog(auditDb);
+  const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
+  const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
+  return {
+    resourceDb,
+    auditDb,
+    audit,
+    clients,
+    admin,
+    async close() {
+      await resourceDb.close().catch(() => {});
+      await auditDb.close().catch(() => {});
+    },
+  };
+}
+
+export interface RunningServer {
+  core: CustosCore;
+  app: FastifyInstance;
+  /** The URL the server listens on (port resolved). */
+  url: string;
+  close(): Promise<void>;
+}
+
+/** Builds the HTTP application over an opened core. */
+export async function buildApp(config: Config, log: Logger, core: CustosCore, adminToken: string): Promise<FastifyInstance> {
+  const paths = dataPaths(config.dataDir);
+  const gateway = new PhiGateway({ db: core.resourceDb, audit: core.audit, log, validate: validateResource, isResourceType });
+  const authServer = await createAuthorizationServer({
+    issuer: config.publicUrl,
+    db: core.resourceDb,
+    clients: core.clients,
+    signingKeyFile: paths.tokenSigningKeys,
+    log,
+  });
+  const verify = createAccessTokenVerifier({ issuer: config.publicUrl, jwks: () => authServer.jwks() });
+  const authenticate = async (bearer: string): Promise<Principal> => {
+    const claims = await verify(bearer);
+    const client = await core.clients.find(claims.clientId);
+    if (!client || !client.active) throw new CustosError('UNAUTHENTICATED');
+    // Effective permission: the token's scopes, within what the client is registered for now.
+    const granted = parseSmartScopes(claims.scopes).filter((s) => s.context === 'system');
+    const registered = parseSmartScopes([...client.scopes]);
+    return {
+      projectId: client.projectId,
+      clientId: client.id,
+      roles: ['system'],
+      allowedPurposes: client.purposes,
+      mayBreakGlass: client.mayBreakGlass,
+      tokenPurpose: claims.purposeOfUse,
+      can: (type, interaction) =>
+        type === '*'
+          ? granted.some((s) => s.resourceType === '*' && s[interaction]) && registered.some((s) => s.resourceType === '*' && s[interaction])
+          : allows(granted, type, interaction) && allows(registered, type, interaction),
+    };
+  };
+  return createHttpApp({
+    config,
+    log,
+    gateway,
+    authenticate,
+    oauthHandler: authServer.handler,
+    capabilityStatement: () => capabilityStatement({ publicUrl: config.publicUrl, resourceTypes: RESOURCE_TYPES, version: VERSION }),
+    smartConfiguration: () => smartConfiguration(config.publicUrl),
+    registerAdmin: (app) => registerAdminRoutes(app, core.admin, adminToken, () => verifyAuditLog(core.audit)),
+  });
+}
+
+/** `custos serve`: opens storage, writes the admin token and server.json, listens. */
+export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
+  const paths = dataPaths(config.dataDir);
+  const other = runningServer(config.dataDir);
+  if (other && other.pid !== process.pid) {
+    // Embedded PGlite must be opened by one process only; a second server would corrupt it.
+    throw new CustosError('CONFIG_INVALID', [
+      { severity: 'error', code: 'conflict', diagnostics: `Another Custos server (pid ${other.pid}) is using this data directory.` },
+    ]);
+  }
+  const core = await openCore(config, log);
+  try {
+    const adminToken = readOrCreateKeyFile(paths.adminToken, () => randomBytes(32).toString('base64url')).trim();
+    const app = await buildApp(config, log, core, adminToken);
+    await app.listen({ host: config.host, port: config.port });
+    const addr = app.server.address();
+    const port = typeof addr === 'object' && addr ? addr.port : config.port;
+    const scheme = config.tls ? 'https' : 'http';
+    const url = `${scheme}://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
+    fs.writeFileSync(paths.serverInfo, JSON.stringify({ pid: process.pid, url }), { mode: 0o600 });
+    log.info('server.listening', { host: config.host, port, storage: config.databaseUrl ? 'postgres' : 'embedded' });
+    return {
+      core,
+      app,
+      url,
+      async close() {
+        try {
+          const info = JSON.parse(fs.readFileSync(paths.serverInfo, 'utf8')) as { pid?: number };
+          if (info.pid === process.pid) fs.rmSync(paths.serverInfo, { force: true });
+        } catch {
+          /* already gone */
+        }
+        await app.close();
+        await core.close();
+      },
+    };
+  } catch (e) {
+    await core.close();
+    throw e;
+  }
+}
+
+/** The running server on this data directory, if any (for the CLI). */
+export function runningServer(dataDir: string): { pid: number; url: string } | undefined {
+  const paths = dataPaths(dataDir);
+  try {
+    const info = JSON.parse(fs.readFileSync(paths.serverInfo, 'utf8')) as { pid: number; url: string };
+    process.kill(info.pid, 0); // throws if no such process
+    return info;
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,147 @@
+import type { SqlDriver } from './sql-driver.ts';
+import type { Logger } from '../log/logger.ts';
+
+/**
+ * Versioned migrations of the resource database, applied in order at start. Never edit a
+ * migration that has shipped: add the next one.
+ */
+export const RESOURCE_MIGRATIONS: readonly { version: number; name: string; sql: string }[] = [
+  {
+    version: 1,
+    name: 'projects, principals, resources, versions',
+    sql: `
+CREATE TABLE project (
+  id text PRIMARY KEY,
+  name text NOT NULL,
+  kind text NOT NULL CHECK (kind IN ('sandbox', 'production')),
+  provenance_enabled boolean NOT NULL DEFAULT true,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+-- Minimal user record (issue 2); the access issue adds credentials, MFA and bindings.
+CREATE TABLE app_user (
+  id text PRIMARY KEY,
+  project_id text NOT NULL REFERENCES project(id),
+  role text NOT NULL CHECK (role IN ('admin', 'practitioner', 'patient', 'auditor')),
+  email text NOT NULL,
+  active boolean NOT NULL DEFAULT true,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (project_id, email)
+);
+-- OAuth clients. No secret is stored here: a confidential client's secret is derived from a key
+-- held in the data directory (see src/auth/client-registry.ts), so a dump of this database
+-- reveals no credential.
+CREATE TABLE oauth_client (
+  id text PRIMARY KEY,
+  project_id text NOT NULL REFERENCES project(id),
+  name text NOT NULL,
+  auth_method text NOT NULL CHECK (auth_method IN ('client_secret', 'private_key_jwt', 'none')),
+  secret_version integer NOT NULL DEFAULT 0,
+  jwks jsonb,
+  scopes text[] NOT NULL,
+  purposes text[] NOT NULL,
+  may_break_glass boolean NOT NULL DEFAULT false,
+  redirect_uris text[] NOT NULL DEFAULT '{}',
+  active boolean NOT NULL DEFAULT true,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+-- oidc-provider's persistent models (grants, replay cache, ...): src/auth/oidc-adapter.ts.
+CREATE TABLE oidc_payload (
+  model text NOT NULL,
+  id text NOT NULL,
+  payload jsonb NOT NULL,
+  grant_id text,
+  user_code text,
+  uid text,
+  expires_at timestamptz,
+  consumed_at timestamptz,
+  PRIMARY KEY (model, id)
+);
+CREATE INDEX oidc_payload_grant ON oidc_payload (grant_id);
+CREATE INDEX oidc_payload_uid ON oidc_payload (uid);
+CREATE INDEX oidc_payload_expires ON oidc_payload (expires_at);
+
+-- The current version of each resource. Every row belongs to a project; every key starts with it.
+CREATE TABLE resource (
+  project_id text NOT NULL REFERENCES project(id),
+  resource_type text NOT NULL,
+  id text NOT NULL,
+  version_id integer NOT NULL,
+  last_updated timestamptz NOT NULL,
+  deleted boolean NOT NULL,
+  content jsonb,
+  -- Patient-compartment membership computed at write time (R4 CompartmentDefinition/patient).
+  patients text[] NOT NULL DEFAULT '{}',
+  PRIMARY KEY (project_id, resource_type, id)
+);
+CREATE INDEX resource_identifier ON resource USING gin ((content -> 'identifier') jsonb_path_ops);
+CREATE INDEX resource_patients ON resource USING gin (patients);
+-- Every version ever written, deletions included (versioned delete).
+CREATE TABLE resource_version (
+  project_id text NOT NULL,
+  resource_type text NOT NULL,
+  id text NOT NULL,
+  version_id integer NOT NULL,
+  last_updated timestamptz NOT NULL,
+  deleted boolean NOT NULL,
+  method text NOT NULL,
+  content jsonb,
+  patients text[] NOT NULL DEFAULT '{}',
+  PRIMARY KEY (project_id, resource_type, id, version_id)
+);
+CREATE INDEX resource_version_time ON resource_version (project_id, last_updated);
+CREATE INDEX resource_version_type_time ON resource_version (project_id, resource_type, last_updated);
+`,
+  },
+  {
+    version: 2,
+    name: 'installation record for idempotent init',
+    sql: `
+CREATE TABLE installation (
+  id integer PRIMARY KEY CHECK (id = 1),
+  project_id text NOT NULL REFERENCES project(id),
+  client_id text NOT NULL,
+  admin_user_id text NOT NULL REFERENCES app_user(id),
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+`,
+  },
+];
+
+/** Applies pending migrations; safe to call at every start and from several processes. */
+export async function migrate(
+  db: SqlDriver,
+  migrations: readonly { version: number; name: string; sql: string }[],
+  table: string,
+  log?: Logger,
+): Promise<void> {
+  await db.query(`CREATE TABLE IF NOT EXISTS ${table} (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())`);
+  for (const m of migrations) {
+    await db.lockedTransaction(`custos-migrate-${table}`, async (tx) => {
+      const done = await tx.query(`SELECT 1 FROM ${table} WHERE version = $1`, [m.version]);
+      if (done.rows.length > 0) return;
+      for (const stmt of splitSql(m.sql)) await tx.query(stmt);
+      await tx.query(`INSERT INTO ${table} (version) VALUES ($1)`, [m.version]);
+      log?.info('store.migrated', { migration: m.version });
+    });
+  }
+}
+
+/** Splits a migration into statements (our migrations use no semicolons inside literals or bodies
+ * except within $$-quoted function bodies, which are kept whole). */
+export function splitSql(sql: string): string[] {
+  const out: string[] = [];
+  let cur = '';
+  let inDollar = false;
+  for (const line of sql.split('\n')) {
+    if (line.trim().startsWith('--')) continue;
+    const dollars = (line.match(/\$\$/g) ?? []).length;
+    if (dollars % 2 === 1) inDollar = !inDollar;
+    cur += line + '\n';
+    if (!inDollar && line.trimEnd().endsWith(';')) {
+      out.push(cur.trim());
+      cur = '';
+    }
+  }
+  if (cur.trim()) out.push(cur.trim());
+  return out;
+}

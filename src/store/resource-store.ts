@@ -1,0 +1,189 @@
+import type { SqlDriver, SqlQueryable } from './sql-driver.ts';
+import { CustosError } from '../kernel/errors.ts';
+
+/** A version of a resource as stored. `json` is the resource text with `meta.versionId`/`lastUpdated` set. */
+export interface StoredVersion {
+  resourceType: string;
+  id: string;
+  versionId: number;
+  lastUpdated: string;
+  deleted: boolean;
+  method: string;
+  /** The resource's JSON text; undefined for a deletion. */
+  json: string | undefined;
+  patients: string[];
+}
+
+export interface Project {
+  id: string;
+  name: string;
+  kind: 'sandbox' | 'production';
+  provenanceEnabled: boolean;
+}
+
+export interface WriteInput {
+  projectId: string;
+  resourceType: string;
+  id: string;
+  method: 'create' | 'update' | 'patch' | 'delete';
+  /** The resource to store (meta is overwritten); undefined for a delete. */
+  resource: Record<string, unknown> | undefined;
+  patients: string[];
+  /** When set, the write fails with VERSION_CONFLICT unless the current version is this one. */
+  expectedVersion?: number;
+  lastUpdated: string;
+}
+
+interface Row {
+  resource_type: string;
+  id: string;
+  version_id: number;
+  last_updated: string | Date;
+  deleted: boolean;
+  method?: string;
+  json: string | null;
+  patients: string[];
+}
+
+function toVersion(r: Row): StoredVersion {
+  return {
+    resourceType: r.resource_type,
+    id: r.id,
+    versionId: Number(r.version_id),
+    lastUpdated: r.last_updated instanceof Date ? r.last_updated.toISOString() : new Date(r.last_updated).toISOString(),
+    deleted: r.deleted,
+    method: r.method ?? (r.deleted ? 'delete' : 'update'),
+    json: r.json ?? undefined,
+    patients: r.patients ?? [],
+  };
+}
+
+const COLS = 'resource_type, id, version_id, last_updated, deleted, content::text AS json, patients';
+
+/**
+ * The resource store. Only the PHI gateway may import it (DESIGN.md rule 1; enforced by
+ * eslint.config.js and proven by test/dependency-rule.test.ts). Every query is scoped by project.
+ */
+export class ResourceStore {
+  constructor(readonly db: SqlDriver) {}
+
+  async getProject(id: string): Promise<Project | undefined> {
+    const r = await this.db.query<{ id: string; name: string; kind: 'sandbox' | 'production'; provenance_enabled: boolean }>(
+      'SELECT id, name, kind, provenance_enabled FROM project WHERE id = $1',
+      [id],
+    );
+    const p = r.rows[0];
+    return p && { id: p.id, name: p.name, kind: p.kind, provenanceEnabled: p.provenance_enabled };
+  }
+
+  async read(projectId: string, type: string, id: string, q: SqlQueryable = this.db): Promise<StoredVersion | undefined> {
+    const r = await q.query<Row>(`SELECT ${COLS} FROM resource WHERE project_id = $1 AND resource_type = $2 AND id = $3`, [
+      projectId,
+      type,
+      id,
+    ]);
+    return r.rows[0] && toVersion(r.rows[0]);
+  }
+
+  async vread(projectId: string, type: string, id: string, versionId: number): Promise<StoredVersion | undefined> {
+    const r = await this.db.query<Row>(
+      `SELECT ${COLS}, method FROM resource_version WHERE project_id = $1 AND resource_type = $2 AND id = $3 AND version_id = $4`,
+      [projectId, type, id, versionId],
+    );
+    return r.rows[0] && toVersion(r.rows[0]);
+  }
+
+  /**
+   * Versions newest first: of one resource, of a type, or of the whole project. `before` is a
+   * keyset cursor (the last entry of the previous page), so pages stay correct while data changes.
+   */
+  async history(
+    projectId: string,
+    opts: { type?: string; id?: string; since?: string; count: number; before?: { lastUpdated: string; type: string; id: string; versionId: number } },
+  ): Promise<StoredVersion[]> {
+    const where = ['project_id = $1'];
+    const params: unknown[] = [projectId];
+    if (opts.type) where.push(`resource_type = $${params.push(opts.type)}`);
+    if (opts.id) where.push(`id = $${params.push(opts.id)}`);
+    if (opts.since) where.push(`last_updated >= $${params.push(opts.since)}`);
+    if (opts.before) {
+      const b = opts.before;
+      where.push(
+        `(last_updated, resource_type, id, version_id) < ($${params.push(b.lastUpdated)}::timestamptz, $${params.push(b.type)}, $${params.push(b.id)}, $${params.push(b.versionId)})`,
+      );
+    }
+    const r = await this.db.query<Row>(
+      `SELECT ${COLS}, method FROM resource_version WHERE ${where.join(' AND ')}
+       ORDER BY last_updated DESC, resource_type DESC, id DESC, version_id DESC LIMIT $${params.push(opts.count)}`,
+      params,
+    );
+    return r.rows.map(toVersion);
+  }
+
+  /**
+   * Ids of live resources matching conditional-interaction criteria (If-None-Exist, conditional
+   * update). Until the search engine lands (issue 3) this supports `_id` and `identifier`.
+   */
+  async findByCondition(q: SqlQueryable, projectId: string, type: string, criteria: URLSearchParams): Promise<string[]> {
+    const where = ['project_id = $1', 'resource_type = $2', 'NOT deleted'];
+    const params: unknown[] = [projectId, type];
+    let any = false;
+    for (const [name, value] of criteria) {
+      any = true;
+      if (name === '_id') {
+        where.push(`id = $${params.push(value)}`);
+      } else if (name === 'identifier') {
+        const bar = value.indexOf('|');
+        const ident = bar < 0 ? { value } : bar === 0 ? { value: value.slice(1) } : { system: value.slice(0, bar), value: value.slice(bar + 1) };
+        if (!ident.value) throw new CustosError('UNSUPPORTED_CONDITION');
+        where.push(`content -> 'identifier' @> $${params.push(JSON.stringify([ident]))}::jsonb`);
+      } else {
+        throw new CustosError('UNSUPPORTED_CONDITION');
+      }
+    }
+    if (!any) throw new CustosError('UNSUPPORTED_CONDITION');
+    const r = await q.query<{ id: string }>(`SELECT id FROM resource WHERE ${where.join(' AND ')} LIMIT 2`, params);
+    return r.rows.map((x) => x.id);
+  }
+
+  /** Writes the next version of a resource inside `q`'s transaction. */
+  async write(q: SqlQueryable, w: WriteInput): Promise<StoredVersion> {
+    const cur = await q.query<{ version_id: number; deleted: boolean }>(
+      'SELECT version_id, deleted FROM resource WHERE project_id = $1 AND resource_type = $2 AND id = $3 FOR UPDATE',
+      [w.projectId, w.resourceType, w.id],
+    );
+    const prev = cur.rows[0];
+    if (w.expectedVersion !== undefined && (!prev || Number(prev.version_id) !== w.expectedVersion)) {
+      throw new CustosError('VERSION_CONFLICT');
+    }
+    const versionId = prev ? Number(prev.version_id) + 1 : 1;
+    let json: string | undefined;
+    if (w.resource) {
+      const meta = { ...((w.resource.meta as Record<string, unknown> | undefined) ?? {}), versionId: String(versionId), lastUpdated: w.lastUpdated };
+      json = JSON.stringify({ ...w.resource, resourceType: w.resourceType, id: w.id, meta });
+    }
+    const deleted = w.resource === undefined;
+    await q.query(
+      `INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)`,
+      [w.projectId, w.resourceType, w.id, versionId, w.lastUpdated, deleted, w.method, json ?? null, w.patients],
+    );
+    await q.query(
+      `INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients)
+       VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
+       ON CONFLICT (project_id, resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,
+         last_updated = EXCLUDED.last_updated, deleted = EXCLUDED.deleted, content = EXCLUDED.content, patients = EXCLUDED.patients`,
+      [w.projectId, w.resourceType, w.id, versionId, w.lastUpdated, deleted, json ?? null, w.patients],
+    );
+    return {
+      resourceType: w.resourceType,
+      id: w.id,
+      versionId,
+      lastUpdated: w.lastUpdated,
+      deleted,
+      method: w.method,
+      json,
+      patients: w.patients,
+    };
+  }
+}

@@ -1,0 +1,33 @@
+/**
+ * The storage port: the few SQL operations Custos needs, implemented once for embedded PGlite
+ * (`./pglite/`) and once for a PostgreSQL server (`./pg/`). Everything above it (migrations,
+ * the resource store, the audit store) is written once in PostgreSQL SQL and runs on both; the
+ * shared suite in test/store.test.ts runs against both.
+ */
+export interface SqlQueryable {
+  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[]): Promise<{ rows: R[] }>;
+}
+
+export interface SqlDriver extends SqlQueryable {
+  readonly kind: 'embedded' | 'postgres';
+  /** Runs `fn` in one transaction; rolls back if it throws. */
+  transaction<T>(fn: (tx: SqlQueryable) => Promise<T>): Promise<T>;
+  /**
+   * Runs `fn` in a transaction that first takes an exclusive transaction-scoped advisory lock on
+   * `key`, so that concurrent conditional writes on the same condition serialize (race-free
+   * conditional create/update on a server with many connections).
+   */
+  lockedTransaction<T>(key: string, fn: (tx: SqlQueryable) => Promise<T>): Promise<T>;
+  close(): Promise<void>;
+}
+
+export type DatabaseErrorKind = 'unique_violation' | 'serialization' | 'connection' | 'other';
+
+/** Classifies a driver error by SQLSTATE. Never look at (or log) its message or `detail`: they hold data. */
+export function classifyDatabaseError(e: unknown): DatabaseErrorKind {
+  const code = (e as { code?: unknown } | null)?.code;
+  if (code === '23505') return 'unique_violation';
+  if (code === '40001' || code === '40P01') return 'serialization';
+  if (typeof code === 'string' && (code.startsWith('08') || code === '57P01' || code === 'ECONNREFUSED')) return 'connection';
+  return 'other';
+}
