@@ -90,6 +90,7 @@ export interface RunningServer {
 /** Builds the HTTP application over an opened core. */
 export async function buildApp(config: Config, log: Logger, core: CustosCore, adminToken: string): Promise<FastifyInstance> {
   const paths = dataPaths(config.dataDir);
+  validateResource({ resourceType: 'Basic', code: { text: 'warm-up' } }); // loads the definitions now, not on the first write
   const gateway = new PhiGateway({ db: core.resourceDb, audit: core.audit, log, validate: validateResource, isResourceType });
   const authServer = await createAuthorizationServer({
     issuer: config.publicUrl,

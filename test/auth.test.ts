@@ -21,6 +21,7 @@ import { CustosError } from '../src/kernel/errors.ts';
 import { ClientRegistry } from '../src/auth/client-registry.ts';
 import { createAuthorizationServer, type AuthorizationServer } from '../src/auth/authorization-server.ts';
 import { createAccessTokenVerifier } from '../src/auth/access-token.ts';
+import { PostgresOidcAdapter, purgeExpiredOidcPayloads } from '../src/auth/oidc-adapter.ts';
 import { allows, covers, parseSmartScope, parseSmartScopes } from '../src/auth/smart-scopes.ts';
 
 const PROJECT = 'p1';
@@ -31,7 +32,7 @@ let auth: AuthorizationServer;
 let server: http.Server;
 let issuer: string;
 let tokenUrl: string;
-let verify: (token: string) => ReturnType<ReturnType<typeof createAccessTokenVerifier>>;
+let verify: ReturnType<typeof createAccessTokenVerifier>;
 const logged: string[] = [];
 const recordingLogger: Logger = Object.fromEntries(
   (['debug', 'info', 'warn', 'error'] as const).map((level) => [
@@ -73,7 +74,10 @@ interface TokenResponse {
   body: Record<string, unknown>;
 }
 
-async function postToken(params: Record<string, string>, headers: Record<string, string> = {}): Promise<TokenResponse> {
+async function postToken(
+  params: Record<string, string>,
+  headers: Record<string, string> = {},
+): Promise<TokenResponse> {
   const res = await fetch(tokenUrl, {
     method: 'POST',
     headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json', ...headers },
@@ -120,11 +124,14 @@ async function jwtClient(alg: 'RS384' | 'ES384' | 'RS256' | 'ES256', scopes = ['
       client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer',
       client_assertion: clientAssertion,
     });
-  return { clientId, assertion, grant };
+  return { clientId, kid, privateKey, assertion, grant };
 }
 
 async function rejectsUnauthenticated(p: Promise<unknown>): Promise<void> {
-  await assert.rejects(p, (e: unknown) => e instanceof CustosError && e.code === 'UNAUTHENTICATED' && e.details.length === 0);
+  await assert.rejects(
+    p,
+    (e: unknown) => e instanceof CustosError && e.code === 'UNAUTHENTICATED' && e.details.length === 0,
+  );
 }
 
 test('client_secret_basic: a JWT access token the verifier accepts, with the granted scopes and purpose', async () => {
@@ -233,14 +240,50 @@ test('private_key_jwt: a replayed assertion (same jti) is refused, and the repla
   assert.equal(mine[0]!.live, true);
 });
 
-test('private_key_jwt: the same assertion sent concurrently is accepted once', async () => {
-  const c = await jwtClient('ES256');
-  const assertion = await c.assertion();
-  const results = await Promise.all(Array.from({ length: 8 }, () => c.grant(assertion)));
-  assert.deepEqual(results.map((r) => r.status).sort(), [200, 401, 401, 401, 401, 401, 401, 401]);
+test('oidc adapter: storage in oidc_payload, expiry, consume, indexes; replay recording is atomic', async () => {
+  const grants = new PostgresOidcAdapter('AccessToken', db, clients);
+  await grants.upsert('t1', { jti: 't1', grantId: 'g1', uid: 'u1', userCode: 'UC-1' }, 60);
+  await grants.upsert('t2', { jti: 't2', grantId: 'g1' }, 60);
+  await grants.upsert('t3', { jti: 't3' }, -1); // already expired
+  assert.deepEqual(await grants.find('t1'), { jti: 't1', grantId: 'g1', uid: 'u1', userCode: 'UC-1' });
+  assert.equal((await grants.findByUid('u1'))?.jti, 't1');
+  assert.equal((await grants.findByUserCode('UC-1'))?.jti, 't1');
+  assert.equal(await grants.find('t3'), undefined, 'expired rows are not found');
+  await grants.consume('t1');
+  assert.equal(typeof (await grants.find('t1'))?.consumed, 'number');
+  await grants.revokeByGrantId('g1');
+  assert.equal(await grants.find('t1'), undefined);
+  assert.equal(await grants.find('t2'), undefined);
+  await grants.upsert('t4', { jti: 't4' }, undefined);
+  await grants.destroy('t4');
+  assert.equal(await grants.find('t4'), undefined);
+  assert.ok((await purgeExpiredOidcPayloads(db)) >= 1);
+
+  // oidc-provider's ReplayDetection.unique() is find-then-upsert; two requests that both passed the
+  // find must not both record the jti.
+  const replay = new PostgresOidcAdapter('ReplayDetection', db, clients);
+  await replay.upsert('j1', { jti: 'j1', iss: 'c' }, 60);
+  await assert.rejects(replay.upsert('j1', { jti: 'j1', iss: 'c' }, 60), (e: unknown) => {
+    return (e as { error?: string }).error === 'invalid_client';
+  });
+  await replay.upsert('j2', { jti: 'j2', iss: 'c' }, -1);
+  await replay.upsert('j2', { jti: 'j2', iss: 'c' }, 60); // an expired entry may be recorded again
+
+  const clientAdapter = new PostgresOidcAdapter('Client', db, clients);
+  assert.equal(await clientAdapter.find('no-such-client'), undefined);
+  const { clientId } = await clients.create({
+    projectId: PROJECT,
+    name: 'meta',
+    scopes: ['system/*.rs'],
+    purposes: ['TREAT'],
+  });
+  const meta = await clientAdapter.find(clientId);
+  assert.equal(meta?.token_endpoint_auth_method, 'client_secret_basic');
+  assert.deepEqual(meta?.grant_types, ['client_credentials']);
+  assert.deepEqual(meta?.custos_scopes, ['system/*.rs']);
 });
 
-test('private_key_jwt: wrong aud, too long an exp, expired, unregistered key: refused', async () => {
+test('private_key_jwt: wrong aud, too long an exp, expired, unregistered key, wrong method: refused', async () => {
   const c = await jwtClient('RS384');
   for (const aud of [issuer, `${issuer}/fhir/R4`, 'https://other.example/token']) {
     const res = await c.grant(await c.assertion({ aud }));
@@ -251,17 +294,28 @@ test('private_key_jwt: wrong aud, too long an exp, expired, unregistered key: re
   assert.equal((await c.grant(await c.assertion({ exp: now + 3600 }))).status, 401);
   assert.equal((await c.grant(await c.assertion({ exp: now - 60 }))).status, 401);
 
+  // Signed with a key that is not in this client's registered JWKS (another client's).
   const other = await jwtClient('RS384');
-  const forged = await other.assertion();
-  // A valid assertion of another client presented as this one.
-  const res = await postToken({
-    grant_type: 'client_credentials',
-    scope: 'system/Patient.rs',
-    client_id: c.clientId,
-    client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer',
-    client_assertion: forged,
+  const forged = await new SignJWT({})
+    .setProtectedHeader({ alg: 'RS384', kid: other.kid, typ: 'JWT' })
+    .setIssuer(c.clientId)
+    .setSubject(c.clientId)
+    .setAudience(tokenUrl)
+    .setExpirationTime(now + 240)
+    .setJti(randomUUID())
+    .sign(other.privateKey);
+  const res = await c.grant(forged);
+  assert.equal(res.status, 401);
+  assert.equal(res.body.error, 'invalid_client');
+  // A secret-based client cannot present an assertion, nor an assertion client a secret.
+  const secretClient = await clients.create({
+    projectId: PROJECT,
+    name: 's',
+    scopes: ['system/*.rs'],
+    purposes: [],
   });
-  assert.equal(res.status, 400); // client_id mismatch with the assertion's sub
+  const mixed = await secretGrant(c.clientId, secretClient.clientSecret!, 'system/*.rs');
+  assert.equal(mixed.status, 401);
 });
 
 test('scopes: only what the registration covers is granted; nothing grantable is invalid_scope', async () => {
@@ -291,7 +345,11 @@ test('scopes: only what the registration covers is granted; nothing grantable is
   const missing = await postToken({ grant_type: 'client_credentials' }, basic(clientId, clientSecret!));
   assert.equal(missing.body.error, 'invalid_scope');
   const otherAudience = await postToken(
-    { grant_type: 'client_credentials', scope: 'system/Patient.read', resource: 'https://elsewhere.example/fhir' },
+    {
+      grant_type: 'client_credentials',
+      scope: 'system/Patient.read',
+      resource: 'https://elsewhere.example/fhir',
+    },
     basic(clientId, clientSecret!),
   );
   assert.equal(otherAudience.body.error, 'invalid_target');
@@ -310,7 +368,10 @@ test('a deactivated client is refused', async () => {
   assert.equal(res.status, 401);
   assert.equal(res.body.error, 'invalid_client');
   assert.equal((await clients.find(clientId))?.active, false);
-  await assert.rejects(clients.rotateSecret(clientId), (e: unknown) => e instanceof CustosError && e.code === 'NOT_FOUND');
+  await assert.rejects(
+    clients.rotateSecret(clientId),
+    (e: unknown) => e instanceof CustosError && e.code === 'NOT_FOUND',
+  );
 });
 
 test('verifier: expired token, token signed by another key, wrong audience, garbage: UNAUTHENTICATED', async () => {
@@ -346,11 +407,19 @@ test('discovery and JWKS: URLs from the configured issuer, public keys only, key
   const discovery = await new Promise<Record<string, unknown>>((resolve, reject) => {
     const { port } = server.address() as { port: number };
     http
-      .get({ host: '127.0.0.1', port, path: '/.well-known/openid-configuration', headers: { host: 'evil.example' } }, (res) => {
-        let text = '';
-        res.on('data', (c: Buffer) => (text += c.toString()));
-        res.on('end', () => resolve(JSON.parse(text) as Record<string, unknown>));
-      })
+      .get(
+        {
+          host: '127.0.0.1',
+          port,
+          path: '/.well-known/openid-configuration',
+          headers: { host: 'evil.example' },
+        },
+        (res) => {
+          let text = '';
+          res.on('data', (c: Buffer) => (text += c.toString()));
+          res.on('end', () => resolve(JSON.parse(text) as Record<string, unknown>));
+        },
+      )
       .on('error', reject);
   });
   assert.equal(discovery.issuer, issuer);
@@ -398,13 +467,22 @@ test('no client secret anywhere in the database, nor in the logs', async () => {
     assert.ok(!logged.join('\n').includes(secret), 'a client secret is in the logs');
   }
   assert.ok(!logged.join('\n').includes(res.body.access_token as string), 'an access token is in the logs');
-  assert.ok(logged.some((l) => l.includes('"code":"invalid_client"')), 'refusals are logged by code');
+  assert.ok(
+    logged.some((l) => l.includes('"code":"invalid_client"')),
+    'refusals are logged by code',
+  );
 });
 
-test('registry: validation, listing', async () => {
+test('registry: validation, listing, restart, key file permissions', async () => {
   const bad = (input: Partial<Parameters<ClientRegistry['create']>[0]>) =>
     assert.rejects(
-      clients.create({ projectId: PROJECT, name: 'x', scopes: ['system/*.rs'], purposes: ['TREAT'], ...input }),
+      clients.create({
+        projectId: PROJECT,
+        name: 'x',
+        scopes: ['system/*.rs'],
+        purposes: ['TREAT'],
+        ...input,
+      }),
       (e: unknown) => e instanceof CustosError && e.code === 'BAD_REQUEST',
     );
   await bad({ scopes: [] });
@@ -413,12 +491,35 @@ test('registry: validation, listing', async () => {
   const { privateKey } = await generateKeyPair('ES384', { extractable: true });
   await bad({ jwks: { keys: [await exportJWK(privateKey)] } }); // private key material
   await bad({ jwks: { keys: [] } });
+  await assert.rejects(
+    clients.create({ projectId: 'no-such-project', name: 'x', scopes: ['system/*.rs'], purposes: [] }),
+    (e: unknown) => e instanceof CustosError && e.code === 'NOT_FOUND',
+  );
 
   const listed = await clients.listByProject(PROJECT);
   assert.ok(listed.length > 5);
   assert.ok(listed.every((c) => c.projectId === PROJECT && /^[A-Za-z0-9_-]{22}$/.test(c.id)));
   const jwt = listed.find((c) => c.authMethod === 'private_key_jwt');
   assert.ok(jwt?.jwks?.keys.length === 1);
+
+  // After a restart (a new registry on the same key file) secrets still verify.
+  const { clientId, clientSecret } = await clients.create({
+    projectId: PROJECT,
+    name: 'restart',
+    scopes: ['system/*.rs'],
+    purposes: [],
+  });
+  const keyFile = path.join(dir, 'keys', 'client-secret.key');
+  const again = new ClientRegistry({ db, keyFile });
+  assert.equal(again.currentSecret((await again.find(clientId))!), clientSecret);
+  // A key file others can read is refused.
+  const loose = path.join(dir, 'loose.key');
+  fs.writeFileSync(loose, fs.readFileSync(keyFile), { mode: 0o644 });
+  fs.chmodSync(loose, 0o644);
+  assert.throws(
+    () => new ClientRegistry({ db, keyFile: loose }),
+    (e: unknown) => e instanceof CustosError && e.code === 'CONFIG_INVALID',
+  );
 });
 
 test('smart-scopes: v1 and v2 parsing, allows, covers', () => {
@@ -487,4 +588,37 @@ test('smart-scopes: v1 and v2 parsing, allows, covers', () => {
   assert.ok(!covers(reg, parseSmartScope('system/Patient.crs')!));
   assert.ok(!covers(reg, parseSmartScope('system/*.cruds')!));
   assert.ok(!covers(reg, parseSmartScope('patient/Patient.read')!));
+});
+
+test('introspection and revocation need client auth; JWT access tokens are self-contained; no other flows', async () => {
+  const { clientId, clientSecret } = await clients.create({
+    projectId: PROJECT,
+    name: 'introspecting',
+    scopes: ['system/*.rs'],
+    purposes: ['TREAT'],
+  });
+  const token = (await secretGrant(clientId, clientSecret!, 'system/*.rs')).body.access_token as string;
+  for (const endpoint of ['introspect', 'revoke']) {
+    const post = (headers: Record<string, string>) =>
+      fetch(`${issuer}/oauth/${endpoint}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...headers },
+        body: new URLSearchParams({ token }),
+      });
+    const anonymous = await post({});
+    assert.equal(((await anonymous.json()) as { error: string }).error, 'invalid_request', endpoint);
+    // oidc-provider does not introspect or revoke structured (JWT) tokens: they live at most 300 s.
+    const authed = await post(basic(clientId, clientSecret!));
+    assert.equal(((await authed.json()) as { error: string }).error, 'unsupported_token_type', endpoint);
+  }
+  const authorize = await fetch(
+    `${issuer}/oauth/authorize?client_id=${clientId}&response_type=code&scope=openid`,
+  );
+  assert.equal(authorize.status, 400);
+  assert.equal(await authorize.text(), 'error: unsupported_response_type\n');
+  const code = await postToken(
+    { grant_type: 'authorization_code', code: 'x' },
+    basic(clientId, clientSecret!),
+  );
+  assert.equal(code.body.error, 'unsupported_grant_type');
 });

@@ -6,7 +6,7 @@ import type { SqlDriver } from '../store/sql-driver.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
 import { CustosError } from '../kernel/errors.ts';
 import type { ClientRegistry } from './client-registry.ts';
-import { readOrCreateKeyFile } from './key-file.ts';
+import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from './key-file.ts';
 import { CLIENT_PURPOSES_METADATA, CLIENT_SCOPES_METADATA, createOidcAdapter } from './oidc-adapter.ts';
 import { covers, parseSmartScope, parseSmartScopes } from './smart-scopes.ts';
 import { ACCESS_TOKEN_ALG, ACCESS_TOKEN_TTL, fhirAudience as audienceOf } from './access-token.ts';
@@ -38,7 +38,7 @@ interface OidcClient {
   [metadata: string]: unknown;
 }
 interface OidcContext {
-  oidc: { route?: string; params?: Record<string, unknown>; client?: OidcClient };
+  oidc: { params?: Record<string, unknown>; client?: OidcClient };
 }
 interface OidcToken {
   clientId?: string;
@@ -77,7 +77,9 @@ const ROUTES = {
  * const auth = await createAuthorizationServer({ issuer: 'http://127.0.0.1:8080', db, clients, signingKeyFile, log });
  * http.createServer((req, res) => auth.handler(req, res)).listen(8080);
  */
-export async function createAuthorizationServer(opts: AuthorizationServerOptions): Promise<AuthorizationServer> {
+export async function createAuthorizationServer(
+  opts: AuthorizationServerOptions,
+): Promise<AuthorizationServer> {
   const issuer = new URL(opts.issuer);
   if (issuer.pathname !== '/' || issuer.search || issuer.hash || !/^https?:$/.test(issuer.protocol)) {
     throw new CustosError('CONFIG_INVALID');
@@ -93,7 +95,7 @@ export async function createAuthorizationServer(opts: AuthorizationServerOptions
     adapter: createOidcAdapter(opts.db, opts.clients),
     jwks: privateJwks,
     routes: ROUTES,
-    // No static OpenID scopes are offered to systems; SMART scopes are granted per client below.
+    // SMART scopes are not static scopes: they are granted per client in getResourceServerInfo below.
     scopes: ['openid'],
     responseTypes: [],
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
@@ -150,7 +152,6 @@ export async function createAuthorizationServer(opts: AuthorizationServerOptions
       if (exp > Math.floor(Date.now() / 1000) + 300 + CLOCK_TOLERANCE) {
         throw new errors.InvalidClientAuth('exp must be at most five minutes in the future');
       }
-      if (claims.sub !== claims.iss) throw new errors.InvalidClientAuth('sub must be the client_id');
     },
     clockTolerance: CLOCK_TOLERANCE,
     ttl: {
@@ -188,7 +189,6 @@ export async function createAuthorizationServer(opts: AuthorizationServerOptions
       req.headers.host = host;
       req.headers['x-forwarded-host'] = host;
       req.headers['x-forwarded-proto'] = proto;
-      delete req.headers['x-forwarded-for'];
       callback(req, res);
     },
   };
@@ -235,10 +235,15 @@ function observe(provider: Provider, log: Logger): void {
     'end_session_confirm.error',
   ]) {
     provider.on(event, (ctx, err) =>
-      log.warn(`oauth.${event.replace('.error', '')}_refused`, { code: codeOf(err), clientId: clientOf(ctx) }),
+      log.warn(`oauth.${event.replace('.error', '')}_refused`, {
+        code: codeOf(err),
+        clientId: clientOf(ctx),
+      }),
     );
   }
-  provider.on('server_error', (_ctx, err) => log.error('oauth.server_error', { code: 'server_error', ...errorFields(err) }));
+  provider.on('server_error', (_ctx, err) =>
+    log.error('oauth.server_error', { code: 'server_error', ...errorFields(err) }),
+  );
 }
 
 /** The private signing JWKS from `file`, created with one ES256 key when missing. */
@@ -255,14 +260,20 @@ function loadSigningKeys(file: string): JSONWebKeySet {
     throw new CustosError('CONFIG_INVALID');
   }
   const keys = (jwks as { keys?: unknown } | null)?.keys;
-  if (!Array.isArray(keys) || keys.length === 0 || keys.some((k: JWK) => typeof k?.d !== 'string')) {
+  // Every key private, and one usable for ES256 (oidc-provider would otherwise fail at the first token).
+  if (
+    !Array.isArray(keys) ||
+    keys.some((k: JWK) => typeof k?.d !== 'string') ||
+    !keys.some(
+      (k: JWK) => k.kty === 'EC' && k.crv === 'P-256' && (k.alg ?? ACCESS_TOKEN_ALG) === ACCESS_TOKEN_ALG,
+    )
+  ) {
     throw new CustosError('CONFIG_INVALID');
   }
   return { keys: keys as JWK[] };
 }
 
-/** The public members of a private JWK (RFC 7518 section 6). */
+/** The public members of a private JWK. */
 function publicPart(jwk: JWK): JWK {
-  const { d: _d, p: _p, q: _q, dp: _dp, dq: _dq, qi: _qi, oth: _oth, ...pub } = jwk;
-  return pub;
+  return Object.fromEntries(Object.entries(jwk).filter(([member]) => !PRIVATE_JWK_MEMBERS.includes(member)));
 }

@@ -2,7 +2,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { JSONWebKeySet } from 'jose';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { CustosError } from '../kernel/errors.ts';
-import { readOrCreateKeyFile } from './key-file.ts';
+import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from './key-file.ts';
 import { parseSmartScope } from './smart-scopes.ts';
 
 /** How a client proves who it is at the token endpoint. */
@@ -51,8 +51,6 @@ interface ClientRow {
 const COLUMNS =
   'id, project_id, name, auth_method, secret_version, jwks, scopes, purposes, may_break_glass, active';
 const PURPOSE = /^[A-Z]{2,12}$/;
-/** JWK members that only a private or symmetric key has (RFC 7518 section 6). */
-const PRIVATE_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'oth', 'k', 'priv'];
 
 /**
  * The OAuth clients of every project, in table `oauth_client`.
@@ -82,7 +80,8 @@ export class ClientRegistry {
   /**
    * Registers a client. Returns its secret (shown once; derivable again only by rotation) unless
    * `jwks` is given, in which case the client authenticates with `private_key_jwt`.
-   * Scopes must be SMART resource scopes and purposes v3 ActReason codes, else `BAD_REQUEST`.
+   * Scopes must be SMART resource scopes and purposes v3 ActReason codes, else `BAD_REQUEST`;
+   * an unknown project is `NOT_FOUND`.
    */
   async create(input: CreateClientInput): Promise<{ clientId: string; clientSecret?: string }> {
     if (typeof input.name !== 'string' || input.name.trim() === '') throw new CustosError('BAD_REQUEST');
@@ -94,7 +93,7 @@ export class ClientRegistry {
 
     const id = randomBytes(16).toString('base64url');
     const authMethod: ClientAuthMethod = input.jwks ? 'private_key_jwt' : 'client_secret';
-    await this.db.query(
+    await this.insert(
       `INSERT INTO oauth_client (id, project_id, name, auth_method, jwks, scopes, purposes, may_break_glass)
        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)`,
       [
@@ -108,12 +107,16 @@ export class ClientRegistry {
         input.mayBreakGlass ?? false,
       ],
     );
-    return authMethod === 'client_secret' ? { clientId: id, clientSecret: this.deriveSecret(id, 0) } : { clientId: id };
+    return authMethod === 'client_secret'
+      ? { clientId: id, clientSecret: this.deriveSecret(id, 0) }
+      : { clientId: id };
   }
 
   /** The registration, active or not; undefined when no such client exists. */
   async find(clientId: string): Promise<ClientRegistration | undefined> {
-    const { rows } = await this.db.query<ClientRow>(`SELECT ${COLUMNS} FROM oauth_client WHERE id = $1`, [clientId]);
+    const { rows } = await this.db.query<ClientRow>(`SELECT ${COLUMNS} FROM oauth_client WHERE id = $1`, [
+      clientId,
+    ]);
     return rows[0] ? toRegistration(rows[0]) : undefined;
   }
 
@@ -145,9 +148,10 @@ export class ClientRegistry {
    * stay valid until they expire (at most 300 s) unless the resource server checks `active`.
    */
   async deactivate(clientId: string): Promise<void> {
-    const { rows } = await this.db.query(`UPDATE oauth_client SET active = false WHERE id = $1 RETURNING id`, [
-      clientId,
-    ]);
+    const { rows } = await this.db.query(
+      `UPDATE oauth_client SET active = false WHERE id = $1 RETURNING id`,
+      [clientId],
+    );
     if (!rows[0]) throw new CustosError('NOT_FOUND');
   }
 
@@ -156,7 +160,19 @@ export class ClientRegistry {
    * (src/auth/oidc-adapter.ts) only. Undefined for other clients.
    */
   currentSecret(client: ClientRegistration): string | undefined {
-    return client.authMethod === 'client_secret' ? this.deriveSecret(client.id, client.secretVersion) : undefined;
+    return client.authMethod === 'client_secret'
+      ? this.deriveSecret(client.id, client.secretVersion)
+      : undefined;
+  }
+
+  /** An unknown project (foreign key violation, SQLSTATE 23503) is NOT_FOUND, not an internal error. */
+  private async insert(sql: string, params: unknown[]): Promise<void> {
+    try {
+      await this.db.query(sql, params);
+    } catch (e) {
+      if ((e as { code?: unknown }).code === '23503') throw new CustosError('NOT_FOUND');
+      throw e;
+    }
   }
 
   private deriveSecret(clientId: string, version: number): string {
@@ -186,7 +202,7 @@ function assertPublicJwks(jwks: JSONWebKeySet): void {
   for (const k of keys as unknown[]) {
     if (typeof k !== 'object' || k === null) throw new CustosError('BAD_REQUEST');
     const jwk = k as Record<string, unknown>;
-    if (!['RSA', 'EC', 'OKP'].includes(jwk.kty as string) || PRIVATE_MEMBERS.some((m) => m in jwk)) {
+    if (!['RSA', 'EC', 'OKP'].includes(jwk.kty as string) || PRIVATE_JWK_MEMBERS.some((m) => m in jwk)) {
       throw new CustosError('BAD_REQUEST');
     }
   }

@@ -57,7 +57,9 @@ export class PostgresOidcAdapter implements Adapter {
       `${insert} WHERE oidc_payload.expires_at IS NOT NULL AND oidc_payload.expires_at <= now() RETURNING 1`,
       values,
     );
-    if (rows.length === 0) throw new errors.InvalidClientAuth('client assertion tokens must only be used once');
+    if (rows.length === 0) {
+      throw new errors.InvalidClientAuth('client assertion tokens must only be used once');
+    }
   }
 
   async find(id: string): Promise<AdapterPayload | undefined> {
@@ -74,7 +76,10 @@ export class PostgresOidcAdapter implements Adapter {
   }
 
   async consume(id: string): Promise<void> {
-    await this.db.query('UPDATE oidc_payload SET consumed_at = now() WHERE model = $1 AND id = $2', [this.model, id]);
+    await this.db.query('UPDATE oidc_payload SET consumed_at = now() WHERE model = $1 AND id = $2', [
+      this.model,
+      id,
+    ]);
   }
 
   async destroy(id: string): Promise<void> {

@@ -36,9 +36,10 @@ const INTERACTIONS: readonly SmartInteraction[] = ['c', 'r', 'u', 'd', 's'];
  */
 export function parseSmartScope(scope: string): SmartScope | null {
   const m = SCOPE.exec(scope);
-  if (!m) return null;
-  const [, context, resourceType, perm] = m as unknown as [string, SmartContext, string, string];
-  if (perm === '') return null;
+  if (!m || !m[3]) return null;
+  const context = m[1] as SmartContext;
+  const resourceType = m[2]!;
+  const perm = m[3];
   const all = perm === '*';
   const has = (letter: SmartInteraction): boolean =>
     all ||

@@ -1,4 +1,6 @@
-import { applyPatch, type Operation } from 'fast-json-patch';
+import jsonPatch, { type Operation } from 'fast-json-patch';
+
+const { applyPatch } = jsonPatch;
 import { CustosError, ERROR_CATALOG, isCustosError, type ErrorCode, type IssueDetail } from '../kernel/errors.ts';
 import { isFhirId, newId } from '../kernel/ids.ts';
 import type { Logger } from '../log/logger.ts';
@@ -304,6 +306,9 @@ export class PhiSession {
     run: () => Promise<T>,
     requestId = this.facts.requestId,
   ): Promise<T> {
+    // Resolved before any transaction opens: PGlite has one connection, so a query outside the
+    // transaction while it is open would wait for it forever.
+    await this.getProject();
     await this.audit(this.event({ phase: 'attempt', action, outcome: 'pending', resource }, requestId));
     let result: T;
     try {

@@ -160,7 +160,7 @@ export class ResourceStore {
     let json: string | undefined;
     if (w.resource) {
       const meta = { ...((w.resource.meta as Record<string, unknown> | undefined) ?? {}), versionId: String(versionId), lastUpdated: w.lastUpdated };
-      json = JSON.stringify({ ...w.resource, resourceType: w.resourceType, id: w.id, meta });
+      json = JSON.stringify({ resourceType: w.resourceType, id: w.id, ...w.resource, meta });
     }
     const deleted = w.resource === undefined;
     await q.query(

@@ -1,0 +1,71 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { ConfigError, loadConfig } from '../src/config/config.ts';
+
+const PROD_OK = {
+  CUSTOS_ENV: 'production',
+  CUSTOS_DATABASE_URL: 'postgres://custos@db.internal:5432/custos',
+  CUSTOS_AUDIT_DATABASE_URL: 'postgres://custos_audit@audit.internal:5432/audit',
+  CUSTOS_KEYRING_PASSPHRASE: 'a long production passphrase',
+  CUSTOS_TRUSTED_PROXIES: '10.0.0.1',
+  CUSTOS_PUBLIC_URL: 'https://fhir.example.org',
+};
+
+function refusal(env: Record<string, string>): string {
+  try {
+    loadConfig(env, '/tmp');
+  } catch (e) {
+    assert.ok(e instanceof ConfigError);
+    assert.ok(!e.message.includes('\n'), 'one line');
+    return e.message;
+  }
+  assert.fail('expected the configuration to be refused');
+}
+
+test('defaults match INTERFACE.md', () => {
+  const c = loadConfig({}, '/srv/app');
+  assert.equal(c.env, 'development');
+  assert.equal(c.dataDir, '/srv/app/.custos');
+  assert.equal(c.host, '127.0.0.1');
+  assert.equal(c.port, 8080);
+  assert.equal(c.publicUrl, 'http://127.0.0.1:8080');
+  assert.equal(c.databaseUrl, undefined);
+  assert.equal(c.keyProvider, 'local');
+  assert.ok(Object.isFrozen(c));
+});
+
+test('invalid values stop the start with one line naming the variable', () => {
+  assert.match(refusal({ CUSTOS_PORT: 'eighty' }), /^CUSTOS_PORT: /);
+  assert.match(refusal({ CUSTOS_ENV: 'staging' }), /^CUSTOS_ENV: must be one of/);
+  assert.match(refusal({ CUSTOS_DATABASE_URL: 'mysql://x/y' }), /^CUSTOS_DATABASE_URL: /);
+  assert.match(refusal({ CUSTOS_KEY_PROVIDER: 'vault' }), /^CUSTOS_KEY_PROVIDER: /);
+  assert.match(refusal({ CUSTOS_TLS_CERT: 'cert.pem' }), /^CUSTOS_TLS_KEY: /);
+  assert.match(refusal({ CUSTOS_TRUSTED_PROXIES: 'not an ip' }), /^CUSTOS_TRUSTED_PROXIES: /);
+  assert.match(refusal({ CUSTOS_PUBLIC_URL: 'ftp://x' }), /^CUSTOS_PUBLIC_URL: /);
+});
+
+test('the audit database may not be the resource database, even spelled differently', () => {
+  const msg = refusal({
+    CUSTOS_DATABASE_URL: 'postgres://a@localhost/custos',
+    CUSTOS_AUDIT_DATABASE_URL: 'postgresql://b:secret@127.0.0.1:5432/custos?sslmode=disable',
+  });
+  assert.match(msg, /^CUSTOS_AUDIT_DATABASE_URL: must not be the resource database/);
+  assert.ok(!msg.includes('secret'), 'credentials are not echoed');
+});
+
+test('production accepts a safe configuration', () => {
+  assert.equal(loadConfig(PROD_OK).env, 'production');
+});
+
+test('production refuses each unsafe setting', () => {
+  const without = (k: keyof typeof PROD_OK) => {
+    const env: Record<string, string> = { ...PROD_OK };
+    delete env[k];
+    return env;
+  };
+  assert.match(refusal(without('CUSTOS_DATABASE_URL')), /^CUSTOS_DATABASE_URL: production refuses embedded storage/);
+  assert.match(refusal(without('CUSTOS_AUDIT_DATABASE_URL')), /^CUSTOS_AUDIT_DATABASE_URL: /);
+  assert.match(refusal(without('CUSTOS_KEYRING_PASSPHRASE')), /^CUSTOS_KEYRING_PASSPHRASE: production refuses the development keyring/);
+  assert.match(refusal(without('CUSTOS_TRUSTED_PROXIES')), /^CUSTOS_TLS_CERT: production refuses plaintext HTTP/);
+  assert.match(refusal({ ...PROD_OK, CUSTOS_AUDIT_DATABASE_URL: PROD_OK.CUSTOS_DATABASE_URL }), /must not be the resource database/);
+});
