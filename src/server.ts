@@ -17,7 +17,7 @@ import { ClientRegistry } from './auth/client-registry.ts';
 import { createAuthorizationServer } from './auth/authorization-server.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
 import { allows, parseSmartScopes } from './auth/smart-scopes.ts';
-import { validateResource } from './fhir/validator.ts';
+import { initValidator, validateResource } from './fhir/validator.ts';
 import { isResourceType, RESOURCE_TYPES } from './fhir/resource-types.ts';
 import { capabilityStatement, smartConfiguration } from './fhir/capability-statement.ts';
 import { createHttpApp } from './http/http-app.ts';
@@ -90,7 +90,7 @@ export interface RunningServer {
 /** Builds the HTTP application over an opened core. */
 export async function buildApp(config: Config, log: Logger, core: CustosCore, adminToken: string): Promise<FastifyInstance> {
   const paths = dataPaths(config.dataDir);
-  validateResource({ resourceType: 'Basic', code: { text: 'warm-up' } }); // loads the definitions now, not on the first write
+  initValidator(); // loads the definitions now (~1 s), not on the first write
   const gateway = new PhiGateway({ db: core.resourceDb, audit: core.audit, log, validate: validateResource, isResourceType });
   const authServer = await createAuthorizationServer({
     issuer: config.publicUrl,

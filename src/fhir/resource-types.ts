@@ -20,7 +20,7 @@ interface StructureDefinitionLike {
  * The concrete resource types defined by a bundle of StructureDefinitions: kind `resource`,
  * derivation `specialization`, not abstract, FHIR 4.0.1.
  */
-export function resourceTypesOf(bundle: unknown): string[] {
+function resourceTypesOf(bundle: unknown): string[] {
   const entries = (bundle as { entry?: { resource?: StructureDefinitionLike }[] } | undefined)?.entry ?? [];
   const types: string[] = [];
   for (const entry of entries) {

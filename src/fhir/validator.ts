@@ -10,7 +10,7 @@
  * null input. Its messages also quote input values. So the structure walk here is our own,
  * compiled once from the same StructureDefinitions; Medplum is used for what it does well:
  * its FHIRPath engine evaluates the spec's invariants (its typed-value model needs the
- * StructureDefinitions indexed, which we do once).
+ * StructureDefinitions indexed, which we do once, unmodified, into Medplum's global schema).
  *
  * PHI rule: nothing from the input reaches the output. Diagnostics come from the fixed `DIAG`
  * table (plus an invariant's key and human text, both from the spec); expressions are built from
