@@ -14,7 +14,6 @@ import { AuditLog } from './audit/audit-log.ts';
 import { verifyAuditLog } from './audit/audit-verify.ts';
 import { PhiGateway, type Principal } from './phi/gateway.ts';
 import { ClientRegistry } from './auth/client-registry.ts';
-import { createAuthorizationServer } from './auth/authorization-server.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
 import { allows, parseSmartScopes } from './auth/smart-scopes.ts';
 import { initValidator, validateResource } from './fhir/validator.ts';
@@ -92,6 +91,9 @@ export async function buildApp(config: Config, log: Logger, core: CustosCore, ad
   const paths = dataPaths(config.dataDir);
   initValidator(); // loads the definitions now (~1 s), not on the first write
   const gateway = new PhiGateway({ db: core.resourceDb, audit: core.audit, log, validate: validateResource, isResourceType });
+  // Loaded here, not at the top: CLI commands that do not serve need no authorization server
+  // (and oidc-provider prints a runtime notice on Node 20 when it loads; see docs/adr/0002).
+  const { createAuthorizationServer } = await import('./auth/authorization-server.ts');
   const authServer = await createAuthorizationServer({
     issuer: config.publicUrl,
     db: core.resourceDb,

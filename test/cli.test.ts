@@ -1,0 +1,175 @@
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createTestStorage, type TestStorage } from './support/storage.ts';
+import { freePort } from './support/harness.ts';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const bin = path.join(root, 'bin', 'custos.mjs');
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function custos(args: string[], env: Record<string, string>): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [bin, ...args], { env: { ...process.env, ...env }, cwd: root });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr }));
+  });
+}
+
+async function token(baseUrl: string, clientId: string, clientSecret: string): Promise<number> {
+  const res = await fetch(`${baseUrl}/oauth/token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ grant_type: 'client_credentials', scope: 'system/*.cruds', client_id: clientId, client_secret: clientSecret }),
+  });
+  await res.arrayBuffer();
+  return res.status;
+}
+
+describe('custos CLI with storage opened directly', () => {
+  let storage: TestStorage;
+  let env: Record<string, string>;
+  before(async () => {
+    storage = await createTestStorage();
+    env = { ...storage.env, CUSTOS_PORT: '8080' };
+  });
+  after(async () => {
+    await storage?.cleanup();
+  });
+
+  test('init --json prints the INTERFACE.md shape once with a secret, then the same ids without', async () => {
+    const first = await custos(['init', '--json'], env);
+    assert.equal(first.code, 0, first.stderr);
+    const a = JSON.parse(first.stdout) as Record<string, string>;
+    assert.deepEqual(Object.keys(a).sort(), ['clientId', 'clientSecret', 'fhirBaseUrl', 'projectId', 'tokenUrl']);
+    assert.equal(a.fhirBaseUrl, 'http://127.0.0.1:8080/fhir/R4');
+    assert.equal(a.tokenUrl, 'http://127.0.0.1:8080/oauth/token');
+    assert.match(first.stderr, /opening storage directly/);
+
+    const again = await custos(['init', '--json'], env);
+    assert.equal(again.code, 0);
+    const b = JSON.parse(again.stdout) as Record<string, string>;
+    assert.equal(b.projectId, a.projectId);
+    assert.equal(b.clientId, a.clientId);
+    assert.equal(b.clientSecret, undefined, 'no secret on re-run');
+
+    const rotated = await custos(['init', '--json', '--new-secret'], env);
+    const c = JSON.parse(rotated.stdout) as Record<string, string>;
+    assert.equal(c.clientId, a.clientId);
+    assert.ok(c.clientSecret && c.clientSecret !== a.clientSecret);
+  });
+
+  test('client create --json, and usage errors exit 2', async () => {
+    const init = JSON.parse((await custos(['init', '--json'], env)).stdout) as Record<string, string>;
+    const made = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/Patient.rs', '--purposes', 'TREAT,HOPERAT', '--json'], env);
+    assert.equal(made.code, 0, made.stderr);
+    const c = JSON.parse(made.stdout) as Record<string, string>;
+    assert.equal(c.projectId, init.projectId);
+    assert.ok(c.clientId && c.clientSecret);
+
+    const missing = await custos(['client', 'create', '--scopes', 'system/*.rs', '--purposes', 'TREAT'], env);
+    assert.equal(missing.code, 2);
+    const badPurpose = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'ETREAT'], env);
+    assert.equal(badPurpose.code, 2);
+    assert.match(badPurpose.stderr, /may not break glass/);
+    const noProject = await custos(['client', 'create', '--project', 'no-such-project', '--scopes', 'system/*.rs', '--purposes', 'TREAT'], env);
+    assert.equal(noProject.code, 2);
+  });
+
+  test('invalid configuration: exit 2 with one line naming the variable', async () => {
+    const r = await custos(['init', '--json'], { ...env, CUSTOS_PORT: 'eighty' });
+    assert.equal(r.code, 2);
+    assert.equal(r.stdout, '');
+    assert.equal(r.stderr.trim().split('\n').length, 1);
+    assert.match(r.stderr, /CUSTOS_PORT/);
+  });
+
+  test('audit verify --json reports an intact log and exits 0', async () => {
+    const r = await custos(['audit', 'verify', '--json'], env);
+    assert.equal(r.code, 0, r.stderr);
+    const report = JSON.parse(r.stdout) as { ok: boolean; size: number };
+    assert.equal(report.ok, true);
+    assert.ok(report.size >= 2, 'init and client creation were audited');
+  });
+
+  test('--help works for every command', async () => {
+    for (const args of [['--help'], ['serve', '--help'], ['init', '--help'], ['client', 'create', '--help'], ['audit', 'verify', '--help']]) {
+      const r = await custos(args, env);
+      assert.equal(r.code, 0, args.join(' '));
+      assert.match(r.stdout, /Usage: custos/);
+    }
+  });
+});
+
+describe('custos CLI while the server runs on the same data', () => {
+  let storage: TestStorage;
+  let env: Record<string, string>;
+  let server: ChildProcess;
+  let url: string;
+  before(async () => {
+    storage = await createTestStorage();
+    const port = await freePort();
+    env = { ...storage.env, CUSTOS_PORT: String(port) };
+    url = `http://127.0.0.1:${port}`;
+    server = spawn(process.execPath, [bin, 'serve'], { env: { ...process.env, ...env }, cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      try {
+        if ((await fetch(`${url}/healthz`)).ok) break;
+      } catch {
+        /* not up yet */
+      }
+      if (Date.now() > deadline) throw new Error('server did not start');
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  });
+  after(async () => {
+    server?.kill('SIGTERM');
+    await new Promise((r) => server?.once('exit', r));
+    await storage?.cleanup();
+  });
+
+  test('commands go through the admin API; the token file is 0600; secrets work at once', async () => {
+    const tokenFile = path.join(storage.dataDir, 'admin-token');
+    assert.equal(fs.statSync(tokenFile).mode & 0o777, 0o600);
+    const first = await custos(['init', '--json'], env);
+    assert.equal(first.code, 0, first.stderr);
+    assert.match(first.stderr, /admin API/);
+    const a = JSON.parse(first.stdout) as Record<string, string>;
+    assert.equal(await token(url, a.clientId!, a.clientSecret!), 200);
+
+    const again = JSON.parse((await custos(['init', '--json'], env)).stdout) as Record<string, string>;
+    assert.equal(again.clientId, a.clientId);
+    assert.equal(again.clientSecret, undefined);
+
+    const rotated = JSON.parse((await custos(['init', '--json', '--new-secret'], env)).stdout) as Record<string, string>;
+    assert.equal(await token(url, a.clientId!, a.clientSecret!), 401, 'the old secret is refused after rotation');
+    assert.equal(await token(url, a.clientId!, rotated.clientSecret!), 200);
+
+    const made = await custos(['client', 'create', '--project', a.projectId!, '--scopes', 'system/*.rs', '--purposes', 'TREAT', '--json'], env);
+    assert.equal(made.code, 0, made.stderr);
+    const c = JSON.parse(made.stdout) as Record<string, string>;
+    assert.equal(await token(url, c.clientId!, c.clientSecret!), 400, 'system/*.cruds is not granted to a system/*.rs client');
+
+    const verify = await custos(['audit', 'verify', '--json'], env);
+    assert.equal(verify.code, 0);
+    assert.equal((JSON.parse(verify.stdout) as { ok: boolean }).ok, true);
+  });
+
+  test('the admin API refuses a wrong token', async () => {
+    const res = await fetch(`${url}/admin/init`, { method: 'POST', headers: { 'x-custos-admin-token': 'wrong', 'content-type': 'application/json' }, body: '{}' });
+    assert.equal(res.status, 401);
+  });
+});
