@@ -62,14 +62,12 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   };
   const app = Fastify({
     logger: false,
-    disableRequestLogging: true,
     bodyLimit: BODY_LIMIT,
     trustProxy: config.trustedProxies.length > 0 ? [...config.trustedProxies] : false,
     genReqId: () => newId(),
     serverFactory,
     // FHIR ids may be 64 characters; resource URLs stay short.
-    maxParamLength: 200,
-    ignoreTrailingSlash: true,
+    routerOptions: { maxParamLength: 200, ignoreTrailingSlash: true },
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
   });
