@@ -83,6 +83,16 @@ describe(`FHIR REST interactions`, () => {
     assert.equal(hist2.entry.length, 4);
   });
 
+  test('create ignores an id in the body: the server assigns it, and content and location agree', async () => {
+    const res = await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient({ id: 'client-chosen' })) });
+    assert.equal(res.status, 201);
+    const p = await json(res);
+    assert.notEqual(p.id, 'client-chosen');
+    assert.ok(res.headers.get('location')?.includes(`/Patient/${p.id}/`));
+    assert.equal((await json(await h.fhir(`/Patient/${p.id}`))).id, p.id);
+    assert.equal((await h.fhir('/Patient/client-chosen')).status, 404);
+  });
+
   test('Prefer: return=minimal and return=OperationOutcome', async () => {
     const minimal = await h.fhir('/Patient', { method: 'POST', headers: { prefer: 'return=minimal' }, body: JSON.stringify(testPatient()) });
     assert.equal(minimal.status, 201);

@@ -240,10 +240,26 @@ function facts(req: FastifyRequest) {
   };
 }
 
+/**
+ * FHIR dateTime (https://hl7.org/fhir/R4/datatypes.html#dateTime): a year, month or day, or a time
+ * with seconds and a zone. `Date.parse` alone is not a check: it accepts `2020-01-01 (anything)`,
+ * which the database then refuses (a 500 instead of a 400).
+ */
+const FHIR_DATE_TIME =
+  /^\d{4}(?:-(?:0[1-9]|1[0-2])(?:-(?:0[1-9]|[12]\d|3[01])(?:T(?:[01]\d|2[0-3]):[0-5]\d:(?:[0-5]\d|60)(?:\.\d{1,9})?(?:Z|[+-](?:0\d|1[0-3]):[0-5]\d|[+-]14:00))?)?)?$/;
+
 function historyOpts(q: Record<string, string | undefined>) {
   const count = q._count !== undefined ? Number(q._count) : undefined;
   if (count !== undefined && !(Number.isInteger(count) && count > 0)) throw new CustosError('BAD_REQUEST');
-  return { since: q._since, count, cursor: q._cursor };
+  let since: string | undefined;
+  if (q._since !== undefined) {
+    // An unencoded `+` in the zone arrives as a space.
+    const text = q._since.replace(/ (\d\d:\d\d)$/, '+$1');
+    const t = FHIR_DATE_TIME.test(text) ? Date.parse(text) : NaN;
+    if (Number.isNaN(t)) throw new CustosError('BAD_REQUEST');
+    since = new Date(t).toISOString();
+  }
+  return { since, count, cursor: q._cursor };
 }
 
 /** Maps an error (ours or Fastify's) to a catalog code; anything unknown is INTERNAL. */

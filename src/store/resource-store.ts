@@ -159,8 +159,10 @@ export class ResourceStore {
     const versionId = prev ? Number(prev.version_id) + 1 : 1;
     let json: string | undefined;
     if (w.resource) {
-      const meta = { ...((w.resource.meta as Record<string, unknown> | undefined) ?? {}), versionId: String(versionId), lastUpdated: w.lastUpdated };
-      json = JSON.stringify({ resourceType: w.resourceType, id: w.id, ...w.resource, meta });
+      // The stored id, type and version are the server's, whatever the body said (create ignores a body id).
+      const { resourceType: _type, id: _id, meta: bodyMeta, ...rest } = w.resource;
+      const meta = { ...((bodyMeta as Record<string, unknown> | undefined) ?? {}), versionId: String(versionId), lastUpdated: w.lastUpdated };
+      json = JSON.stringify({ resourceType: w.resourceType, id: w.id, meta, ...rest });
     }
     const deleted = w.resource === undefined;
     await q.query(
