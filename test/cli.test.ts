@@ -4,6 +4,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { exportJWK, generateKeyPair } from 'jose';
 import { createTestStorage, type TestStorage } from './support/storage.ts';
 import { freePort } from './support/harness.ts';
 
@@ -86,6 +87,24 @@ describe('custos CLI with storage opened directly', () => {
     assert.match(badPurpose.stderr, /may not break glass/);
     const noProject = await custos(['client', 'create', '--project', 'no-such-project', '--scopes', 'system/*.rs', '--purposes', 'TREAT'], env);
     assert.equal(noProject.code, 2);
+  });
+
+  test('client create --jwks registers a SMART Backend Services client: no secret; private keys refused', async () => {
+    const init = JSON.parse((await custos(['init', '--json'], env)).stdout) as Record<string, string>;
+    const { publicKey, privateKey } = await generateKeyPair('ES384', { extractable: true });
+    const dir = fs.mkdtempSync(path.join(storage.dataDir, 'jwks-'));
+    const pub = path.join(dir, 'public.jwks.json');
+    const priv = path.join(dir, 'private.jwks.json');
+    fs.writeFileSync(pub, JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: 'k1', alg: 'ES384' }] }));
+    fs.writeFileSync(priv, JSON.stringify({ keys: [{ ...(await exportJWK(privateKey)), kid: 'k1', alg: 'ES384' }] }));
+    const made = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'TREAT', '--jwks', pub, '--json'], env);
+    assert.equal(made.code, 0, made.stderr);
+    const c = JSON.parse(made.stdout) as Record<string, string>;
+    assert.ok(c.clientId);
+    assert.equal(c.clientSecret, undefined);
+    const refused = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'TREAT', '--jwks', priv], env);
+    assert.equal(refused.code, 2);
+    assert.ok(!refused.stderr.includes(String((await exportJWK(privateKey)).d)), 'the private key is not echoed');
   });
 
   test('invalid configuration: exit 2 with one line naming the variable', async () => {
