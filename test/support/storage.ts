@@ -3,6 +3,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
+import { fileURLToPath } from 'node:url';
+import { PGlite } from '@electric-sql/pglite';
 
 /**
  * Which storage the suite runs on. `npm test` uses embedded PGlite; with CUSTOS_TEST_DATABASE_URL
@@ -39,11 +41,36 @@ function withDatabase(url: string, db: string): string {
   return u.href;
 }
 
+/**
+ * An initialised, empty PGlite data directory, made once per PGlite version and copied for each
+ * test: creating one costs seconds (initdb in WASM), copying one a fraction of that.
+ */
+async function pgliteTemplate(): Promise<string> {
+  // Keyed by the installed PGlite's package.json (its exports map hides the file from require).
+  const pkg = path.join(path.dirname(fileURLToPath(import.meta.resolve('@electric-sql/pglite'))), '..', 'package.json');
+  const version = (JSON.parse(fs.readFileSync(pkg, 'utf8')) as { version: string }).version;
+  const dir = path.join(os.tmpdir(), `custos-test-pglite-template-${version}`);
+  if (fs.existsSync(path.join(dir, 'PG_VERSION'))) return dir;
+  const tmp = `${dir}.${process.pid}.${randomBytes(4).toString('hex')}`;
+  const db = new PGlite(tmp);
+  await db.waitReady;
+  await db.close();
+  try {
+    fs.renameSync(tmp, dir);
+  } catch {
+    fs.rmSync(tmp, { recursive: true, force: true }); // another test process made it first
+  }
+  return dir;
+}
+
 /** A fresh data directory and, on a server, two fresh databases (resources and audit). */
 export async function createTestStorage(opts: { forceServer?: boolean } = {}): Promise<TestStorage> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-test-'));
   const env: Record<string, string> = { CUSTOS_DATA_DIR: dataDir, CUSTOS_PORT: '0' };
   if (!serverUrl && !opts.forceServer) {
+    const template = await pgliteTemplate();
+    fs.cpSync(template, path.join(dataDir, 'resources'), { recursive: true });
+    fs.cpSync(template, path.join(dataDir, 'audit'), { recursive: true });
     return { kind: 'embedded', dataDir, env, cleanup: async () => fs.rmSync(dataDir, { recursive: true, force: true }) };
   }
   if (!serverUrl) throw new Error('CUSTOS_TEST_DATABASE_URL is not set');
