@@ -58,6 +58,11 @@ export default tseslint.config(
     rules: { 'no-console': 'off' },
   },
   {
+    // Tests read FHIR JSON responses loosely.
+    files: ['test/**/*.ts'],
+    rules: { '@typescript-eslint/no-explicit-any': 'off' },
+  },
+  {
     files: ['**/*.js', '**/*.mjs'],
     languageOptions: { globals: { process: 'readonly', console: 'readonly' } },
   },

@@ -56,6 +56,13 @@ export interface GatewayDeps {
 
 type SessionDeps = Omit<GatewayDeps, 'db'> & { store: ResourceStore };
 
+/** What one write step did: its status and the versions it wrote (or found, for a matched condition). */
+interface StepResult {
+  status: number;
+  versions: StoredVersion[];
+  existing?: boolean;
+}
+
 /** The result of one interaction, independent of HTTP. */
 export interface InteractionResult {
   status: number;
@@ -385,100 +392,122 @@ export class PhiSession {
     return [v, p];
   }
 
+  // Write steps, each run inside the caller's transaction `q`. Single interactions and
+  // transaction bundles share them; bodies have passed `checkBody` already.
+  private async createIn(
+    q: SqlQueryable,
+    type: string,
+    resource: Record<string, unknown>,
+    criteria: URLSearchParams | undefined,
+    id = newId(),
+  ): Promise<StepResult> {
+    if (criteria) {
+      const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
+      if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
+      if (ids.length === 1) {
+        const cur = await this.deps.store.read(this.principal.projectId, type, ids[0]!, q);
+        return { status: 200, versions: cur ? [cur] : [], existing: true };
+      }
+    }
+    return { status: 201, versions: await this.writeVersion(q, { type, id, method: 'create', resource }) };
+  }
+
+  private async updateIn(q: SqlQueryable, type: string, id: string, resource: Record<string, unknown>, ifMatch?: number): Promise<StepResult> {
+    const versions = await this.writeVersion(q, { type, id, method: 'update', resource, expectedVersion: ifMatch });
+    return { status: versions[0]!.versionId === 1 ? 201 : 200, versions };
+  }
+
+  /** Conditional update (https://hl7.org/fhir/R4/http.html#cond-update): no match creates, one match updates. */
+  private async conditionalUpdateIn(q: SqlQueryable, type: string, criteria: URLSearchParams, resource: Record<string, unknown>): Promise<StepResult> {
+    const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
+    if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
+    if (ids[0] && resource.id !== undefined && resource.id !== ids[0]) throw new CustosError('ID_MISMATCH');
+    const id = ids[0] ?? (typeof resource.id === 'string' ? resource.id : newId());
+    if (!isFhirId(id)) throw new CustosError('INVALID_ID');
+    const versions = await this.writeVersion(q, { type, id, method: ids[0] ? 'update' : 'create', resource });
+    return { status: ids[0] ? 200 : 201, versions };
+  }
+
+  private async patchIn(q: SqlQueryable, type: string, id: string, operations: unknown, ifMatch?: number): Promise<StepResult> {
+    if (!Array.isArray(operations)) throw new CustosError('INVALID_PATCH');
+    const cur = await this.deps.store.read(this.principal.projectId, type, id, q);
+    if (!cur) throw new CustosError('NOT_FOUND');
+    if (cur.deleted || !cur.json) throw new CustosError('GONE');
+    if (ifMatch !== undefined && ifMatch !== cur.versionId) throw new CustosError('VERSION_CONFLICT');
+    let patched: Record<string, unknown>;
+    try {
+      // validate: true checks each operation; prototype modifications are refused by default.
+      patched = applyPatch(JSON.parse(cur.json), operations as Operation[], true, true).newDocument as Record<string, unknown>;
+    } catch {
+      throw new CustosError('INVALID_PATCH');
+    }
+    const resource = await this.checkBody(type, patched, id);
+    if (resource.id !== id) throw new CustosError('ID_MISMATCH');
+    return { status: 200, versions: await this.writeVersion(q, { type, id, method: 'patch', resource, expectedVersion: cur.versionId }) };
+  }
+
+  private async deleteIn(q: SqlQueryable, type: string, id: string): Promise<StepResult> {
+    const cur = await this.deps.store.read(this.principal.projectId, type, id, q);
+    if (!cur) throw new CustosError('NOT_FOUND');
+    // Deleting a deleted resource is idempotent: no new version.
+    return { status: 204, versions: cur.deleted ? [cur] : await this.writeVersion(q, { type, id, method: 'delete', resource: undefined }) };
+  }
+
+  /** The advisory-lock key of a condition: concurrent identical conditional writes serialize on it. */
+  private conditionKey(type: string, criteria: URLSearchParams): string {
+    return `${this.principal.projectId}|${type}|${[...criteria].map(([k, v]) => `${k}=${v}`).sort().join('&')}`;
+  }
+
+  private static result(step: StepResult): InteractionResult {
+    return { status: step.status, version: step.versions[0], existing: step.existing };
+  }
+
   async create(type: string, body: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
     await this.guard('create', type, 'c');
     const resource = await this.checkBody(type, body, undefined);
-    const id = newId();
-    const store = this.deps.store;
     const criteria = opts.ifNoneExist !== undefined ? parseCriteria(opts.ifNoneExist) : undefined;
-    const { versions, existing } = await this.audited('create', { type }, async () => {
-      const work = async (q: SqlQueryable) => {
-        if (criteria) {
-          const ids = await store.findByCondition(q, this.principal.projectId, type, criteria);
-          if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
-          if (ids.length === 1) {
-            const cur = await store.read(this.principal.projectId, type, ids[0]!, q);
-            return { versions: cur ? [cur] : [], existing: true };
-          }
-        }
-        return { versions: await this.writeVersion(q, { type, id, method: 'create', resource }), existing: false };
-      };
-      // The advisory lock on the condition makes concurrent identical conditional creates serialize.
-      return criteria
-        ? store.db.lockedTransaction(`${this.principal.projectId}|${type}|${[...criteria].sort().join('&')}`, work)
-        : store.db.transaction(work);
-    });
-    return { status: existing ? 200 : 201, version: versions[0], existing };
+    const db = this.deps.store.db;
+    const step = await this.audited('create', { type }, () =>
+      criteria
+        ? db.lockedTransaction(this.conditionKey(type, criteria), (q) => this.createIn(q, type, resource, criteria))
+        : db.transaction((q) => this.createIn(q, type, resource, undefined)),
+    );
+    return PhiSession.result(step);
   }
 
   async update(type: string, id: string, body: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
     await this.guard('update', type, 'u', id);
     const resource = await this.checkBody(type, body, id);
     if (resource.id === undefined) throw new CustosError('ID_MISMATCH');
-    const { versions } = await this.audited('update', { type, id }, () =>
-      this.deps.store.db.transaction(async (q) => ({
-        versions: await this.writeVersion(q, { type, id, method: 'update', resource, expectedVersion: opts.ifMatch }),
-      })),
+    const step = await this.audited('update', { type, id }, () =>
+      this.deps.store.db.transaction((q) => this.updateIn(q, type, id, resource, opts.ifMatch)),
     );
-    return { status: versions[0]!.versionId === 1 ? 201 : 200, version: versions[0] };
+    return PhiSession.result(step);
   }
 
-  /** Conditional update: `PUT [type]?criteria` (https://hl7.org/fhir/R4/http.html#cond-update). */
   async conditionalUpdate(type: string, query: string, body: unknown): Promise<InteractionResult> {
     await this.guard('update', type, 'u');
     const resource = await this.checkBody(type, body, undefined);
     const criteria = parseCriteria(query);
-    const store = this.deps.store;
-    const { versions } = await this.audited('update', { type }, () =>
-      store.db.lockedTransaction(`${this.principal.projectId}|${type}|${[...criteria].sort().join('&')}`, async (q) => {
-        const ids = await store.findByCondition(q, this.principal.projectId, type, criteria);
-        if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
-        const id = ids[0] ?? (typeof resource.id === 'string' ? resource.id : newId());
-        if (ids[0] && resource.id !== undefined && resource.id !== ids[0]) throw new CustosError('ID_MISMATCH');
-        if (!isFhirId(id)) throw new CustosError('INVALID_ID');
-        return { versions: await this.writeVersion(q, { type, id, method: ids[0] ? 'update' : 'create', resource }) };
-      }),
+    const step = await this.audited('update', { type }, () =>
+      this.deps.store.db.lockedTransaction(this.conditionKey(type, criteria), (q) => this.conditionalUpdateIn(q, type, criteria, resource)),
     );
-    return { status: versions[0]!.versionId === 1 ? 201 : 200, version: versions[0] };
+    return PhiSession.result(step);
   }
 
   async patch(type: string, id: string, operations: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
     await this.guard('patch', type, 'u', id);
     if (!Array.isArray(operations)) throw new CustosError('INVALID_PATCH');
-    const store = this.deps.store;
-    const { versions } = await this.audited('patch', { type, id }, () =>
-      store.db.transaction(async (q) => {
-        const cur = await store.read(this.principal.projectId, type, id, q);
-        if (!cur) throw new CustosError('NOT_FOUND');
-        if (cur.deleted || !cur.json) throw new CustosError('GONE');
-        if (opts.ifMatch !== undefined && opts.ifMatch !== cur.versionId) throw new CustosError('VERSION_CONFLICT');
-        let patched: Record<string, unknown>;
-        try {
-          // validate: true checks each operation; prototype modifications are refused by default.
-          patched = applyPatch(JSON.parse(cur.json), operations as Operation[], true, true).newDocument as Record<string, unknown>;
-        } catch {
-          throw new CustosError('INVALID_PATCH');
-        }
-        const resource = await this.checkBody(type, patched, id);
-        if (resource.id !== id) throw new CustosError('ID_MISMATCH');
-        return { versions: await this.writeVersion(q, { type, id, method: 'patch', resource, expectedVersion: cur.versionId }) };
-      }),
+    const step = await this.audited('patch', { type, id }, () =>
+      this.deps.store.db.transaction((q) => this.patchIn(q, type, id, operations, opts.ifMatch)),
     );
-    return { status: 200, version: versions[0] };
+    return PhiSession.result(step);
   }
 
   async delete(type: string, id: string): Promise<InteractionResult> {
     await this.guard('delete', type, 'd', id);
-    const store = this.deps.store;
-    const { versions } = await this.audited('delete', { type, id }, () =>
-      store.db.transaction(async (q) => {
-        const cur = await store.read(this.principal.projectId, type, id, q);
-        if (!cur) throw new CustosError('NOT_FOUND');
-        if (cur.deleted) return { versions: [cur] }; // already deleted: idempotent, no new version
-        return { versions: await this.writeVersion(q, { type, id, method: 'delete', resource: undefined }) };
-      }),
-    );
-    return { status: 204, version: versions[0] };
+    const step = await this.audited('delete', { type, id }, () => this.deps.store.db.transaction((q) => this.deleteIn(q, type, id)));
+    return PhiSession.result(step);
   }
 
   // ---- batch and transaction --------------------------------------------------------------
@@ -564,60 +593,30 @@ export class PhiSession {
         for (const p of sorted) {
           const [type = '', id, hist] = p.path;
           const body = p.entry.resource === undefined ? undefined : await rewriteReferences(p.entry.resource, idMap, resolveConditional);
-          if (p.method === 'DELETE' && id && !hist) {
-            const cur = await store.read(projectId, type, id, q);
-            if (!cur) throw new CustosError('NOT_FOUND');
-            const vs = cur.deleted ? [cur] : await this.writeVersion(q, { type, id, method: 'delete', resource: undefined });
-            written.push(...vs);
-            results.push({ index: p.index, result: { status: 204, version: vs[0] } });
+          let step: StepResult;
+          if (p.method === 'GET' && id && !hist) {
+            reads.push({ index: p.index, type, id });
+            continue;
+          } else if (p.method === 'DELETE' && id && !hist) {
+            step = await this.deleteIn(q, type, id);
           } else if (p.method === 'POST' && !id) {
             const resource = await this.checkBody(type, body, undefined);
-            if (p.entry.request?.ifNoneExist) {
-              const ids = await store.findByCondition(q, projectId, type, parseCriteria(p.entry.request.ifNoneExist));
-              if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
-              if (ids.length === 1) {
-                const cur = (await store.read(projectId, type, ids[0]!, q))!;
-                if (p.entry.fullUrl?.startsWith('urn:uuid:')) idMap.set(p.entry.fullUrl, `${type}/${cur.id}`);
-                results.push({ index: p.index, result: { status: 200, version: cur, existing: true } });
-                continue;
-              }
-            }
-            const newRef = p.entry.fullUrl && idMap.get(p.entry.fullUrl);
-            const newIdValue = newRef ? newRef.slice(type.length + 1) : newId();
-            const vs = await this.writeVersion(q, { type, id: newIdValue, method: 'create', resource });
-            written.push(...vs);
-            results.push({ index: p.index, result: { status: 201, version: vs[0] } });
+            const criteria = p.entry.request?.ifNoneExist ? parseCriteria(p.entry.request.ifNoneExist) : undefined;
+            const planned = p.entry.fullUrl ? idMap.get(p.entry.fullUrl) : undefined;
+            step = await this.createIn(q, type, resource, criteria, planned ? planned.slice(type.length + 1) : undefined);
+            // A conditional create that matched: later references to its urn:uuid point at the match.
+            if (step.existing && p.entry.fullUrl && step.versions[0]) idMap.set(p.entry.fullUrl, `${type}/${step.versions[0].id}`);
           } else if (p.method === 'PUT' && id && !hist) {
-            const resource = await this.checkBody(type, body, id);
-            const vs = await this.writeVersion(q, { type, id, method: 'update', resource, expectedVersion: parseIfMatch(p.entry.request?.ifMatch) });
-            written.push(...vs);
-            results.push({ index: p.index, result: { status: vs[0]!.versionId === 1 ? 201 : 200, version: vs[0] } });
+            step = await this.updateIn(q, type, id, await this.checkBody(type, body, id), parseIfMatch(p.entry.request?.ifMatch));
           } else if (p.method === 'PUT' && !id && p.query) {
-            const resource = await this.checkBody(type, body, undefined);
-            const ids = await store.findByCondition(q, projectId, type, parseCriteria(p.query));
-            if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
-            const target = ids[0] ?? newId();
-            const vs = await this.writeVersion(q, { type, id: target, method: ids[0] ? 'update' : 'create', resource });
-            written.push(...vs);
-            results.push({ index: p.index, result: { status: ids[0] ? 200 : 201, version: vs[0] } });
+            step = await this.conditionalUpdateIn(q, type, parseCriteria(p.query), await this.checkBody(type, body, undefined));
           } else if (p.method === 'PATCH' && id) {
-            const cur = await store.read(projectId, type, id, q);
-            if (!cur?.json || cur.deleted) throw new CustosError(cur ? 'GONE' : 'NOT_FOUND');
-            let patched: Record<string, unknown>;
-            try {
-              patched = applyPatch(JSON.parse(cur.json), binaryPatch(body) as Operation[], true, true).newDocument as Record<string, unknown>;
-            } catch {
-              throw new CustosError('INVALID_PATCH');
-            }
-            const resource = await this.checkBody(type, patched, id);
-            const vs = await this.writeVersion(q, { type, id, method: 'patch', resource, expectedVersion: cur.versionId });
-            written.push(...vs);
-            results.push({ index: p.index, result: { status: 200, version: vs[0] } });
-          } else if (p.method === 'GET' && id && !hist) {
-            reads.push({ index: p.index, type, id });
+            step = await this.patchIn(q, type, id, binaryPatch(body), parseIfMatch(p.entry.request?.ifMatch));
           } else {
             throw new CustosError('INVALID_BUNDLE');
           }
+          written.push(...step.versions);
+          results.push({ index: p.index, result: PhiSession.result(step) });
         }
         return { versions: written };
       }),
