@@ -192,30 +192,22 @@ export class PhiSession {
 
   async read(type: string, id: string): Promise<InteractionResult> {
     await this.guard('read', type, 'r', id);
-    const v = await this.deps.store.read(this.principal.projectId, type, id);
-    await this.audit(
-      this.event({
-        phase: 'access',
-        action: 'read',
-        outcome: v && !v.deleted ? 'success' : 'failed',
-        code: !v ? 'NOT_FOUND' : v.deleted ? 'GONE' : undefined,
-        resource: { type, id, version: v ? String(v.versionId) : undefined },
-        patients: v?.patients,
-      }),
-    );
-    if (!v) throw new CustosError('NOT_FOUND');
-    if (v.deleted) return { status: 410, version: v };
-    return { status: 200, version: v };
+    return this.returnAudited('read', type, id, await this.deps.store.read(this.principal.projectId, type, id));
   }
 
   async vread(type: string, id: string, versionId: string): Promise<InteractionResult> {
     await this.guard('vread', type, 'r', id);
     const n = /^\d{1,9}$/.test(versionId) ? Number(versionId) : undefined;
     const v = n === undefined ? undefined : await this.deps.store.vread(this.principal.projectId, type, id, n);
+    return this.returnAudited('vread', type, id, v);
+  }
+
+  /** Audits a fetched version (durably), then hands it out: 200, 410 for a deletion, or 404. */
+  private async returnAudited(action: 'read' | 'vread', type: string, id: string, v: StoredVersion | undefined): Promise<InteractionResult> {
     await this.audit(
       this.event({
         phase: 'access',
-        action: 'vread',
+        action,
         outcome: v && !v.deleted ? 'success' : 'failed',
         code: !v ? 'NOT_FOUND' : v.deleted ? 'GONE' : undefined,
         resource: { type, id, version: v ? String(v.versionId) : undefined },
@@ -223,8 +215,7 @@ export class PhiSession {
       }),
     );
     if (!v) throw new CustosError('NOT_FOUND');
-    if (v.deleted) return { status: 410, version: v };
-    return { status: 200, version: v };
+    return { status: v.deleted ? 410 : 200, version: v };
   }
 
   /** Instance, type or system history (type and id undefined for system history). */
