@@ -176,6 +176,17 @@ export async function createAuthorizationServer(
   // from Host or X-Forwarded-* headers a client controls: we set those headers ourselves and let Koa
   // believe them (`proxy`). This also serves an https issuer from behind a TLS-terminating proxy.
   provider.proxy = true;
+  // oidc-provider's error_description can quote input (a client id, an Origin header), and its CORS
+  // handling reflects Origin. Error bodies keep only the OAuth error code; a reflected origin goes.
+  provider.use(async (ctx, next) => {
+    await next();
+    const allowOrigin = ctx.response.get('Access-Control-Allow-Origin');
+    if (allowOrigin && allowOrigin !== '*') ctx.remove('Access-Control-Allow-Origin');
+    const body = ctx.body as { error?: unknown } | undefined;
+    if (ctx.status >= 400 && body && typeof body === 'object' && typeof body.error === 'string') {
+      ctx.body = { error: body.error };
+    }
+  });
   const host = issuer.host;
   const proto = issuer.protocol.slice(0, -1);
   const callback = provider.callback();

@@ -32,6 +32,16 @@ declare module 'oidc-provider' {
     proxy: boolean;
     callback(): (req: IncomingMessage, res: ServerResponse) => void;
     on(event: string, listener: (...args: unknown[]) => void): this;
+    /** Koa middleware, run around every oidc-provider route. */
+    use(middleware: (ctx: KoaContext, next: () => Promise<void>) => Promise<void>): void;
+  }
+
+  /** The part of Koa's context our middleware touches. */
+  export interface KoaContext {
+    status: number;
+    body: unknown;
+    response: { get(field: string): string };
+    remove(field: string): void;
   }
 
   class OIDCProviderError extends Error {

@@ -1,6 +1,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import fs from 'node:fs';
+import { isIP } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { CustosError, isCustosError, type ErrorCode } from '../kernel/errors.ts';
 import { newId } from '../kernel/ids.ts';
@@ -8,6 +9,7 @@ import { errorFields, type Logger } from '../log/logger.ts';
 import { operationOutcomeJson, parseIfMatch, type InteractionResult, type PhiGateway, type Principal } from '../phi/gateway.ts';
 import type { Config } from '../config/config.ts';
 import { parseJsonBody } from './json-body.ts';
+import { isResourceType } from '../fhir/resource-types.ts';
 
 /** What the HTTP layer needs from authentication: a principal from a bearer token, or an error. */
 export type Authenticate = (bearer: string) => Promise<Principal>;
@@ -70,6 +72,13 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     routerOptions: { maxParamLength: 200, ignoreTrailingSlash: true },
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
+    // Errors Fastify raises before routing (a malformed %-escape, an over-long path segment) get our
+    // OperationOutcome too: Fastify's default body quotes the request path.
+    frameworkErrors: (err, req, reply) => {
+      void reply.header('X-Request-Id', req.id);
+      sendError(err, req, reply);
+      log.info('http.request', { requestId: req.id, method: req.method, route: 'unmatched', status: reply.statusCode });
+    },
   });
 
   app.decorateRequest('principal', undefined);
@@ -101,14 +110,16 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     });
   }
 
-  app.setErrorHandler((err, req, reply) => {
+  function sendError(err: unknown, req: FastifyRequest, reply: FastifyReply): void {
     const code = errorCodeOf(err);
     if (code === 'INTERNAL') log.error('http.internal_error', { requestId: req.id, ...errorFields(err) });
+    if (code === 'BODY_TOO_LARGE') lingeringClose(req, reply);
     void reply
       .status(new CustosError(code).status)
       .type(FHIR_JSON)
       .send(operationOutcomeJson(code, isCustosError(err) ? err.details : [], code === 'INTERNAL' ? req.id : undefined));
-  });
+  }
+  app.setErrorHandler((err, req, reply) => sendError(err, req, reply));
   app.setNotFoundHandler((_req, reply) => {
     void reply.status(404).type(FHIR_JSON).send(operationOutcomeJson('ROUTE_NOT_FOUND'));
   });
@@ -165,6 +176,8 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   });
   app.get<{ Params: P }>('/fhir/R4/:type', async (req) => {
     await authed(req, 'search');
+    // An unknown type is a 404 as on every other interaction, not "search not supported".
+    if (!isResourceType(req.params.type)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
     throw new CustosError('SEARCH_NOT_SUPPORTED');
   });
   app.post<{ Params: P }>('/fhir/R4/:type', async (req, reply) => {
@@ -221,6 +234,27 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   return app;
 }
 
+/** How long the rest of a refused, too large body is read and discarded before the connection is cut. */
+const LINGER_MS = 5000;
+
+/**
+ * Fastify answers a too large body at once and closes the connection while the client is still
+ * sending; the kernel then resets it (unread data), and the client often never reads the 413 (fetch
+ * fails with EPIPE or ECONNRESET). Instead the connection stays open and Node reads and discards the
+ * rest of the body once the response is sent; if the client is still sending after LINGER_MS, the
+ * connection is cut.
+ */
+function lingeringClose(req: FastifyRequest, reply: FastifyReply): void {
+  if (req.raw.complete) return;
+  reply.removeHeader('connection');
+  const socket = req.raw.socket;
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  const done = () => clearTimeout(timer);
+  req.raw.once('end', done);
+  socket.once('close', done);
+}
+
 function header(req: FastifyRequest, name: string): string | undefined {
   const v = req.headers[name];
   return typeof v === 'string' ? v : undefined;
@@ -231,10 +265,23 @@ function preferOf(req: FastifyRequest): string | undefined {
   return m?.[1];
 }
 
+/**
+ * The caller's address, for the audit: an IP address and nothing else. Behind trusted proxies
+ * `req.ip` comes from X-Forwarded-For, which the client writes: a value that is not an address (and
+ * any IPv6 zone, which may be any text) is not recorded; the nearest valid hop is recorded instead.
+ */
+function sourceIp(req: FastifyRequest): string | undefined {
+  for (const candidate of [req.ip, ...[...(req.ips ?? [])].reverse(), req.socket.remoteAddress]) {
+    const ip = candidate?.split('%')[0];
+    if (ip && isIP(ip)) return ip;
+  }
+  return undefined;
+}
+
 function facts(req: FastifyRequest) {
   return {
     requestId: req.id,
-    sourceIp: req.ip,
+    sourceIp: sourceIp(req),
     purposeHeader: header(req, 'x-purpose-of-use'),
     breakGlassReason: header(req, 'x-break-glass-reason'),
   };
@@ -275,6 +322,9 @@ function errorCodeOf(err: unknown): ErrorCode {
     case 'FST_ERR_CTP_EMPTY_JSON_BODY':
     case 'FST_ERR_CTP_INVALID_TYPE':
       return 'INVALID_JSON';
+    case 'FST_ERR_BAD_URL':
+    case 'FST_ERR_MAX_PARAM_LENGTH':
+      return 'BAD_REQUEST';
     default: {
       const status = (err as { statusCode?: unknown }).statusCode;
       return typeof status === 'number' && status >= 400 && status < 500 ? 'BAD_REQUEST' : 'INTERNAL';

@@ -231,15 +231,7 @@ export class PhiSession {
       await this.audit(this.event({ phase: 'access', action: 'history', outcome: 'refused', code }));
       throw new CustosError(code);
     }
-    let before: Parameters<ResourceStore['history']>[1]['before'];
-    if (opts.cursor) {
-      try {
-        const c = JSON.parse(Buffer.from(opts.cursor, 'base64url').toString('utf8')) as [string, string, string, number];
-        before = { lastUpdated: c[0], type: c[1], id: c[2], versionId: c[3] };
-      } catch {
-        throw new CustosError('BAD_REQUEST');
-      }
-    }
+    const before = opts.cursor === undefined ? undefined : decodeHistoryCursor(opts.cursor, this.deps.isResourceType);
     if (opts.since !== undefined && Number.isNaN(Date.parse(opts.since))) throw new CustosError('BAD_REQUEST');
     const versions = await this.deps.store.history(this.principal.projectId, { ...opts, count: count + 1, before });
     const page = versions.slice(0, count);
@@ -554,7 +546,9 @@ export class PhiSession {
     for (const p of plans) {
       const type = p.path[0] ?? '';
       const interaction: Interaction = p.method === 'GET' ? 'r' : p.method === 'POST' ? 'c' : p.method === 'DELETE' ? 'd' : 'u';
-      await this.guard('transaction', type, interaction);
+      // The id is checked too: a transaction must not store (or audit) an id that is not a FHIR id.
+      const id = p.path[1];
+      await this.guard('transaction', type, interaction, id !== undefined && id !== '_history' ? id : undefined);
     }
     // Assign ids to creates and build the urn:uuid map before any write.
     const idMap = new Map<string, string>();
@@ -628,6 +622,31 @@ export class PhiSession {
 }
 
 // ---- helpers (pure) ------------------------------------------------------------------------
+
+/** The keyset cursor of a history page: [lastUpdated, type, id, versionId], base64url JSON. Anything else is a 400. */
+function decodeHistoryCursor(cursor: string, isResourceType: (t: string) => boolean) {
+  let c: unknown;
+  try {
+    c = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8'));
+  } catch {
+    throw new CustosError('BAD_REQUEST');
+  }
+  if (
+    !Array.isArray(c) ||
+    c.length !== 4 ||
+    typeof c[0] !== 'string' ||
+    !/^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$/.test(c[0]) ||
+    typeof c[1] !== 'string' ||
+    !isResourceType(c[1]) ||
+    typeof c[2] !== 'string' ||
+    !isFhirId(c[2]) ||
+    !Number.isInteger(c[3]) ||
+    (c[3] as number) < 1
+  ) {
+    throw new CustosError('BAD_REQUEST');
+  }
+  return { lastUpdated: c[0], type: c[1], id: c[2], versionId: c[3] as number };
+}
 
 function hasTestLabel(r: Record<string, unknown>): boolean {
   const security = (r.meta as { security?: unknown } | undefined)?.security;
