@@ -31,7 +31,9 @@ async function openDb(): Promise<Db> {
     const pool = new pg.Pool({ connectionString: url, max: 10 }); // PgDriver's default pool size
     pool.on('error', () => {});
     return {
-      query: async (sql, params) => ({ rows: (await pool.query(sql, params)).rows as Record<string, unknown>[] }),
+      query: async (sql, params) => ({
+        rows: (await pool.query(sql, params)).rows as Record<string, unknown>[],
+      }),
       async transaction(statements) {
         const c = await pool.connect();
         try {
@@ -75,7 +77,12 @@ const INSERT_RESOURCE = `INSERT INTO resource (project_id, resource_type, id, ve
 const INSERT_VERSION = `INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
   VALUES ($1, $2, $3, 1, $4, false, 'create', $5::jsonb, $6)`;
 
-function send(res: http.ServerResponse, status: number, body?: string, headers: Record<string, string> = {}): void {
+function send(
+  res: http.ServerResponse,
+  status: number,
+  body?: string,
+  headers: Record<string, string> = {},
+): void {
   res.writeHead(status, { 'content-type': FHIR_JSON, ...headers });
   res.end(body);
 }
@@ -93,16 +100,25 @@ async function handle(req: http.IncomingMessage, res: http.ServerResponse): Prom
   const type = parts[2];
   if (req.method === 'GET' && parts.length === 4 && type) {
     const { rows } = await db.query(READ_SQL, [projectId, type, parts[3]]);
-    const row = rows[0] as { version_id: number; last_updated: string | Date; deleted: boolean; json: string | null } | undefined;
-    if (!row || row.deleted || row.json === null) return send(res, 404, '{"resourceType":"OperationOutcome"}');
+    const row = rows[0] as
+      { version_id: number; last_updated: string | Date; deleted: boolean; json: string | null } | undefined;
+    if (!row || row.deleted || row.json === null)
+      return send(res, 404, '{"resourceType":"OperationOutcome"}');
     const lastUpdated = row.last_updated instanceof Date ? row.last_updated : new Date(row.last_updated);
-    return send(res, 200, row.json, { etag: `W/"${row.version_id}"`, 'last-modified': lastUpdated.toUTCString() });
+    return send(res, 200, row.json, {
+      etag: `W/"${row.version_id}"`,
+      'last-modified': lastUpdated.toUTCString(),
+    });
   }
   if (req.method === 'POST' && parts.length === 3 && type) {
     const resource = JSON.parse(await readBody(req)) as Record<string, unknown>;
     const id = randomUUID();
     const lastUpdated = new Date().toISOString();
-    const json = JSON.stringify({ ...resource, id, meta: { ...(resource.meta as object | undefined), versionId: '1', lastUpdated } });
+    const json = JSON.stringify({
+      ...resource,
+      id,
+      meta: { ...(resource.meta as object | undefined), versionId: '1', lastUpdated },
+    });
     const params = [projectId, type, id, lastUpdated, json, type === 'Patient' ? [id] : []];
     if (versioned) {
       await db.transaction([

@@ -49,7 +49,16 @@ export class HttpClient {
 
   constructor(baseUrl: string, maxSockets: number) {
     this.url = new URL(baseUrl);
-    this.agent = new http.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets, scheduling: 'fifo' });
+    // Idle sockets are dropped after 4 s: Custos' server keeps idle connections for Node's default
+    // 5 s (its serverFactory bypasses Fastify's keepAliveTimeout), and reusing a socket the server
+    // is closing at that moment ends in ECONNRESET.
+    this.agent = new http.Agent({
+      keepAlive: true,
+      maxSockets,
+      maxFreeSockets: maxSockets,
+      scheduling: 'fifo',
+      timeout: 4000,
+    });
   }
 
   send(spec: RequestSpec): Promise<Reply> {
@@ -57,11 +66,20 @@ export class HttpClient {
       const headers: Record<string, string | number> = { ...spec.headers };
       if (spec.body !== undefined) headers['content-length'] = Buffer.byteLength(spec.body);
       const req = http.request(
-        { host: this.url.hostname, port: this.url.port, method: spec.method, path: spec.path, headers, agent: this.agent },
+        {
+          host: this.url.hostname,
+          port: this.url.port,
+          method: spec.method,
+          path: spec.path,
+          headers,
+          agent: this.agent,
+        },
         (res) => {
           const chunks: Buffer[] = [];
           res.on('data', (c: Buffer) => chunks.push(c));
-          res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+          res.on('end', () =>
+            resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }),
+          );
           res.on('error', reject);
         },
       );
@@ -82,7 +100,13 @@ export function summarize(latenciesMs: Float64Array | number[]): LatencySummary 
   let sum = 0;
   for (const x of a) sum += x;
   const r = (x: number) => Math.round(x * 100) / 100;
-  return { p50: r(at(0.5)), p90: r(at(0.9)), p99: r(at(0.99)), max: r(a[a.length - 1]!), mean: r(sum / a.length) };
+  return {
+    p50: r(at(0.5)),
+    p90: r(at(0.9)),
+    p99: r(at(0.99)),
+    max: r(a[a.length - 1]!),
+    mean: r(sum / a.length),
+  };
 }
 
 /**

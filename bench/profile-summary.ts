@@ -12,7 +12,8 @@
  * pseudo-frames "(idle)" (waiting for I/O), "(program)" (V8/native outside JS) and
  * "(garbage collector)" are kept as their own rows. Packages: `node_modules/<pkg>` (scoped names
  * kept), `custos:<path>` for this repository's files, `node:<module>` for Node's own JavaScript,
- * `wasm` for WebAssembly (PGlite's PostgreSQL), `native` for builtins without a script.
+ * `wasm` for WebAssembly (PGlite's PostgreSQL); a native builtin without a script (fs and crypto
+ * bindings, …) is attributed to its nearest caller's package as `<package> (native)`.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -77,7 +78,13 @@ export function packageOf(frame: CallFrame): string {
   const { url, functionName } = frame;
   if (!url) return functionName.startsWith('(') ? functionName : 'native';
   if (url.startsWith('wasm://')) return 'wasm';
-  if (url.startsWith('node:')) return `node:${url.slice(5).replace(/^internal\//, '').split('/')[0]}`;
+  if (url.startsWith('node:'))
+    return `node:${
+      url
+        .slice(5)
+        .replace(/^internal\//, '')
+        .split('/')[0]
+    }`;
   const file = fileOf(url);
   const nm = file.lastIndexOf('/node_modules/');
   if (nm >= 0) {
@@ -103,17 +110,27 @@ function shortFile(url: string): string {
 function fnLabel(frame: CallFrame): string {
   const name = frame.functionName || '(anonymous)';
   if (!frame.url) return name;
-  return `${name} ${shortFile(frame.url)}:${frame.lineNumber + 1}`;
+  // Line 1 of a bundled or transformed (tsx) file says nothing: show the file only.
+  return frame.lineNumber > 0
+    ? `${name} ${shortFile(frame.url)}:${frame.lineNumber + 1}`
+    : `${name} ${shortFile(frame.url)}`;
 }
 
 function top(map: Map<string, number>, n: number, busyUs: number): Row[] {
   return [...map.entries()]
     .sort((a, b) => b[1] - a[1])
     .slice(0, n)
-    .map(([name, us]) => ({ name, ms: Math.round(us / 100) / 10, pct: busyUs > 0 ? Math.round((us / busyUs) * 1000) / 10 : 0 }));
+    .map(([name, us]) => ({
+      name,
+      ms: Math.round(us / 100) / 10,
+      pct: busyUs > 0 ? Math.round((us / busyUs) * 1000) / 10 : 0,
+    }));
 }
 
-export function summarizeProfile(profile: CpuProfile, opts: { from?: number; to?: number; top?: number } = {}): ProfileSummary {
+export function summarizeProfile(
+  profile: CpuProfile,
+  opts: { from?: number; to?: number; top?: number } = {},
+): ProfileSummary {
   const n = opts.top ?? 20;
   const byId = new Map<number, ProfileNode>();
   const parent = new Map<number, number>();
@@ -121,6 +138,17 @@ export function summarizeProfile(profile: CpuProfile, opts: { from?: number; to?
     byId.set(node.id, node);
     for (const c of node.children ?? []) parent.set(c, node.id);
   }
+  // Native frames (fs bindings, crypto, …) have no script: attribute them to the nearest caller that has one.
+  const callerPkg = new Map<number, string>();
+  const nearestPkg = (id: number): string => {
+    const cached = callerPkg.get(id);
+    if (cached !== undefined) return cached;
+    const node = byId.get(id);
+    const p = parent.get(id);
+    const v = node?.callFrame.url ? packageOf(node.callFrame) : p === undefined ? 'native' : nearestPkg(p);
+    callerPkg.set(id, v);
+    return v;
+  };
   // Packages on each node's stack (memoized per node).
   const stackPkgs = new Map<number, Set<string>>();
   const pkgsOf = (id: number): Set<string> => {
@@ -158,9 +186,15 @@ export function summarizeProfile(profile: CpuProfile, opts: { from?: number; to?
       idleUs += us;
       continue;
     }
-    add(fn, fnLabel(frame), us);
-    add(file, frame.url ? shortFile(frame.url) : frame.functionName || 'native', us);
-    add(pkg, packageOf(frame), us);
+    const native = !frame.url && !frame.functionName.startsWith('(');
+    const caller = native ? nearestPkg(node.id) : '';
+    add(fn, native ? `${frame.functionName || '(anonymous)'} [native, from ${caller}]` : fnLabel(frame), us);
+    add(
+      file,
+      frame.url ? shortFile(frame.url) : native ? `[native, from ${caller}]` : frame.functionName,
+      us,
+    );
+    add(pkg, native ? `${caller} (native)` : packageOf(frame), us);
     for (const p of pkgsOf(node.id)) add(incl, p, us);
   }
   const busyUs = windowUs - idleUs;
@@ -183,7 +217,8 @@ export function readProfile(file: string): CpuProfile {
 
 function printTable(title: string, rows: Row[]): void {
   console.log(`\n${title}`);
-  for (const r of rows) console.log(`  ${r.pct.toFixed(1).padStart(5)}%  ${r.ms.toFixed(1).padStart(9)} ms  ${r.name}`);
+  for (const r of rows)
+    console.log(`  ${r.pct.toFixed(1).padStart(5)}%  ${r.ms.toFixed(1).padStart(9)} ms  ${r.name}`);
 }
 
 const isMain = process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url);
@@ -193,9 +228,13 @@ if (isMain) {
     const i = args.indexOf(name);
     return i >= 0 ? args[i + 1] : undefined;
   };
-  const file = args.find((a, i) => !a.startsWith('--') && !(i > 0 && ['--from', '--to', '--top'].includes(args[i - 1]!)));
+  const file = args.find(
+    (a, i) => !a.startsWith('--') && !(i > 0 && ['--from', '--to', '--top'].includes(args[i - 1]!)),
+  );
   if (!file) {
-    console.error('usage: node --import tsx bench/profile-summary.ts <file.cpuprofile> [--from µs] [--to µs] [--top 20] [--json]');
+    console.error(
+      'usage: node --import tsx bench/profile-summary.ts <file.cpuprofile> [--from µs] [--to µs] [--top 20] [--json]',
+    );
     process.exit(2);
   }
   const from = flag('--from');
@@ -208,7 +247,9 @@ if (isMain) {
   if (args.includes('--json')) {
     console.log(JSON.stringify(s, null, 2));
   } else {
-    console.log(`window ${s.windowMs} ms, busy ${s.busyMs} ms (${Math.round(s.cpuUtilisation * 100)}% of one core), ${s.samples} samples`);
+    console.log(
+      `window ${s.windowMs} ms, busy ${s.busyMs} ms (${Math.round(s.cpuUtilisation * 100)}% of one core), ${s.samples} samples`,
+    );
     printTable('top self time by package', s.byPackage);
     printTable('top self time by file', s.byFile);
     printTable('top self time by function', s.byFunction);
