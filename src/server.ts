@@ -12,10 +12,10 @@ import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
 import { AUDIT_MIGRATIONS } from './audit/audit-migrations.ts';
 import { AuditLog } from './audit/audit-log.ts';
 import { verifyAuditLog } from './audit/audit-verify.ts';
-import { PhiGateway, type Principal } from './phi/gateway.ts';
+import { PhiGateway } from './phi/gateway.ts';
 import { ClientRegistry } from './auth/client-registry.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
-import { allows, parseSmartScopes } from './auth/smart-scopes.ts';
+import { createAuthenticator } from './auth/authenticate.ts';
 import { initValidator, validateResource } from './fhir/validator.ts';
 import { isResourceType, RESOURCE_TYPES } from './fhir/resource-types.ts';
 import { capabilityStatement, smartConfiguration } from './fhir/capability-statement.ts';
@@ -102,26 +102,7 @@ export async function buildApp(config: Config, log: Logger, core: CustosCore, ad
     log,
   });
   const verify = createAccessTokenVerifier({ issuer: config.publicUrl, jwks: () => authServer.jwks() });
-  const authenticate = async (bearer: string): Promise<Principal> => {
-    const claims = await verify(bearer);
-    const client = await core.clients.find(claims.clientId);
-    if (!client || !client.active) throw new CustosError('UNAUTHENTICATED');
-    // Effective permission: the token's scopes, within what the client is registered for now.
-    const granted = parseSmartScopes(claims.scopes).filter((s) => s.context === 'system');
-    const registered = parseSmartScopes([...client.scopes]);
-    return {
-      projectId: client.projectId,
-      clientId: client.id,
-      roles: ['system'],
-      allowedPurposes: client.purposes,
-      mayBreakGlass: client.mayBreakGlass,
-      tokenPurpose: claims.purposeOfUse,
-      can: (type, interaction) =>
-        type === '*'
-          ? granted.some((s) => s.resourceType === '*' && s[interaction]) && registered.some((s) => s.resourceType === '*' && s[interaction])
-          : allows(granted, type, interaction) && allows(registered, type, interaction),
-    };
-  };
+  const authenticate = createAuthenticator({ verify, clients: core.clients });
   return createHttpApp({
     config,
     log,

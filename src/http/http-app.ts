@@ -54,13 +54,17 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
       if (isOauthPath(req.url ?? '')) deps.oauthHandler(req, res);
       else handler(req, res);
     };
-    if (config.tls) {
-      return https.createServer(
-        { cert: fs.readFileSync(config.tls.certFile), key: fs.readFileSync(config.tls.keyFile), minVersion: 'TLSv1.2' },
-        listener,
-      );
-    }
-    return http.createServer(listener);
+    const server = config.tls
+      ? https.createServer(
+          { cert: fs.readFileSync(config.tls.certFile), key: fs.readFileSync(config.tls.keyFile), minVersion: 'TLSv1.2' },
+          listener,
+        )
+      : http.createServer(listener);
+    // With a serverFactory Fastify does not apply its keep-alive default; Node's 5 s makes clients
+    // that reuse a connection as it closes see ECONNRESET (docs/bench.md).
+    server.keepAliveTimeout = 72_000;
+    server.headersTimeout = 73_000;
+    return server;
   };
   const app = Fastify({
     logger: false,
