@@ -138,6 +138,8 @@ export class PhiSession {
   private readonly purpose: string | undefined;
   private readonly purposeError: ErrorCode | undefined;
   private project: Project | undefined;
+  /** While a transaction bundle runs: fresh versions waiting to be inserted in one statement. */
+  private freshBuffer: StoredVersion[] | undefined;
 
   constructor(
     private readonly deps: SessionDeps,
@@ -359,7 +361,7 @@ export class PhiSession {
     const project = await this.getProject();
     const lastUpdated = this.now().toISOString();
     const patients = w.resource ? patientCompartment({ ...w.resource, resourceType: w.type, id: w.id }) : (await this.deps.store.read(project.id, w.type, w.id, q))?.patients ?? [];
-    const v = await this.deps.store.write(q, {
+    const v = await this.storeWrite(q, {
       projectId: project.id,
       resourceType: w.type,
       id: w.id,
@@ -385,7 +387,7 @@ export class PhiSession {
       ],
     };
     const pid = newId();
-    const p = await this.deps.store.write(q, {
+    const p = await this.storeWrite(q, {
       projectId: project.id,
       resourceType: 'Provenance',
       id: pid,
@@ -396,6 +398,16 @@ export class PhiSession {
       fresh: true,
     });
     return [v, p];
+  }
+
+  /** Writes a version now, or, for a fresh id inside a transaction bundle, queues it for one multi-row insert. */
+  private async storeWrite(q: SqlQueryable, w: Parameters<ResourceStore['write']>[1]): Promise<StoredVersion> {
+    if (w.fresh && this.freshBuffer) {
+      const v = this.deps.store.prepareFresh(w);
+      this.freshBuffer.push(v);
+      return v;
+    }
+    return this.deps.store.write(q, w);
   }
 
   // Write steps, each run inside the caller's transaction `q`. Single interactions and
@@ -589,44 +601,62 @@ export class PhiSession {
     const results: { index: number; result: InteractionResult }[] = [];
     const reads: { index: number; type: string; id: string }[] = [];
     await this.audited('transaction', { type: 'Bundle' }, () =>
-      store.db.transaction(async (q) => {
-        const written: StoredVersion[] = [];
-        // Conditional references are resolved inside the transaction, against committed data.
-        const resolveConditional = async (ref: string): Promise<string> => {
-          const m = /^([A-Z][A-Za-z]+)\?(.+)$/.exec(ref);
-          if (!m) return ref;
-          const ids = await store.findByCondition(q, projectId, m[1]!, parseCriteria(m[2]!));
-          if (ids.length !== 1) throw new CustosError(ids.length === 0 ? 'NOT_FOUND' : 'CONDITIONAL_MULTIPLE');
-          return `${m[1]}/${ids[0]}`;
+      store.db.transaction(async (raw) => {
+        // Creates with fresh ids are queued and inserted in one statement: before any other query
+        // of this transaction (so every read sees them) and before the commit.
+        const buffer: StoredVersion[] = [];
+        const flush = async () => {
+          if (buffer.length > 0) await store.insertFresh(raw, projectId, buffer.splice(0));
         };
-        for (const p of sorted) {
-          const [type = '', id, hist] = p.path;
-          const body = p.entry.resource === undefined ? undefined : await rewriteReferences(p.entry.resource, idMap, resolveConditional);
-          let step: StepResult;
-          if (p.method === 'GET' && id && !hist) {
-            reads.push({ index: p.index, type, id });
-            continue;
-          } else if (p.method === 'DELETE' && id && !hist) {
-            step = await this.deleteIn(q, type, id);
-          } else if (p.method === 'POST' && !id) {
-            const resource = await this.checkBody(type, body, undefined);
-            const criteria = p.entry.request?.ifNoneExist ? parseCriteria(p.entry.request.ifNoneExist) : undefined;
-            const planned = p.entry.fullUrl ? idMap.get(p.entry.fullUrl) : undefined;
-            step = await this.createIn(q, type, resource, criteria, planned ? planned.slice(type.length + 1) : undefined);
-            // A conditional create that matched: later references to its urn:uuid point at the match.
-            if (step.existing && p.entry.fullUrl && step.versions[0]) idMap.set(p.entry.fullUrl, `${type}/${step.versions[0].id}`);
-          } else if (p.method === 'PUT' && id && !hist) {
-            step = await this.updateIn(q, type, id, await this.checkBody(type, body, id), parseIfMatch(p.entry.request?.ifMatch));
-          } else if (p.method === 'PUT' && !id && p.query) {
-            step = await this.conditionalUpdateIn(q, type, parseCriteria(p.query), await this.checkBody(type, body, undefined));
-          } else if (p.method === 'PATCH' && id) {
-            step = await this.patchIn(q, type, id, binaryPatch(body), parseIfMatch(p.entry.request?.ifMatch));
-          } else {
-            throw new CustosError('INVALID_BUNDLE');
+        const q: SqlQueryable = {
+          query: async (sql, params) => {
+            await flush();
+            return raw.query(sql, params);
+          },
+        };
+        this.freshBuffer = buffer;
+        const written: StoredVersion[] = [];
+        try {
+          // Conditional references are resolved inside the transaction, against committed data.
+          const resolveConditional = async (ref: string): Promise<string> => {
+            const m = /^([A-Z][A-Za-z]+)\?(.+)$/.exec(ref);
+            if (!m) return ref;
+            const ids = await store.findByCondition(q, projectId, m[1]!, parseCriteria(m[2]!));
+            if (ids.length !== 1) throw new CustosError(ids.length === 0 ? 'NOT_FOUND' : 'CONDITIONAL_MULTIPLE');
+            return `${m[1]}/${ids[0]}`;
+          };
+          for (const p of sorted) {
+            const [type = '', id, hist] = p.path;
+            const body = p.entry.resource === undefined ? undefined : await rewriteReferences(p.entry.resource, idMap, resolveConditional);
+            let step: StepResult;
+            if (p.method === 'GET' && id && !hist) {
+              reads.push({ index: p.index, type, id });
+              continue;
+            } else if (p.method === 'DELETE' && id && !hist) {
+              step = await this.deleteIn(q, type, id);
+            } else if (p.method === 'POST' && !id) {
+              const resource = await this.checkBody(type, body, undefined);
+              const criteria = p.entry.request?.ifNoneExist ? parseCriteria(p.entry.request.ifNoneExist) : undefined;
+              const planned = p.entry.fullUrl ? idMap.get(p.entry.fullUrl) : undefined;
+              step = await this.createIn(q, type, resource, criteria, planned ? planned.slice(type.length + 1) : undefined);
+              // A conditional create that matched: later references to its urn:uuid point at the match.
+              if (step.existing && p.entry.fullUrl && step.versions[0]) idMap.set(p.entry.fullUrl, `${type}/${step.versions[0].id}`);
+            } else if (p.method === 'PUT' && id && !hist) {
+              step = await this.updateIn(q, type, id, await this.checkBody(type, body, id), parseIfMatch(p.entry.request?.ifMatch));
+            } else if (p.method === 'PUT' && !id && p.query) {
+              step = await this.conditionalUpdateIn(q, type, parseCriteria(p.query), await this.checkBody(type, body, undefined));
+            } else if (p.method === 'PATCH' && id) {
+              step = await this.patchIn(q, type, id, binaryPatch(body), parseIfMatch(p.entry.request?.ifMatch));
+            } else {
+              throw new CustosError('INVALID_BUNDLE');
+            }
+            written.push(...step.versions);
+            results.push({ index: p.index, result: PhiSession.result(step) });
           }
-          written.push(...step.versions);
-          results.push({ index: p.index, result: PhiSession.result(step) });
+        } finally {
+          this.freshBuffer = undefined;
         }
+        await flush();
         return { versions: written };
       }),
     );
