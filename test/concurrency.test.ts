@@ -51,6 +51,29 @@ test('concurrent updates with the same If-Match: exactly one wins, the rest get 
   assert.equal(statuses.filter((s) => s === 412).length, 9);
 });
 
+test('conditional creates inside concurrent transaction bundles: one resource', async () => {
+  const token = await h.token();
+  const value = `MRN-TXRACE-${Math.random().toString(36).slice(2)}`;
+  const bundle = JSON.stringify({
+    resourceType: 'Bundle',
+    type: 'transaction',
+    entry: [
+      {
+        fullUrl: 'urn:uuid:4b1d0c0e-0000-4000-8000-000000000001',
+        resource: testPatient({ identifier: [{ system: 'urn:test:mrn', value }] }),
+        request: { method: 'POST', url: 'Patient', ifNoneExist: `identifier=urn:test:mrn|${value}` },
+      },
+    ],
+  });
+  const responses = await Promise.all(Array.from({ length: 10 }, () => h.fhir('', { method: 'POST', token, body: bundle })));
+  const ids = new Set<string>();
+  for (const r of responses) {
+    assert.equal(r.status, 200);
+    ids.add(((await r.json()) as { entry: { resource: { id: string } }[] }).entry[0]!.resource.id);
+  }
+  assert.equal(ids.size, 1);
+});
+
 test('on the PostgreSQL server adapter: twenty concurrent conditional creates, one resource', { skip: needs('postgres') }, async () => {
   const storage = await createTestStorage({ forceServer: true });
   const server = await startHarness({ storage });

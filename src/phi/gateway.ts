@@ -319,7 +319,9 @@ export class PhiSession {
     try {
       result = await run();
     } catch (e) {
-      const code: ErrorCode = isCustosError(e) ? e.code : classifyDatabaseError(e) === 'unique_violation' ? 'VERSION_CONFLICT' : 'INTERNAL';
+      // A concurrent write won (duplicate key), or two transactions deadlocked on conditions: a conflict, not a crash.
+      const kind = classifyDatabaseError(e);
+      const code: ErrorCode = isCustosError(e) ? e.code : kind === 'unique_violation' || kind === 'serialization' ? 'VERSION_CONFLICT' : 'INTERNAL';
       await this.deps.audit
         .append(this.event({ phase: 'outcome', action, outcome: 'failed', code, resource }, requestId))
         .catch(() => this.deps.log.error('audit.outcome_failed', { requestId }));
@@ -420,6 +422,8 @@ export class PhiSession {
     id = newId(),
   ): Promise<StepResult> {
     if (criteria) {
+      // Race-free also inside a transaction bundle: identical conditions serialize here.
+      await this.deps.store.lockCondition(q, this.conditionKey(type, criteria));
       const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
       if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
       if (ids.length === 1) {
@@ -438,6 +442,7 @@ export class PhiSession {
 
   /** Conditional update (https://hl7.org/fhir/R4/http.html#cond-update): no match creates, one match updates. */
   private async conditionalUpdateIn(q: SqlQueryable, type: string, criteria: URLSearchParams, resource: Record<string, unknown>): Promise<StepResult> {
+    await this.deps.store.lockCondition(q, this.conditionKey(type, criteria));
     const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
     if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
     if (ids[0] && resource.id !== undefined && resource.id !== ids[0]) throw new CustosError('ID_MISMATCH');
@@ -485,12 +490,7 @@ export class PhiSession {
     await this.guard('create', type, 'c');
     const resource = await this.checkBody(type, body, undefined);
     const criteria = opts.ifNoneExist !== undefined ? parseCriteria(opts.ifNoneExist) : undefined;
-    const db = this.deps.store.db;
-    const step = await this.audited('create', { type }, () =>
-      criteria
-        ? db.lockedTransaction(this.conditionKey(type, criteria), (q) => this.createIn(q, type, resource, criteria))
-        : db.transaction((q) => this.createIn(q, type, resource, undefined)),
-    );
+    const step = await this.audited('create', { type }, () => this.deps.store.db.transaction((q) => this.createIn(q, type, resource, criteria)));
     return PhiSession.result(step);
   }
 
@@ -509,7 +509,7 @@ export class PhiSession {
     const resource = await this.checkBody(type, body, undefined);
     const criteria = parseCriteria(query);
     const step = await this.audited('update', { type }, () =>
-      this.deps.store.db.lockedTransaction(this.conditionKey(type, criteria), (q) => this.conditionalUpdateIn(q, type, criteria, resource)),
+      this.deps.store.db.transaction((q) => this.conditionalUpdateIn(q, type, criteria, resource)),
     );
     return PhiSession.result(step);
   }

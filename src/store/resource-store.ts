@@ -129,6 +129,14 @@ export class ResourceStore {
   }
 
   /**
+   * Serializes conditional writes on the same condition until `q`'s transaction ends (a
+   * transaction-scoped advisory lock; re-entrant; a no-op in effect on single-connection PGlite).
+   */
+  async lockCondition(q: SqlQueryable, key: string): Promise<void> {
+    await q.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [key]);
+  }
+
+  /**
    * Ids of live resources matching conditional-interaction criteria (If-None-Exist, conditional
    * update). Until the search engine lands (issue 3) this supports `_id` and `identifier`.
    */
