@@ -41,7 +41,10 @@ export default tseslint.config(
     rules: {
       'no-console': 'error',
       'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [STORE_RULE] }],
-      'no-restricted-globals': ['error', { name: 'fetch', message: 'Outbound connections go through src/egress.' }],
+      'no-restricted-globals': [
+        'error',
+        { name: 'fetch', message: 'Outbound connections go through src/egress.' },
+      ],
     },
   },
   {

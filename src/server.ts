@@ -52,10 +52,14 @@ export interface CustosCore {
 export async function openCore(config: Config, log: Logger): Promise<CustosCore> {
   fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const paths = dataPaths(config.dataDir);
-  const resourceDb = config.databaseUrl ? await PgDriver.open(config.databaseUrl) : await PgliteDriver.open(paths.resources);
+  const resourceDb = config.databaseUrl
+    ? await PgDriver.open(config.databaseUrl)
+    : await PgliteDriver.open(paths.resources);
   let auditDb: SqlDriver;
   try {
-    auditDb = config.auditDatabaseUrl ? await PgDriver.open(config.auditDatabaseUrl, { max: 4 }) : await PgliteDriver.open(paths.audit);
+    auditDb = config.auditDatabaseUrl
+      ? await PgDriver.open(config.auditDatabaseUrl, { max: 4 })
+      : await PgliteDriver.open(paths.audit);
   } catch (e) {
     await resourceDb.close();
     throw e;
@@ -87,10 +91,21 @@ export interface RunningServer {
 }
 
 /** Builds the HTTP application over an opened core. */
-export async function buildApp(config: Config, log: Logger, core: CustosCore, adminToken: string): Promise<FastifyInstance> {
+export async function buildApp(
+  config: Config,
+  log: Logger,
+  core: CustosCore,
+  adminToken: string,
+): Promise<FastifyInstance> {
   const paths = dataPaths(config.dataDir);
   initValidator(); // loads the definitions now (~1 s), not on the first write
-  const gateway = new PhiGateway({ db: core.resourceDb, audit: core.audit, log, validate: validateResource, isResourceType });
+  const gateway = new PhiGateway({
+    db: core.resourceDb,
+    audit: core.audit,
+    log,
+    validate: validateResource,
+    isResourceType,
+  });
   // Loaded here, not at the top: CLI commands that do not serve need no authorization server
   // (and oidc-provider prints a runtime notice on Node 20 when it loads; see docs/adr/0002).
   const { createAuthorizationServer } = await import('./auth/authorization-server.ts');
@@ -109,9 +124,11 @@ export async function buildApp(config: Config, log: Logger, core: CustosCore, ad
     gateway,
     authenticate,
     oauthHandler: authServer.handler,
-    capabilityStatement: () => capabilityStatement({ publicUrl: config.publicUrl, resourceTypes: RESOURCE_TYPES, version: VERSION }),
+    capabilityStatement: () =>
+      capabilityStatement({ publicUrl: config.publicUrl, resourceTypes: RESOURCE_TYPES, version: VERSION }),
     smartConfiguration: () => smartConfiguration(config.publicUrl),
-    registerAdmin: (app) => registerAdminRoutes(app, core.admin, adminToken, () => verifyAuditLog(core.audit)),
+    registerAdmin: (app) =>
+      registerAdminRoutes(app, core.admin, adminToken, () => verifyAuditLog(core.audit)),
   });
 }
 
@@ -122,12 +139,18 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   if (other && other.pid !== process.pid) {
     // Embedded PGlite must be opened by one process only; a second server would corrupt it.
     throw new CustosError('CONFIG_INVALID', [
-      { severity: 'error', code: 'conflict', diagnostics: `Another Custos server (pid ${other.pid}) is using this data directory.` },
+      {
+        severity: 'error',
+        code: 'conflict',
+        diagnostics: `Another Custos server (pid ${other.pid}) is using this data directory.`,
+      },
     ]);
   }
   const core = await openCore(config, log);
   try {
-    const adminToken = readOrCreateKeyFile(paths.adminToken, () => randomBytes(32).toString('base64url')).trim();
+    const adminToken = readOrCreateKeyFile(paths.adminToken, () =>
+      randomBytes(32).toString('base64url'),
+    ).trim();
     const app = await buildApp(config, log, core, adminToken);
     await app.listen({ host: config.host, port: config.port });
     const addr = app.server.address();
@@ -135,7 +158,11 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     const scheme = config.tls ? 'https' : 'http';
     const url = `${scheme}://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
     fs.writeFileSync(paths.serverInfo, JSON.stringify({ pid: process.pid, url }), { mode: 0o600 });
-    log.info('server.listening', { host: config.host, port, storage: config.databaseUrl ? 'postgres' : 'embedded' });
+    log.info('server.listening', {
+      host: config.host,
+      port,
+      storage: config.databaseUrl ? 'postgres' : 'embedded',
+    });
     return {
       core,
       app,

@@ -18,14 +18,21 @@ async function entries(h: Harness): Promise<Entry[]> {
 }
 
 describe('Merkle tree head (RFC 9162)', () => {
-  test('matches the RFC 6962 reference tree for sizes 0..8', { skip: fs.existsSync(vectors) ? false : 'shared/data/tlog-vectors absent' }, () => {
-    const ref = JSON.parse(fs.readFileSync(vectors, 'utf8')) as { leafInputsHex: string[]; rootHashesBySize: string[] };
-    for (let n = 1; n <= 8; n++) {
-      const acc = new MerkleAccumulator();
-      for (const hex of ref.leafInputsHex.slice(0, n)) acc.add(leafHash(Buffer.from(hex, 'hex')));
-      assert.equal(acc.root()?.toString('hex'), ref.rootHashesBySize[n], `size ${n}`);
-    }
-  });
+  test(
+    'matches the RFC 6962 reference tree for sizes 0..8',
+    { skip: fs.existsSync(vectors) ? false : 'shared/data/tlog-vectors absent' },
+    () => {
+      const ref = JSON.parse(fs.readFileSync(vectors, 'utf8')) as {
+        leafInputsHex: string[];
+        rootHashesBySize: string[];
+      };
+      for (let n = 1; n <= 8; n++) {
+        const acc = new MerkleAccumulator();
+        for (const hex of ref.leafInputsHex.slice(0, n)) acc.add(leafHash(Buffer.from(hex, 'hex')));
+        assert.equal(acc.root()?.toString('hex'), ref.rootHashesBySize[n], `size ${n}`);
+      }
+    },
+  );
 
   test('canonical JSON is key-sorted and stable', () => {
     assert.equal(canonicalJson({ b: 1, a: [{ d: 2, c: undefined }] }), '{"a":[{"d":2}],"b":1}');
@@ -42,7 +49,9 @@ describe('audit records', () => {
   });
 
   test('a read is audited with actor, purpose, record, patients and no content', async () => {
-    const p = (await (await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient()) })).json()) as Entry;
+    const p = (await (
+      await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient()) })
+    ).json()) as Entry;
     const res = await h.fhir(`/Patient/${p.id}`, { purpose: 'HOPERAT' });
     assert.equal(res.status, 200);
     const requestId = res.headers.get('x-request-id');
@@ -58,14 +67,20 @@ describe('audit records', () => {
     assert.deepEqual(read.patients, [p.id]);
     assert.ok(read.source.ip);
     const text = JSON.stringify(all);
-    assert.ok(!text.includes('Testpatient') && !text.includes('999-01-0001'), 'no resource content in the audit log');
+    assert.ok(
+      !text.includes('Testpatient') && !text.includes('999-01-0001'),
+      'no resource content in the audit log',
+    );
   });
 
   test('a write has a durable attempt and an outcome under one request id', async () => {
     const res = await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient()) });
     const requestId = res.headers.get('x-request-id');
     const mine = (await entries(h)).filter((e) => e.requestId === requestId);
-    assert.deepEqual(mine.map((e) => e.phase), ['attempt', 'outcome']);
+    assert.deepEqual(
+      mine.map((e) => e.phase),
+      ['attempt', 'outcome'],
+    );
     assert.equal(mine[1]!.outcome, 'success');
     const id = ((await res.json()) as Entry).id;
     assert.deepEqual(mine[1]!.patients, [id]);
@@ -89,11 +104,19 @@ describe('audit records', () => {
     assert.ok(ok.size > 3);
     assert.match(ok.rootHash ?? '', /^[0-9a-f]{64}$/);
     const db = h.server.core.auditDb;
-    await assert.rejects(db.query(`UPDATE audit_entry SET entry = entry WHERE seq = 2`), 'append-only trigger refuses UPDATE');
-    await assert.rejects(db.query(`DELETE FROM audit_entry WHERE seq = 2`), 'append-only trigger refuses DELETE');
+    await assert.rejects(
+      db.query(`UPDATE audit_entry SET entry = entry WHERE seq = 2`),
+      'append-only trigger refuses UPDATE',
+    );
+    await assert.rejects(
+      db.query(`DELETE FROM audit_entry WHERE seq = 2`),
+      'append-only trigger refuses DELETE',
+    );
     // An attacker with owner rights disables the trigger and edits a row: verification must catch it.
     await db.query('ALTER TABLE audit_entry DISABLE TRIGGER audit_entry_no_update');
-    await db.query(`UPDATE audit_entry SET entry = convert_to(replace(convert_from(entry, 'UTF8'), 'TREAT', 'HPAYMT'), 'UTF8') WHERE seq = 2`);
+    await db.query(
+      `UPDATE audit_entry SET entry = convert_to(replace(convert_from(entry, 'UTF8'), 'TREAT', 'HPAYMT'), 'UTF8') WHERE seq = 2`,
+    );
     await db.query('ALTER TABLE audit_entry ENABLE TRIGGER audit_entry_no_update');
     const bad = await verifyAuditLog(h.server.core.audit);
     assert.equal(bad.ok, false);
@@ -106,7 +129,9 @@ describe('fail-closed audit', () => {
   test('when the audit database is gone, reads return no PHI and writes commit nothing', async () => {
     const h = await startHarness();
     try {
-      const p = (await (await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient()) })).json()) as Entry;
+      const p = (await (
+        await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient()) })
+      ).json()) as Entry;
       const token = await h.token();
       await h.server.core.auditDb.close();
       const read = await h.fhir(`/Patient/${p.id}`, { token });
@@ -114,9 +139,16 @@ describe('fail-closed audit', () => {
       const body = await read.text();
       assert.ok(!body.includes('Testpatient'), 'no PHI in the response');
       assert.match(body, /OperationOutcome/);
-      const write = await h.fhir(`/Patient/${p.id}`, { method: 'PUT', token, body: JSON.stringify({ ...p, gender: 'female' }) });
+      const write = await h.fhir(`/Patient/${p.id}`, {
+        method: 'PUT',
+        token,
+        body: JSON.stringify({ ...p, gender: 'female' }),
+      });
       assert.equal(write.status, 503);
-      const rows = await h.server.core.resourceDb.query<{ version_id: number }>('SELECT version_id FROM resource WHERE id = $1', [p.id]);
+      const rows = await h.server.core.resourceDb.query<{ version_id: number }>(
+        'SELECT version_id FROM resource WHERE id = $1',
+        [p.id],
+      );
       assert.equal(Number(rows.rows[0]!.version_id), 1, 'the update was not committed');
     } finally {
       await h.close();

@@ -27,7 +27,11 @@ function setup() {
   const verify = async (token: string): Promise<AccessTokenClaims> => {
     verifications++;
     if (token !== 'good') throw new Error('bad token');
-    return { clientId: 'c1', scopes: ['system/Patient.rs', 'system/Observation.rs'], expiresAt: (clock + 60_000) / 1000 };
+    return {
+      clientId: 'c1',
+      scopes: ['system/Patient.rs', 'system/Observation.rs'],
+      expiresAt: (clock + 60_000) / 1000,
+    };
   };
   const authenticate = createAuthenticator({ verify, clients, now: () => clock });
   return {

@@ -407,15 +407,12 @@ describe('URLs and headers', () => {
     }
   });
 
-  test(
-    'a decodable _cursor holding values of the wrong shape: 400 BAD_REQUEST',
-    async () => {
-      const cursor = Buffer.from(JSON.stringify(['not a time', 'Patient', 'x', 1])).toString('base64url');
-      await rejected(await h.fhir(`/_history?_cursor=${cursor}`), 400, 'BAD_REQUEST');
-      const cursor2 = Buffer.from(JSON.stringify({ a: 1 })).toString('base64url');
-      await rejected(await h.fhir(`/_history?_cursor=${cursor2}`), 400, 'BAD_REQUEST');
-    },
-  );
+  test('a decodable _cursor holding values of the wrong shape: 400 BAD_REQUEST', async () => {
+    const cursor = Buffer.from(JSON.stringify(['not a time', 'Patient', 'x', 1])).toString('base64url');
+    await rejected(await h.fhir(`/_history?_cursor=${cursor}`), 400, 'BAD_REQUEST');
+    const cursor2 = Buffer.from(JSON.stringify({ a: 1 })).toString('base64url');
+    await rejected(await h.fhir(`/_history?_cursor=${cursor2}`), 400, 'BAD_REQUEST');
+  });
 });
 
 describe('bundles', () => {

@@ -33,7 +33,12 @@ async function token(baseUrl: string, clientId: string, clientSecret: string): P
   const res = await fetch(`${baseUrl}/oauth/token`, {
     method: 'POST',
     headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: new URLSearchParams({ grant_type: 'client_credentials', scope: 'system/*.cruds', client_id: clientId, client_secret: clientSecret }),
+    body: new URLSearchParams({
+      grant_type: 'client_credentials',
+      scope: 'system/*.cruds',
+      client_id: clientId,
+      client_secret: clientSecret,
+    }),
   });
   await res.arrayBuffer();
   return res.status;
@@ -54,7 +59,13 @@ describe('custos CLI with storage opened directly', () => {
     const first = await custos(['init', '--json'], env);
     assert.equal(first.code, 0, first.stderr);
     const a = JSON.parse(first.stdout) as Record<string, string>;
-    assert.deepEqual(Object.keys(a).sort(), ['clientId', 'clientSecret', 'fhirBaseUrl', 'projectId', 'tokenUrl']);
+    assert.deepEqual(Object.keys(a).sort(), [
+      'clientId',
+      'clientSecret',
+      'fhirBaseUrl',
+      'projectId',
+      'tokenUrl',
+    ]);
     assert.equal(a.fhirBaseUrl, 'http://127.0.0.1:8080/fhir/R4');
     assert.equal(a.tokenUrl, 'http://127.0.0.1:8080/oauth/token');
     assert.match(first.stderr, /opening storage directly/);
@@ -74,7 +85,20 @@ describe('custos CLI with storage opened directly', () => {
 
   test('client create --json, and usage errors exit 2', async () => {
     const init = JSON.parse((await custos(['init', '--json'], env)).stdout) as Record<string, string>;
-    const made = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/Patient.rs', '--purposes', 'TREAT,HOPERAT', '--json'], env);
+    const made = await custos(
+      [
+        'client',
+        'create',
+        '--project',
+        init.projectId!,
+        '--scopes',
+        'system/Patient.rs',
+        '--purposes',
+        'TREAT,HOPERAT',
+        '--json',
+      ],
+      env,
+    );
     assert.equal(made.code, 0, made.stderr);
     const c = JSON.parse(made.stdout) as Record<string, string>;
     assert.equal(c.projectId, init.projectId);
@@ -82,10 +106,16 @@ describe('custos CLI with storage opened directly', () => {
 
     const missing = await custos(['client', 'create', '--scopes', 'system/*.rs', '--purposes', 'TREAT'], env);
     assert.equal(missing.code, 2);
-    const badPurpose = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'ETREAT'], env);
+    const badPurpose = await custos(
+      ['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'ETREAT'],
+      env,
+    );
     assert.equal(badPurpose.code, 2);
     assert.match(badPurpose.stderr, /may not break glass/);
-    const noProject = await custos(['client', 'create', '--project', 'no-such-project', '--scopes', 'system/*.rs', '--purposes', 'TREAT'], env);
+    const noProject = await custos(
+      ['client', 'create', '--project', 'no-such-project', '--scopes', 'system/*.rs', '--purposes', 'TREAT'],
+      env,
+    );
     assert.equal(noProject.code, 2);
   });
 
@@ -95,16 +125,54 @@ describe('custos CLI with storage opened directly', () => {
     const dir = fs.mkdtempSync(path.join(storage.dataDir, 'jwks-'));
     const pub = path.join(dir, 'public.jwks.json');
     const priv = path.join(dir, 'private.jwks.json');
-    fs.writeFileSync(pub, JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: 'k1', alg: 'ES384' }] }));
-    fs.writeFileSync(priv, JSON.stringify({ keys: [{ ...(await exportJWK(privateKey)), kid: 'k1', alg: 'ES384' }] }));
-    const made = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'TREAT', '--jwks', pub, '--json'], env);
+    fs.writeFileSync(
+      pub,
+      JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: 'k1', alg: 'ES384' }] }),
+    );
+    fs.writeFileSync(
+      priv,
+      JSON.stringify({ keys: [{ ...(await exportJWK(privateKey)), kid: 'k1', alg: 'ES384' }] }),
+    );
+    const made = await custos(
+      [
+        'client',
+        'create',
+        '--project',
+        init.projectId!,
+        '--scopes',
+        'system/*.rs',
+        '--purposes',
+        'TREAT',
+        '--jwks',
+        pub,
+        '--json',
+      ],
+      env,
+    );
     assert.equal(made.code, 0, made.stderr);
     const c = JSON.parse(made.stdout) as Record<string, string>;
     assert.ok(c.clientId);
     assert.equal(c.clientSecret, undefined);
-    const refused = await custos(['client', 'create', '--project', init.projectId!, '--scopes', 'system/*.rs', '--purposes', 'TREAT', '--jwks', priv], env);
+    const refused = await custos(
+      [
+        'client',
+        'create',
+        '--project',
+        init.projectId!,
+        '--scopes',
+        'system/*.rs',
+        '--purposes',
+        'TREAT',
+        '--jwks',
+        priv,
+      ],
+      env,
+    );
     assert.equal(refused.code, 2);
-    assert.ok(!refused.stderr.includes(String((await exportJWK(privateKey)).d)), 'the private key is not echoed');
+    assert.ok(
+      !refused.stderr.includes(String((await exportJWK(privateKey)).d)),
+      'the private key is not echoed',
+    );
   });
 
   test('invalid configuration: exit 2 with one line naming the variable', async () => {
@@ -124,7 +192,13 @@ describe('custos CLI with storage opened directly', () => {
   });
 
   test('--help works for every command', async () => {
-    for (const args of [['--help'], ['serve', '--help'], ['init', '--help'], ['client', 'create', '--help'], ['audit', 'verify', '--help']]) {
+    for (const args of [
+      ['--help'],
+      ['serve', '--help'],
+      ['init', '--help'],
+      ['client', 'create', '--help'],
+      ['audit', 'verify', '--help'],
+    ]) {
       const r = await custos(args, env);
       assert.equal(r.code, 0, args.join(' '));
       assert.match(r.stdout, /Usage: custos/);
@@ -142,7 +216,11 @@ describe('custos CLI while the server runs on the same data', () => {
     const port = await freePort();
     env = { ...storage.env, CUSTOS_PORT: String(port) };
     url = `http://127.0.0.1:${port}`;
-    server = spawn(process.execPath, [bin, 'serve'], { env: { ...process.env, ...env }, cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+    server = spawn(process.execPath, [bin, 'serve'], {
+      env: { ...process.env, ...env },
+      cwd: root,
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     const deadline = Date.now() + 60_000;
     for (;;) {
       try {
@@ -173,14 +251,38 @@ describe('custos CLI while the server runs on the same data', () => {
     assert.equal(again.clientId, a.clientId);
     assert.equal(again.clientSecret, undefined);
 
-    const rotated = JSON.parse((await custos(['init', '--json', '--new-secret'], env)).stdout) as Record<string, string>;
-    assert.equal(await token(url, a.clientId!, a.clientSecret!), 401, 'the old secret is refused after rotation');
+    const rotated = JSON.parse((await custos(['init', '--json', '--new-secret'], env)).stdout) as Record<
+      string,
+      string
+    >;
+    assert.equal(
+      await token(url, a.clientId!, a.clientSecret!),
+      401,
+      'the old secret is refused after rotation',
+    );
     assert.equal(await token(url, a.clientId!, rotated.clientSecret!), 200);
 
-    const made = await custos(['client', 'create', '--project', a.projectId!, '--scopes', 'system/*.rs', '--purposes', 'TREAT', '--json'], env);
+    const made = await custos(
+      [
+        'client',
+        'create',
+        '--project',
+        a.projectId!,
+        '--scopes',
+        'system/*.rs',
+        '--purposes',
+        'TREAT',
+        '--json',
+      ],
+      env,
+    );
     assert.equal(made.code, 0, made.stderr);
     const c = JSON.parse(made.stdout) as Record<string, string>;
-    assert.equal(await token(url, c.clientId!, c.clientSecret!), 400, 'system/*.cruds is not granted to a system/*.rs client');
+    assert.equal(
+      await token(url, c.clientId!, c.clientSecret!),
+      400,
+      'system/*.cruds is not granted to a system/*.rs client',
+    );
 
     const verify = await custos(['audit', 'verify', '--json'], env);
     assert.equal(verify.code, 0);
@@ -188,7 +290,11 @@ describe('custos CLI while the server runs on the same data', () => {
   });
 
   test('the admin API refuses a wrong token', async () => {
-    const res = await fetch(`${url}/admin/init`, { method: 'POST', headers: { 'x-custos-admin-token': 'wrong', 'content-type': 'application/json' }, body: '{}' });
+    const res = await fetch(`${url}/admin/init`, {
+      method: 'POST',
+      headers: { 'x-custos-admin-token': 'wrong', 'content-type': 'application/json' },
+      body: '{}',
+    });
     assert.equal(res.status, 401);
   });
 });

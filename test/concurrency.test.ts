@@ -8,13 +8,21 @@ import { createTestStorage, needs } from './support/storage.ts';
 // PGlite, transactions are serialized. The suite runs on whichever storage npm test uses, and the
 // last test insists on the server.
 
-async function raceConditionalCreates(h: Harness, n: number): Promise<{ statuses: number[]; ids: Set<string> }> {
+async function raceConditionalCreates(
+  h: Harness,
+  n: number,
+): Promise<{ statuses: number[]; ids: Set<string> }> {
   const token = await h.token();
   const value = `MRN-RACE-${Math.random().toString(36).slice(2)}`;
   const body = JSON.stringify(testPatient({ identifier: [{ system: 'urn:test:mrn', value }] }));
   const responses = await Promise.all(
     Array.from({ length: n }, () =>
-      h.fhir('/Patient', { method: 'POST', token, headers: { 'if-none-exist': `identifier=urn:test:mrn|${value}` }, body }),
+      h.fhir('/Patient', {
+        method: 'POST',
+        token,
+        headers: { 'if-none-exist': `identifier=urn:test:mrn|${value}` },
+        body,
+      }),
     ),
   );
   const statuses = responses.map((r) => r.status);
@@ -40,10 +48,17 @@ test('twenty concurrent identical conditional creates give exactly one resource'
 
 test('concurrent updates with the same If-Match: exactly one wins, the rest get 412', async () => {
   const token = await h.token();
-  const p = (await (await h.fhir('/Patient', { method: 'POST', token, body: JSON.stringify(testPatient()) })).json()) as Record<string, unknown>;
+  const p = (await (
+    await h.fhir('/Patient', { method: 'POST', token, body: JSON.stringify(testPatient()) })
+  ).json()) as Record<string, unknown>;
   const responses = await Promise.all(
     Array.from({ length: 10 }, (_, i) =>
-      h.fhir(`/Patient/${p.id}`, { method: 'PUT', token, headers: { 'if-match': 'W/"1"' }, body: JSON.stringify({ ...p, birthDate: `1980-01-${String(i + 1).padStart(2, '0')}` }) }),
+      h.fhir(`/Patient/${p.id}`, {
+        method: 'PUT',
+        token,
+        headers: { 'if-match': 'W/"1"' },
+        body: JSON.stringify({ ...p, birthDate: `1980-01-${String(i + 1).padStart(2, '0')}` }),
+      }),
     ),
   );
   const statuses = responses.map((r) => r.status);
@@ -65,7 +80,9 @@ test('conditional creates inside concurrent transaction bundles: one resource', 
       },
     ],
   });
-  const responses = await Promise.all(Array.from({ length: 10 }, () => h.fhir('', { method: 'POST', token, body: bundle })));
+  const responses = await Promise.all(
+    Array.from({ length: 10 }, () => h.fhir('', { method: 'POST', token, body: bundle })),
+  );
   const ids = new Set<string>();
   for (const r of responses) {
     assert.equal(r.status, 200);
@@ -74,16 +91,20 @@ test('conditional creates inside concurrent transaction bundles: one resource', 
   assert.equal(ids.size, 1);
 });
 
-test('on the PostgreSQL server adapter: twenty concurrent conditional creates, one resource', { skip: needs('postgres') }, async () => {
-  const storage = await createTestStorage({ forceServer: true });
-  const server = await startHarness({ storage });
-  try {
-    const { statuses, ids } = await raceConditionalCreates(server, 20);
-    assert.equal(storage.kind, 'postgres');
-    assert.equal(statuses.filter((s) => s === 201).length, 1);
-    assert.equal(ids.size, 1);
-  } finally {
-    await server.close();
-    await storage.cleanup();
-  }
-});
+test(
+  'on the PostgreSQL server adapter: twenty concurrent conditional creates, one resource',
+  { skip: needs('postgres') },
+  async () => {
+    const storage = await createTestStorage({ forceServer: true });
+    const server = await startHarness({ storage });
+    try {
+      const { statuses, ids } = await raceConditionalCreates(server, 20);
+      assert.equal(storage.kind, 'postgres');
+      assert.equal(statuses.filter((s) => s === 201).length, 1);
+      assert.equal(ids.size, 1);
+    } finally {
+      await server.close();
+      await storage.cleanup();
+    }
+  },
+);

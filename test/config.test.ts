@@ -63,9 +63,21 @@ test('production refuses each unsafe setting', () => {
     delete env[k];
     return env;
   };
-  assert.match(refusal(without('CUSTOS_DATABASE_URL')), /^CUSTOS_DATABASE_URL: production refuses embedded storage/);
+  assert.match(
+    refusal(without('CUSTOS_DATABASE_URL')),
+    /^CUSTOS_DATABASE_URL: production refuses embedded storage/,
+  );
   assert.match(refusal(without('CUSTOS_AUDIT_DATABASE_URL')), /^CUSTOS_AUDIT_DATABASE_URL: /);
-  assert.match(refusal(without('CUSTOS_KEYRING_PASSPHRASE')), /^CUSTOS_KEYRING_PASSPHRASE: production refuses the development keyring/);
-  assert.match(refusal(without('CUSTOS_TRUSTED_PROXIES')), /^CUSTOS_TLS_CERT: production refuses plaintext HTTP/);
-  assert.match(refusal({ ...PROD_OK, CUSTOS_AUDIT_DATABASE_URL: PROD_OK.CUSTOS_DATABASE_URL }), /must not be the resource database/);
+  assert.match(
+    refusal(without('CUSTOS_KEYRING_PASSPHRASE')),
+    /^CUSTOS_KEYRING_PASSPHRASE: production refuses the development keyring/,
+  );
+  assert.match(
+    refusal(without('CUSTOS_TRUSTED_PROXIES')),
+    /^CUSTOS_TLS_CERT: production refuses plaintext HTTP/,
+  );
+  assert.match(
+    refusal({ ...PROD_OK, CUSTOS_AUDIT_DATABASE_URL: PROD_OK.CUSTOS_DATABASE_URL }),
+    /must not be the resource database/,
+  );
 });

@@ -12,17 +12,38 @@ async function ruleIds(filePath: string, code: string): Promise<string[]> {
 }
 
 test('only the PHI gateway may import the resource store', async () => {
-  const code = "import { ResourceStore } from '../store/resource-store.ts';\nexport const s = ResourceStore;\n";
+  const code =
+    "import { ResourceStore } from '../store/resource-store.ts';\nexport const s = ResourceStore;\n";
   assert.ok((await ruleIds('src/http/offender.ts', code)).includes('no-restricted-imports'));
   assert.ok((await ruleIds('src/cli/offender.ts', code)).includes('no-restricted-imports'));
   assert.deepEqual(await ruleIds('src/phi/allowed.ts', code), []);
 });
 
 test('outbound connections only through the egress port', async () => {
-  assert.ok((await ruleIds('src/http/offender.ts', "export const r = () => fetch('https://example.org');\n")).includes('no-restricted-globals'));
-  assert.ok((await ruleIds('src/auth/offender.ts', "import { request } from 'node:https';\nexport const r = request;\n")).includes('no-restricted-imports'));
-  assert.deepEqual(await ruleIds('src/http/listener.ts', "import { createServer } from 'node:http';\nexport const s = createServer;\n"), []);
-  assert.deepEqual(await ruleIds('src/egress/allowed.ts', "export const r = () => fetch('https://example.org');\n"), []);
+  assert.ok(
+    (
+      await ruleIds('src/http/offender.ts', "export const r = () => fetch('https://example.org');\n")
+    ).includes('no-restricted-globals'),
+  );
+  assert.ok(
+    (
+      await ruleIds(
+        'src/auth/offender.ts',
+        "import { request } from 'node:https';\nexport const r = request;\n",
+      )
+    ).includes('no-restricted-imports'),
+  );
+  assert.deepEqual(
+    await ruleIds(
+      'src/http/listener.ts',
+      "import { createServer } from 'node:http';\nexport const s = createServer;\n",
+    ),
+    [],
+  );
+  assert.deepEqual(
+    await ruleIds('src/egress/allowed.ts', "export const r = () => fetch('https://example.org');\n"),
+    [],
+  );
 });
 
 test('server code logs only through the logger', async () => {

@@ -10,7 +10,11 @@ let client: Client;
 
 before(async () => {
   h = await startHarness();
-  client = new Client({ baseUrl: h.base, bearerToken: await h.token(), customHeaders: { 'X-Purpose-Of-Use': 'TREAT' } });
+  client = new Client({
+    baseUrl: h.base,
+    bearerToken: await h.token(),
+    customHeaders: { 'X-Purpose-Of-Use': 'TREAT' },
+  });
 });
 after(async () => {
   await h?.close();
@@ -25,19 +29,34 @@ test('fhir-kit-client: capability statement, create, read, update, vread, patch,
   assert.equal(created.meta.versionId, '1');
   const read = (await client.read({ resourceType: 'Patient', id: created.id })) as R;
   assert.equal(read.name[0].family, 'Testpatient');
-  const updated = (await client.update({ resourceType: 'Patient', id: created.id, body: { ...read, gender: 'female' } as never })) as R;
+  const updated = (await client.update({
+    resourceType: 'Patient',
+    id: created.id,
+    body: { ...read, gender: 'female' } as never,
+  })) as R;
   assert.equal(updated.meta.versionId, '2');
   const v1 = (await client.vread({ resourceType: 'Patient', id: created.id, version: '1' })) as R;
   assert.equal(v1.gender, 'other');
-  const patched = (await client.patch({ resourceType: 'Patient', id: created.id, jsonPatch: [{ op: 'replace', path: '/gender', value: 'male' }] as never })) as R;
+  const patched = (await client.patch({
+    resourceType: 'Patient',
+    id: created.id,
+    jsonPatch: [{ op: 'replace', path: '/gender', value: 'male' }] as never,
+  })) as R;
   assert.equal(patched.gender, 'male');
   await client.delete({ resourceType: 'Patient', id: created.id });
-  await assert.rejects(client.read({ resourceType: 'Patient', id: created.id }), (e: { response?: { status?: number } }) => e.response?.status === 410);
+  await assert.rejects(
+    client.read({ resourceType: 'Patient', id: created.id }),
+    (e: { response?: { status?: number } }) => e.response?.status === 410,
+  );
 });
 
 test('fhir-kit-client: instance, type and system history', async () => {
   const created = (await client.create({ resourceType: 'Patient', body: testPatient() as never })) as R;
-  await client.update({ resourceType: 'Patient', id: created.id, body: { ...created, gender: 'unknown' } as never });
+  await client.update({
+    resourceType: 'Patient',
+    id: created.id,
+    body: { ...created, gender: 'unknown' } as never,
+  });
   const inst = (await client.resourceHistory({ resourceType: 'Patient', id: created.id })) as R;
   assert.equal(inst.type, 'history');
   assert.equal(inst.entry.length, 2);
@@ -52,7 +71,11 @@ test('fhir-kit-client: a transaction bundle with urn:uuid references', async () 
     resourceType: 'Bundle',
     type: 'transaction',
     entry: [
-      { fullUrl: 'urn:uuid:3f1b2c3d-0000-4000-8000-000000000001', resource: testPatient(), request: { method: 'POST', url: 'Patient' } },
+      {
+        fullUrl: 'urn:uuid:3f1b2c3d-0000-4000-8000-000000000001',
+        resource: testPatient(),
+        request: { method: 'POST', url: 'Patient' },
+      },
       {
         resource: {
           resourceType: 'Encounter',

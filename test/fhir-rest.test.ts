@@ -23,7 +23,10 @@ describe(`FHIR REST interactions`, () => {
     assert.equal(cs.fhirVersion, '4.0.1');
     const patient = cs.rest[0].resource.find((r: { type: string }) => r.type === 'Patient');
     assert.ok(patient.interaction.some((i: { code: string }) => i.code === 'vread'));
-    assert.ok(!patient.interaction.some((i: { code: string }) => i.code === 'search-type'), 'search is not implemented yet');
+    assert.ok(
+      !patient.interaction.some((i: { code: string }) => i.code === 'search-type'),
+      'search is not implemented yet',
+    );
   });
 
   test('create, read, vread, update with If-Match, patch, history, versioned delete', async () => {
@@ -84,7 +87,10 @@ describe(`FHIR REST interactions`, () => {
   });
 
   test('create ignores an id in the body: the server assigns it, and content and location agree', async () => {
-    const res = await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient({ id: 'client-chosen' })) });
+    const res = await h.fhir('/Patient', {
+      method: 'POST',
+      body: JSON.stringify(testPatient({ id: 'client-chosen' })),
+    });
     assert.equal(res.status, 201);
     const p = await json(res);
     assert.notEqual(p.id, 'client-chosen');
@@ -94,24 +100,44 @@ describe(`FHIR REST interactions`, () => {
   });
 
   test('Prefer: return=minimal and return=OperationOutcome', async () => {
-    const minimal = await h.fhir('/Patient', { method: 'POST', headers: { prefer: 'return=minimal' }, body: JSON.stringify(testPatient()) });
+    const minimal = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { prefer: 'return=minimal' },
+      body: JSON.stringify(testPatient()),
+    });
     assert.equal(minimal.status, 201);
     assert.equal(await minimal.text(), '');
-    const oo = await h.fhir('/Patient', { method: 'POST', headers: { prefer: 'return=OperationOutcome' }, body: JSON.stringify(testPatient()) });
+    const oo = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { prefer: 'return=OperationOutcome' },
+      body: JSON.stringify(testPatient()),
+    });
     assert.equal((await json(oo)).resourceType, 'OperationOutcome');
   });
 
   test('application/json is accepted as well as application/fhir+json', async () => {
-    const res = await h.fhir('/Patient', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(testPatient()) });
+    const res = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(testPatient()),
+    });
     assert.equal(res.status, 201);
   });
 
   test('conditional create (If-None-Exist) and conditional update', async () => {
     const ident = { system: 'urn:test:mrn', value: 'MRN-TEST-0001' };
     const body = JSON.stringify(testPatient({ identifier: [ident] }));
-    const a = await h.fhir('/Patient', { method: 'POST', headers: { 'if-none-exist': 'identifier=urn:test:mrn|MRN-TEST-0001' }, body });
+    const a = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { 'if-none-exist': 'identifier=urn:test:mrn|MRN-TEST-0001' },
+      body,
+    });
     assert.equal(a.status, 201);
-    const b = await h.fhir('/Patient', { method: 'POST', headers: { 'if-none-exist': 'identifier=urn:test:mrn|MRN-TEST-0001' }, body });
+    const b = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { 'if-none-exist': 'identifier=urn:test:mrn|MRN-TEST-0001' },
+      body,
+    });
     assert.equal(b.status, 200);
     assert.equal((await json(a)).id, (await json(b)).id);
 
@@ -126,20 +152,26 @@ describe(`FHIR REST interactions`, () => {
       body: JSON.stringify(testPatient({ identifier: [{ system: 'urn:test:mrn', value: 'MRN-TEST-0002' }] })),
     });
     assert.equal(created.status, 201);
-    const unsupported = await h.fhir('/Patient', { method: 'POST', headers: { 'if-none-exist': 'name=Testpatient' }, body });
+    const unsupported = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { 'if-none-exist': 'name=Testpatient' },
+      body,
+    });
     assert.equal(unsupported.status, 400);
   });
 
   test('every write records a Provenance for its target', async () => {
-    const created = await json(await h.fhir('/Observation', {
-      method: 'POST',
-      body: JSON.stringify({
-        resourceType: 'Observation',
-        meta: { security: [HTEST] },
-        status: 'final',
-        code: { text: 'test code' },
+    const created = await json(
+      await h.fhir('/Observation', {
+        method: 'POST',
+        body: JSON.stringify({
+          resourceType: 'Observation',
+          meta: { security: [HTEST] },
+          status: 'final',
+          code: { text: 'test code' },
+        }),
       }),
-    }));
+    );
     const hist = await json(await h.fhir('/Provenance/_history?_count=50'));
     const prov = hist.entry
       .map((e: { resource: Record<string, any> }) => e.resource)
@@ -164,7 +196,11 @@ describe(`FHIR REST interactions`, () => {
       resourceType: 'Bundle',
       type: 'transaction',
       entry: [
-        { fullUrl: 'urn:uuid:11111111-1111-4111-8111-111111111111', resource: testPatient(), request: { method: 'POST', url: 'Patient' } },
+        {
+          fullUrl: 'urn:uuid:11111111-1111-4111-8111-111111111111',
+          resource: testPatient(),
+          request: { method: 'POST', url: 'Patient' },
+        },
         {
           fullUrl: 'urn:uuid:22222222-2222-4222-8222-222222222222',
           resource: {
@@ -197,7 +233,9 @@ describe(`FHIR REST interactions`, () => {
             meta: { security: [HTEST] },
             status: 'final',
             code: { text: 'test' },
-            subject: { reference: 'Patient?identifier=http://hl7.org/fhir/sid/us-ssn|999-01-0001&_id=' + patientId },
+            subject: {
+              reference: 'Patient?identifier=http://hl7.org/fhir/sid/us-ssn|999-01-0001&_id=' + patientId,
+            },
           },
           request: { method: 'POST', url: 'Observation' },
         },
@@ -233,7 +271,11 @@ describe(`FHIR REST interactions`, () => {
   });
 
   test('history paging follows next links with a cursor', async () => {
-    for (let i = 0; i < 5; i++) await h.fhir('/Device', { method: 'POST', body: JSON.stringify({ resourceType: 'Device', meta: { security: [HTEST] } }) });
+    for (let i = 0; i < 5; i++)
+      await h.fhir('/Device', {
+        method: 'POST',
+        body: JSON.stringify({ resourceType: 'Device', meta: { security: [HTEST] } }),
+      });
     const seen = new Set<string>();
     let url: string | undefined = `${h.base}/Device/_history?_count=2`;
     let pages = 0;

@@ -1193,55 +1193,49 @@ describe('PHI canaries: in-process server', () => {
     assertNoLeak('the audit log', entries.join('\n'));
   });
 
-  test(
-    'a transaction PUT to an invalid id is refused, and the id reaches no audit entry',
-    async () => {
-      const id = person('TxPutId');
-      const res = await h.fhir('/', {
-        method: 'POST',
-        body: JSON.stringify({
-          resourceType: 'Bundle',
-          type: 'transaction',
-          entry: [
-            {
-              resource: { resourceType: 'Patient', meta: { security: [HTEST] }, gender: 'other' },
-              request: { method: 'PUT', url: `Patient/${id}` },
-            },
-          ],
-        }),
-      });
-      const body = await res.text();
-      const entries = await auditText((f, n) => h.server.core.audit.read(f, n));
-      assert.equal(res.status, 400);
-      assert.deepEqual(leaksIn(body), []);
-      assert.deepEqual(leaksIn(entries.join('\n')), [], 'the invalid id (a name) is in the audit log');
-    },
-  );
+  test('a transaction PUT to an invalid id is refused, and the id reaches no audit entry', async () => {
+    const id = person('TxPutId');
+    const res = await h.fhir('/', {
+      method: 'POST',
+      body: JSON.stringify({
+        resourceType: 'Bundle',
+        type: 'transaction',
+        entry: [
+          {
+            resource: { resourceType: 'Patient', meta: { security: [HTEST] }, gender: 'other' },
+            request: { method: 'PUT', url: `Patient/${id}` },
+          },
+        ],
+      }),
+    });
+    const body = await res.text();
+    const entries = await auditText((f, n) => h.server.core.audit.read(f, n));
+    assert.equal(res.status, 400);
+    assert.deepEqual(leaksIn(body), []);
+    assert.deepEqual(leaksIn(entries.join('\n')), [], 'the invalid id (a name) is in the audit log');
+  });
 
-  test(
-    'the token endpoint does not echo the Origin header',
-    async () => {
-      const origin = `https://${tok('INPROC-ORIGIN').toLowerCase()}.example.org`;
-      const form = (p: Record<string, string>) => ({
-        method: 'POST',
-        headers: { 'content-type': 'application/x-www-form-urlencoded', origin },
-        body: new URLSearchParams({ grant_type: 'client_credentials', scope: 'system/*.rs', ...p }),
-      });
-      const refused = await fetch(
-        `${h.server.url}/oauth/token`,
-        form({ client_id: h.init.clientId, client_secret: h.init.clientSecret! }),
-      );
-      const badClient = await fetch(
-        `${h.server.url}/oauth/token`,
-        form({ client_id: 'no-such-client', client_secret: 'x' }),
-      );
-      for (const res of [refused, badClient]) {
-        assert.ok(res.status >= 400, 'a browser origin is refused');
-        const text = `${[...res.headers].map(([k, v]) => `${k}: ${v}`).join('\n')}\n${await res.text()}`;
-        assert.deepEqual(leaksIn(text), []);
-      }
-    },
-  );
+  test('the token endpoint does not echo the Origin header', async () => {
+    const origin = `https://${tok('INPROC-ORIGIN').toLowerCase()}.example.org`;
+    const form = (p: Record<string, string>) => ({
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', origin },
+      body: new URLSearchParams({ grant_type: 'client_credentials', scope: 'system/*.rs', ...p }),
+    });
+    const refused = await fetch(
+      `${h.server.url}/oauth/token`,
+      form({ client_id: h.init.clientId, client_secret: h.init.clientSecret! }),
+    );
+    const badClient = await fetch(
+      `${h.server.url}/oauth/token`,
+      form({ client_id: 'no-such-client', client_secret: 'x' }),
+    );
+    for (const res of [refused, badClient]) {
+      assert.ok(res.status >= 400, 'a browser origin is refused');
+      const text = `${[...res.headers].map(([k, v]) => `${k}: ${v}`).join('\n')}\n${await res.text()}`;
+      assert.deepEqual(leaksIn(text), []);
+    }
+  });
 
   test('no canary in the CLI output (init, audit verify) through the admin API', async () => {
     const env = custosEnv(h.storage);

@@ -9,12 +9,23 @@ let patientId: string;
 
 before(async () => {
   h = await startHarness();
-  await h.server.core.resourceDb.query(`INSERT INTO project (id, name, kind) VALUES ('project-two', 'Second sandbox', 'sandbox')`);
-  const other = await h.server.core.admin.createClient({ projectId: 'project-two', scopes: ['system/*.cruds'], purposes: ['TREAT'] });
+  await h.server.core.resourceDb.query(
+    `INSERT INTO project (id, name, kind) VALUES ('project-two', 'Second sandbox', 'sandbox')`,
+  );
+  const other = await h.server.core.admin.createClient({
+    projectId: 'project-two',
+    scopes: ['system/*.cruds'],
+    purposes: ['TREAT'],
+  });
   const res = await fetch(`${h.server.url}/oauth/token`, {
     method: 'POST',
     headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: new URLSearchParams({ grant_type: 'client_credentials', scope: 'system/*.cruds', client_id: other.clientId, client_secret: other.clientSecret! }),
+    body: new URLSearchParams({
+      grant_type: 'client_credentials',
+      scope: 'system/*.cruds',
+      client_id: other.clientId,
+      client_secret: other.clientSecret!,
+    }),
   });
   otherToken = ((await res.json()) as { access_token: string }).access_token;
   const created = await h.fhir('/Patient', {
@@ -39,9 +50,13 @@ test('another project cannot read, vread, update, patch, delete or see the histo
     body: JSON.stringify([{ op: 'replace', path: '/gender', value: 'male' }]),
   });
   assert.equal(patch.status, 404);
-  const hist = (await (await h.fhir(`/Patient/${patientId}/_history`, { token: t })).json()) as { entry: unknown[] };
+  const hist = (await (await h.fhir(`/Patient/${patientId}/_history`, { token: t })).json()) as {
+    entry: unknown[];
+  };
   assert.equal(hist.entry.length, 0);
-  const sys = (await (await h.fhir('/_history', { token: t })).json()) as { entry: { resource?: { id: string } }[] };
+  const sys = (await (await h.fhir('/_history', { token: t })).json()) as {
+    entry: { resource?: { id: string } }[];
+  };
   assert.ok(!sys.entry.some((e) => e.resource?.id === patientId));
   // The owner still sees version 1, unchanged.
   const own = await h.fhir(`/Patient/${patientId}`);
@@ -79,7 +94,11 @@ test('conditions and conditional references never match another project', async 
 
 test('an update with a known id from another project creates nothing there', async () => {
   // PUT to an id used in project one creates an independent resource in project two (ids are per project).
-  const res = await h.fhir(`/Patient/${patientId}`, { token: otherToken, method: 'PUT', body: JSON.stringify(testPatient({ id: patientId })) });
+  const res = await h.fhir(`/Patient/${patientId}`, {
+    token: otherToken,
+    method: 'PUT',
+    body: JSON.stringify(testPatient({ id: patientId })),
+  });
   assert.equal(res.status, 201);
   const own = await h.fhir(`/Patient/${patientId}`);
   assert.equal(own.headers.get('etag'), 'W/"1"', "project one's resource is untouched");

@@ -19,7 +19,8 @@ export function registerAdminRoutes(
   const expected = Buffer.from(adminToken, 'utf8');
   const check = (req: FastifyRequest) => {
     const got = Buffer.from(String(req.headers[ADMIN_TOKEN_HEADER] ?? ''), 'utf8');
-    if (got.length !== expected.length || !timingSafeEqual(got, expected)) throw new CustosError('ADMIN_TOKEN_INVALID');
+    if (got.length !== expected.length || !timingSafeEqual(got, expected))
+      throw new CustosError('ADMIN_TOKEN_INVALID');
   };
   app.post('/admin/init', async (req) => {
     check(req);
@@ -33,9 +34,16 @@ export function registerAdminRoutes(
   app.post('/admin/clients', async (req) => {
     check(req);
     const b = (req.body ?? {}) as Partial<CreateClientRequest>;
-    if (typeof b.projectId !== 'string' || !Array.isArray(b.scopes) || !Array.isArray(b.purposes)) throw new CustosError('BAD_REQUEST');
+    if (typeof b.projectId !== 'string' || !Array.isArray(b.scopes) || !Array.isArray(b.purposes))
+      throw new CustosError('BAD_REQUEST');
     return admin.createClient(
-      { projectId: b.projectId, scopes: b.scopes.map(String), purposes: b.purposes.map(String), jwks: b.jwks, name: typeof b.name === 'string' ? b.name : undefined },
+      {
+        projectId: b.projectId,
+        scopes: b.scopes.map(String),
+        purposes: b.purposes.map(String),
+        jwks: b.jwks,
+        name: typeof b.name === 'string' ? b.name : undefined,
+      },
       req.id,
     );
   });

@@ -68,9 +68,11 @@ export class AdminService {
    */
   async init(opts: { newSecret?: boolean; requestId?: string } = {}): Promise<InitResult> {
     const requestId = opts.requestId ?? newId();
-    const existing = await this.deps.db.query<{ project_id: string; client_id: string; admin_user_id: string }>(
-      'SELECT project_id, client_id, admin_user_id FROM installation WHERE id = 1',
-    );
+    const existing = await this.deps.db.query<{
+      project_id: string;
+      client_id: string;
+      admin_user_id: string;
+    }>('SELECT project_id, client_id, admin_user_id FROM installation WHERE id = 1');
     const row = existing.rows[0];
     if (row) {
       let clientSecret: string | undefined;
@@ -78,13 +80,26 @@ export class AdminService {
         clientSecret = await this.deps.clients.rotateSecret(row.client_id);
         await this.auditAdmin(requestId, 'client.secret_rotated', row.client_id, row.project_id);
       }
-      return { projectId: row.project_id, clientId: row.client_id, clientSecret, adminUserId: row.admin_user_id, created: false, ...this.urls() };
+      return {
+        projectId: row.project_id,
+        clientId: row.client_id,
+        clientSecret,
+        adminUserId: row.admin_user_id,
+        created: false,
+        ...this.urls(),
+      };
     }
     const projectId = newId();
     const adminUserId = newId();
     await this.deps.db.transaction(async (tx) => {
-      await tx.query(`INSERT INTO project (id, name, kind) VALUES ($1, 'Demo sandbox', 'sandbox')`, [projectId]);
-      await tx.query(`INSERT INTO app_user (id, project_id, role, email) VALUES ($1, $2, 'admin', $3)`, [adminUserId, projectId, DEMO_ADMIN_EMAIL]);
+      await tx.query(`INSERT INTO project (id, name, kind) VALUES ($1, 'Demo sandbox', 'sandbox')`, [
+        projectId,
+      ]);
+      await tx.query(`INSERT INTO app_user (id, project_id, role, email) VALUES ($1, $2, 'admin', $3)`, [
+        adminUserId,
+        projectId,
+        DEMO_ADMIN_EMAIL,
+      ]);
     });
     const { clientId, clientSecret } = await this.deps.clients.create({
       projectId,
@@ -97,7 +112,9 @@ export class AdminService {
       'INSERT INTO installation (id, project_id, client_id, admin_user_id) VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING',
       [projectId, clientId, adminUserId],
     );
-    const winner = await this.deps.db.query<{ project_id: string }>('SELECT project_id FROM installation WHERE id = 1');
+    const winner = await this.deps.db.query<{ project_id: string }>(
+      'SELECT project_id FROM installation WHERE id = 1',
+    );
     if (winner.rows[0]?.project_id !== projectId) {
       await this.deps.clients.deactivate(clientId);
       return this.init(opts);
@@ -110,14 +127,20 @@ export class AdminService {
   async createClient(req: CreateClientRequest, requestId = newId()): Promise<ClientCredentials> {
     const project = await this.deps.db.query('SELECT 1 FROM project WHERE id = $1', [req.projectId]);
     if (project.rows.length === 0) {
-      throw new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'not-found', diagnostics: 'No such project.' }]);
+      throw new CustosError('BAD_REQUEST', [
+        { severity: 'error', code: 'not-found', diagnostics: 'No such project.' },
+      ]);
     }
     for (const p of req.purposes) {
       if (!PURPOSES_OF_USE.has(p)) {
-        throw new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'value', diagnostics: 'Unknown purpose of use code.' }]);
+        throw new CustosError('BAD_REQUEST', [
+          { severity: 'error', code: 'value', diagnostics: 'Unknown purpose of use code.' },
+        ]);
       }
       if (BREAK_GLASS_PURPOSES.has(p)) {
-        throw new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'business-rule', diagnostics: 'System clients may not break glass.' }]);
+        throw new CustosError('BAD_REQUEST', [
+          { severity: 'error', code: 'business-rule', diagnostics: 'System clients may not break glass.' },
+        ]);
       }
     }
     const { clientId, clientSecret } = await this.deps.clients.create({

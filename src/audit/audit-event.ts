@@ -52,7 +52,8 @@ export type AuditAction =
 /** Deterministic JSON: object keys sorted, no whitespace, undefined dropped. */
 export function canonicalJson(value: unknown): string {
   if (value === null || typeof value !== 'object') return JSON.stringify(value);
-  if (Array.isArray(value)) return `[${value.map((v) => canonicalJson(v === undefined ? null : v)).join(',')}]`;
+  if (Array.isArray(value))
+    return `[${value.map((v) => canonicalJson(v === undefined ? null : v)).join(',')}]`;
   const keys = Object.keys(value as object)
     .filter((k) => (value as Record<string, unknown>)[k] !== undefined)
     .sort();
@@ -65,5 +66,8 @@ export function encodeAuditEvent(e: AuditEvent): Buffer {
 
 /** RFC 6962 §2.1 leaf hash: SHA-256(0x00 || entry). */
 export function leafHash(entry: Uint8Array): Buffer {
-  return createHash('sha256').update(Buffer.from([0])).update(entry).digest();
+  return createHash('sha256')
+    .update(Buffer.from([0]))
+    .update(entry)
+    .digest();
 }

@@ -28,7 +28,14 @@ export class AuditLog {
   append(event: AuditEvent): Promise<number> {
     const entry = encodeAuditEvent(event);
     return new Promise((resolve, reject) => {
-      this.queue.push({ entry, hash: leafHash(entry), requestId: event.requestId, phase: event.phase, resolve, reject });
+      this.queue.push({
+        entry,
+        hash: leafHash(entry),
+        requestId: event.requestId,
+        phase: event.phase,
+        resolve,
+        reject,
+      });
       if (!this.flushing) void this.flush();
     });
   }

@@ -54,7 +54,8 @@ export function createAuthenticator(opts: {
       tokenPurpose: claims.purposeOfUse,
       can: (type, interaction) =>
         type === '*'
-          ? granted.some((s) => s.resourceType === '*' && s[interaction]) && registered.some((s) => s.resourceType === '*' && s[interaction])
+          ? granted.some((s) => s.resourceType === '*' && s[interaction]) &&
+            registered.some((s) => s.resourceType === '*' && s[interaction])
           : allows(granted, type, interaction) && allows(registered, type, interaction),
     };
   };

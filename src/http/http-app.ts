@@ -6,7 +6,13 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest }
 import { CustosError, isCustosError, type ErrorCode } from '../kernel/errors.ts';
 import { newId } from '../kernel/ids.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
-import { operationOutcomeJson, parseIfMatch, type InteractionResult, type PhiGateway, type Principal } from '../phi/gateway.ts';
+import {
+  operationOutcomeJson,
+  parseIfMatch,
+  type InteractionResult,
+  type PhiGateway,
+  type Principal,
+} from '../phi/gateway.ts';
 import type { Config } from '../config/config.ts';
 import { parseJsonBody } from './json-body.ts';
 import { isResourceType } from '../fhir/resource-types.ts';
@@ -56,7 +62,11 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     };
     const server = config.tls
       ? https.createServer(
-          { cert: fs.readFileSync(config.tls.certFile), key: fs.readFileSync(config.tls.keyFile), minVersion: 'TLSv1.2' },
+          {
+            cert: fs.readFileSync(config.tls.certFile),
+            key: fs.readFileSync(config.tls.keyFile),
+            minVersion: 'TLSv1.2',
+          },
           listener,
         )
       : http.createServer(listener);
@@ -81,7 +91,12 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     frameworkErrors: (err, req, reply) => {
       void reply.header('X-Request-Id', req.id);
       sendError(err, req, reply);
-      log.info('http.request', { requestId: req.id, method: req.method, route: 'unmatched', status: reply.statusCode });
+      log.info('http.request', {
+        requestId: req.id,
+        method: req.method,
+        route: 'unmatched',
+        status: reply.statusCode,
+      });
     },
   });
 
@@ -121,7 +136,13 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     void reply
       .status(new CustosError(code).status)
       .type(FHIR_JSON)
-      .send(operationOutcomeJson(code, isCustosError(err) ? err.details : [], code === 'INTERNAL' ? req.id : undefined));
+      .send(
+        operationOutcomeJson(
+          code,
+          isCustosError(err) ? err.details : [],
+          code === 'INTERNAL' ? req.id : undefined,
+        ),
+      );
   }
   app.setErrorHandler((err, req, reply) => sendError(err, req, reply));
   app.setNotFoundHandler((_req, reply) => {
@@ -129,16 +150,24 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   });
 
   // ---- unauthenticated discovery ----
-  app.get('/fhir/R4/metadata', async (_req, reply) => reply.type(FHIR_JSON).send(JSON.stringify(deps.capabilityStatement())));
+  app.get('/fhir/R4/metadata', async (_req, reply) =>
+    reply.type(FHIR_JSON).send(JSON.stringify(deps.capabilityStatement())),
+  );
   app.get('/fhir/R4/.well-known/smart-configuration', async (_req, reply) =>
-    reply.type('application/json').header('Cache-Control', 'public, max-age=300').send(deps.smartConfiguration()),
+    reply
+      .type('application/json')
+      .header('Cache-Control', 'public, max-age=300')
+      .send(deps.smartConfiguration()),
   );
   app.get('/healthz', async () => ({ status: 'ok' }));
 
   deps.registerAdmin(app);
 
   // ---- authenticated FHIR interactions ----
-  const authed = async (req: FastifyRequest, action: Parameters<PhiGateway['recordUnauthenticated']>[1]): Promise<Principal> => {
+  const authed = async (
+    req: FastifyRequest,
+    action: Parameters<PhiGateway['recordUnauthenticated']>[1],
+  ): Promise<Principal> => {
     const h = req.headers.authorization;
     const m = typeof h === 'string' ? /^Bearer ([A-Za-z0-9\-._~+/]+=*)$/.exec(h) : null;
     try {
@@ -163,16 +192,27 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   app.get<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) => {
     if (req.params.id === '_history') {
       const q = req.query as Record<string, string | undefined>;
-      return sendResult(reply, await (await session(req, 'history')).history(base, { type: req.params.type, ...historyOpts(q) }));
+      return sendResult(
+        reply,
+        await (await session(req, 'history')).history(base, { type: req.params.type, ...historyOpts(q) }),
+      );
     }
     return sendResult(reply, await (await session(req, 'read')).read(req.params.type, req.params.id));
   });
   app.get<{ Params: P }>('/fhir/R4/:type/:id/_history', async (req, reply) => {
     const q = req.query as Record<string, string | undefined>;
-    return sendResult(reply, await (await session(req, 'history')).history(base, { type: req.params.type, id: req.params.id, ...historyOpts(q) }));
+    return sendResult(
+      reply,
+      await (
+        await session(req, 'history')
+      ).history(base, { type: req.params.type, id: req.params.id, ...historyOpts(q) }),
+    );
   });
   app.get<{ Params: P }>('/fhir/R4/:type/:id/_history/:vid', async (req, reply) =>
-    sendResult(reply, await (await session(req, 'vread')).vread(req.params.type, req.params.id, req.params.vid)),
+    sendResult(
+      reply,
+      await (await session(req, 'vread')).vread(req.params.type, req.params.id, req.params.vid),
+    ),
   );
   app.get('/fhir/R4/_history', async (req, reply) => {
     const q = req.query as Record<string, string | undefined>;
@@ -192,18 +232,30 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   app.put<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) => {
     const s = await session(req, 'update');
     const ifMatch = parseIfMatch(header(req, 'if-match'));
-    return sendResult(reply, await s.update(req.params.type, req.params.id, req.body, { ifMatch }), preferOf(req));
+    return sendResult(
+      reply,
+      await s.update(req.params.type, req.params.id, req.body, { ifMatch }),
+      preferOf(req),
+    );
   });
   app.put<{ Params: P }>('/fhir/R4/:type', async (req, reply) => {
     const s = await session(req, 'update');
     const qi = req.url.indexOf('?');
     if (qi < 0) throw new CustosError('UNSUPPORTED_CONDITION');
-    return sendResult(reply, await s.conditionalUpdate(req.params.type, req.url.slice(qi + 1), req.body), preferOf(req));
+    return sendResult(
+      reply,
+      await s.conditionalUpdate(req.params.type, req.url.slice(qi + 1), req.body),
+      preferOf(req),
+    );
   });
   app.patch<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) => {
     const s = await session(req, 'patch');
     const ifMatch = parseIfMatch(header(req, 'if-match'));
-    return sendResult(reply, await s.patch(req.params.type, req.params.id, req.body, { ifMatch }), preferOf(req));
+    return sendResult(
+      reply,
+      await s.patch(req.params.type, req.params.id, req.body, { ifMatch }),
+      preferOf(req),
+    );
   });
   app.delete<{ Params: P }>('/fhir/R4/:type/:id', async (req, reply) =>
     sendResult(reply, await (await session(req, 'delete')).delete(req.params.type, req.params.id)),
@@ -213,7 +265,8 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     const kind = (req.body as { type?: unknown } | null)?.type;
     const action = kind === 'batch' ? 'batch' : 'transaction';
     const s = await session(req, action);
-    if ((req.body as { resourceType?: unknown } | null)?.resourceType !== 'Bundle') throw new CustosError('INVALID_BUNDLE');
+    if ((req.body as { resourceType?: unknown } | null)?.resourceType !== 'Bundle')
+      throw new CustosError('INVALID_BUNDLE');
     if (kind === 'batch') return sendResult(reply, await s.batch(base, req.body));
     if (kind === 'transaction') return sendResult(reply, await s.transaction(base, req.body));
     throw new CustosError('INVALID_BUNDLE');
@@ -224,14 +277,28 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     if (r.body !== undefined) return reply.send(r.body);
     const v = r.version;
     if (!v) return reply.send();
-    void reply.header('ETag', `W/"${v.versionId}"`).header('Last-Modified', new Date(v.lastUpdated).toUTCString());
-    if (r.status === 201) void reply.header('Location', `${base}/${v.resourceType}/${v.id}/_history/${v.versionId}`);
+    void reply
+      .header('ETag', `W/"${v.versionId}"`)
+      .header('Last-Modified', new Date(v.lastUpdated).toUTCString());
+    if (r.status === 201)
+      void reply.header('Location', `${base}/${v.resourceType}/${v.id}/_history/${v.versionId}`);
     if (r.status === 204 || r.status === 410) {
       return r.status === 410 ? reply.send(operationOutcomeJson('GONE')) : reply.send();
     }
     if (prefer === 'minimal') return reply.send();
     if (prefer === 'OperationOutcome') {
-      return reply.send(JSON.stringify({ resourceType: 'OperationOutcome', issue: [{ severity: 'information', code: 'informational', diagnostics: r.existing ? 'Existing resource matched the condition.' : 'Done.' }] }));
+      return reply.send(
+        JSON.stringify({
+          resourceType: 'OperationOutcome',
+          issue: [
+            {
+              severity: 'information',
+              code: 'informational',
+              diagnostics: r.existing ? 'Existing resource matched the condition.' : 'Done.',
+            },
+          ],
+        }),
+      );
     }
     return reply.send(v.json);
   }

@@ -8,8 +8,18 @@
  */
 export const ERROR_CATALOG = {
   BAD_REQUEST: { status: 400, issue: 'invalid', ack: 'AR', message: 'The request is malformed.' },
-  INVALID_JSON: { status: 400, issue: 'structure', ack: 'AR', message: 'The request body is not valid JSON.' },
-  JSON_TOO_DEEP: { status: 400, issue: 'too-costly', ack: 'AR', message: 'The JSON body is nested too deeply.' },
+  INVALID_JSON: {
+    status: 400,
+    issue: 'structure',
+    ack: 'AR',
+    message: 'The request body is not valid JSON.',
+  },
+  JSON_TOO_DEEP: {
+    status: 400,
+    issue: 'too-costly',
+    ack: 'AR',
+    message: 'The JSON body is nested too deeply.',
+  },
   BODY_TOO_LARGE: { status: 413, issue: 'too-costly', ack: 'AR', message: 'The request body is too large.' },
   UNSUPPORTED_MEDIA_TYPE: {
     status: 415,
@@ -17,7 +27,12 @@ export const ERROR_CATALOG = {
     ack: 'AR',
     message: 'Content-Type must be application/fhir+json or application/json.',
   },
-  UNKNOWN_RESOURCE_TYPE: { status: 404, issue: 'not-supported', ack: 'AR', message: 'Unknown resource type.' },
+  UNKNOWN_RESOURCE_TYPE: {
+    status: 404,
+    issue: 'not-supported',
+    ack: 'AR',
+    message: 'Unknown resource type.',
+  },
   INVALID_ID: { status: 400, issue: 'value', ack: 'AR', message: 'The id is not a valid FHIR id.' },
   ID_MISMATCH: {
     status: 400,
@@ -31,7 +46,12 @@ export const ERROR_CATALOG = {
     ack: 'AR',
     message: 'The resourceType in the body does not match the URL.',
   },
-  VALIDATION_FAILED: { status: 400, issue: 'invalid', ack: 'AE', message: 'The resource is not valid FHIR R4.' },
+  VALIDATION_FAILED: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AE',
+    message: 'The resource is not valid FHIR R4.',
+  },
   NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AE', message: 'Resource not found.' },
   GONE: { status: 410, issue: 'deleted', ack: 'AE', message: 'The resource has been deleted.' },
   VERSION_CONFLICT: {
@@ -60,7 +80,12 @@ export const ERROR_CATALOG = {
   },
   ROUTE_NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AR', message: 'No such endpoint.' },
   METHOD_NOT_ALLOWED: { status: 405, issue: 'not-supported', ack: 'AR', message: 'Method not allowed.' },
-  INVALID_PATCH: { status: 422, issue: 'processing', ack: 'AE', message: 'The JSON Patch cannot be applied.' },
+  INVALID_PATCH: {
+    status: 422,
+    issue: 'processing',
+    ack: 'AE',
+    message: 'The JSON Patch cannot be applied.',
+  },
   INVALID_BUNDLE: { status: 400, issue: 'invalid', ack: 'AR', message: 'The Bundle cannot be processed.' },
   SANDBOX_REQUIRES_TEST_LABEL: {
     status: 422,

@@ -64,7 +64,9 @@ export function scrubFields(fields: LogFields): Record<string, unknown> {
     if (NUMERIC.has(k)) {
       out[k] = typeof v === 'number' && Number.isFinite(v) ? v : REDACTED;
     } else if (k === 'errorFrames') {
-      out[k] = Array.isArray(v) ? v.slice(0, 12).map((f) => (typeof f === 'string' && FRAME.test(f) ? f.trim() : REDACTED)) : REDACTED;
+      out[k] = Array.isArray(v)
+        ? v.slice(0, 12).map((f) => (typeof f === 'string' && FRAME.test(f) ? f.trim() : REDACTED))
+        : REDACTED;
     } else {
       const re = PATTERNS[k];
       if (!re) continue; // unknown key: dropped, never logged
@@ -99,9 +101,11 @@ export function createLogger(opts: { level?: string; destination?: DestinationSt
     },
     opts.destination ?? pino.destination({ fd: 1, sync: false }),
   );
-  const emit = (level: 'debug' | 'info' | 'warn' | 'error') => (event: string, fields: LogFields = {}) => {
-    p[level](scrubFields(fields), EVENT.test(event) ? event : 'invalid.event');
-  };
+  const emit =
+    (level: 'debug' | 'info' | 'warn' | 'error') =>
+    (event: string, fields: LogFields = {}) => {
+      p[level](scrubFields(fields), EVENT.test(event) ? event : 'invalid.event');
+    };
   return { debug: emit('debug'), info: emit('info'), warn: emit('warn'), error: emit('error') };
 }
 

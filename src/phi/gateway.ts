@@ -1,7 +1,13 @@
 import jsonPatch, { type Operation } from 'fast-json-patch';
 
 const { applyPatch } = jsonPatch;
-import { CustosError, ERROR_CATALOG, isCustosError, type ErrorCode, type IssueDetail } from '../kernel/errors.ts';
+import {
+  CustosError,
+  ERROR_CATALOG,
+  isCustosError,
+  type ErrorCode,
+  type IssueDetail,
+} from '../kernel/errors.ts';
 import { isFhirId, newId } from '../kernel/ids.ts';
 import type { Logger } from '../log/logger.ts';
 import { errorFields } from '../log/logger.ts';
@@ -55,7 +61,10 @@ export interface GatewayDeps {
   now?: () => Date;
 }
 
-type SessionDeps = Omit<GatewayDeps, 'db'> & { store: ResourceStore; loadProject: (id: string) => Promise<Project | undefined> };
+type SessionDeps = Omit<GatewayDeps, 'db'> & {
+  store: ResourceStore;
+  loadProject: (id: string) => Promise<Project | undefined>;
+};
 
 /** How long a project record (kind, provenance setting) is reused before it is read again. */
 export const PROJECT_CACHE_MS = 2000;
@@ -111,7 +120,11 @@ export class PhiGateway {
   }
 
   /** Audits a request refused before a principal could be established (bad or missing token). */
-  async recordUnauthenticated(facts: RequestFacts, action: AuditAction, resourceType: string | undefined): Promise<void> {
+  async recordUnauthenticated(
+    facts: RequestFacts,
+    action: AuditAction,
+    resourceType: string | undefined,
+  ): Promise<void> {
     await this.deps.audit.append({
       v: 1,
       id: newId(),
@@ -151,7 +164,8 @@ export class PhiSession {
     if (!claimed) this.purposeError = 'PURPOSE_REQUIRED';
     else if (!PURPOSES_OF_USE.has(claimed)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
     else if (BREAK_GLASS_PURPOSES.has(claimed)) {
-      if (!principal.mayBreakGlass || !facts.breakGlassReason?.trim()) this.purposeError = 'BREAK_GLASS_NOT_ALLOWED';
+      if (!principal.mayBreakGlass || !facts.breakGlassReason?.trim())
+        this.purposeError = 'BREAK_GLASS_NOT_ALLOWED';
     } else if (!principal.allowedPurposes.includes(claimed)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
   }
 
@@ -159,14 +173,21 @@ export class PhiSession {
     return this.deps.now?.() ?? new Date();
   }
 
-  private event(partial: Pick<AuditEvent, 'phase' | 'action' | 'outcome'> & Partial<AuditEvent>, requestId = this.facts.requestId): AuditEvent {
+  private event(
+    partial: Pick<AuditEvent, 'phase' | 'action' | 'outcome'> & Partial<AuditEvent>,
+    requestId = this.facts.requestId,
+  ): AuditEvent {
     return {
       v: 1,
       id: newId(),
       time: this.now().toISOString(),
       requestId,
       projectId: this.principal.projectId,
-      actor: { clientId: this.principal.clientId, userId: this.principal.userId, roles: [...this.principal.roles] },
+      actor: {
+        clientId: this.principal.clientId,
+        userId: this.principal.userId,
+        roles: [...this.principal.roles],
+      },
       purpose: this.purpose,
       source: { ip: this.facts.sourceIp },
       ...partial,
@@ -184,14 +205,23 @@ export class PhiSession {
   }
 
   /** Purpose and scope checks; a refusal is audited before it is thrown. */
-  private async guard(action: AuditAction, type: string, interaction: Interaction, id?: string, requestId?: string): Promise<void> {
+  private async guard(
+    action: AuditAction,
+    type: string,
+    interaction: Interaction,
+    id?: string,
+    requestId?: string,
+  ): Promise<void> {
     if (!this.deps.isResourceType(type)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
     if (id !== undefined && !isFhirId(id)) throw new CustosError('INVALID_ID');
     let refusal: ErrorCode | undefined = this.purposeError;
     if (!refusal && !this.principal.can(type, interaction)) refusal = 'FORBIDDEN_SCOPE';
     if (refusal) {
       await this.audit(
-        this.event({ phase: 'access', action, outcome: 'refused', code: refusal, resource: { type, id } }, requestId),
+        this.event(
+          { phase: 'access', action, outcome: 'refused', code: refusal, resource: { type, id } },
+          requestId,
+        ),
       );
       throw new CustosError(refusal);
     }
@@ -207,18 +237,29 @@ export class PhiSession {
 
   async read(type: string, id: string): Promise<InteractionResult> {
     await this.guard('read', type, 'r', id);
-    return this.returnAudited('read', type, id, await this.deps.store.read(this.principal.projectId, type, id));
+    return this.returnAudited(
+      'read',
+      type,
+      id,
+      await this.deps.store.read(this.principal.projectId, type, id),
+    );
   }
 
   async vread(type: string, id: string, versionId: string): Promise<InteractionResult> {
     await this.guard('vread', type, 'r', id);
     const n = /^\d{1,9}$/.test(versionId) ? Number(versionId) : undefined;
-    const v = n === undefined ? undefined : await this.deps.store.vread(this.principal.projectId, type, id, n);
+    const v =
+      n === undefined ? undefined : await this.deps.store.vread(this.principal.projectId, type, id, n);
     return this.returnAudited('vread', type, id, v);
   }
 
   /** Audits a fetched version (durably), then hands it out: 200, 410 for a deletion, or 404. */
-  private async returnAudited(action: 'read' | 'vread', type: string, id: string, v: StoredVersion | undefined): Promise<InteractionResult> {
+  private async returnAudited(
+    action: 'read' | 'vread',
+    type: string,
+    id: string,
+    v: StoredVersion | undefined,
+  ): Promise<InteractionResult> {
     await this.audit(
       this.event({
         phase: 'access',
@@ -246,9 +287,15 @@ export class PhiSession {
       await this.audit(this.event({ phase: 'access', action: 'history', outcome: 'refused', code }));
       throw new CustosError(code);
     }
-    const before = opts.cursor === undefined ? undefined : decodeHistoryCursor(opts.cursor, this.deps.isResourceType);
-    if (opts.since !== undefined && Number.isNaN(Date.parse(opts.since))) throw new CustosError('BAD_REQUEST');
-    const versions = await this.deps.store.history(this.principal.projectId, { ...opts, count: count + 1, before });
+    const before =
+      opts.cursor === undefined ? undefined : decodeHistoryCursor(opts.cursor, this.deps.isResourceType);
+    if (opts.since !== undefined && Number.isNaN(Date.parse(opts.since)))
+      throw new CustosError('BAD_REQUEST');
+    const versions = await this.deps.store.history(this.principal.projectId, {
+      ...opts,
+      count: count + 1,
+      before,
+    });
     const page = versions.slice(0, count);
     const patients = [...new Set(page.flatMap((v) => v.patients))].sort();
     await this.audit(
@@ -265,17 +312,21 @@ export class PhiSession {
     const links = [{ relation: 'self', url: self }];
     const last = page[page.length - 1];
     if (versions.length > count && last) {
-      const cursor = Buffer.from(JSON.stringify([last.lastUpdated, last.resourceType, last.id, last.versionId])).toString('base64url');
+      const cursor = Buffer.from(
+        JSON.stringify([last.lastUpdated, last.resourceType, last.id, last.versionId]),
+      ).toString('base64url');
       const qs = new URLSearchParams({ _count: String(count), _cursor: cursor });
       if (opts.since) qs.set('_since', opts.since);
       links.push({ relation: 'next', url: `${self}?${qs}` });
     }
     const entries = page.map((v) => {
       const url = `${v.resourceType}/${v.id}`;
-      return `{"fullUrl":${JSON.stringify(`${baseUrl}/${url}`)},${v.json ? `"resource":${v.json},` : ''}"request":${JSON.stringify({
-        method: v.deleted ? 'DELETE' : v.versionId === 1 || v.method === 'create' ? 'POST' : 'PUT',
-        url: v.versionId === 1 || v.method === 'create' ? v.resourceType : url,
-      })},"response":${JSON.stringify({
+      return `{"fullUrl":${JSON.stringify(`${baseUrl}/${url}`)},${v.json ? `"resource":${v.json},` : ''}"request":${JSON.stringify(
+        {
+          method: v.deleted ? 'DELETE' : v.versionId === 1 || v.method === 'create' ? 'POST' : 'PUT',
+          url: v.versionId === 1 || v.method === 'create' ? v.resourceType : url,
+        },
+      )},"response":${JSON.stringify({
         status: v.deleted ? '204' : v.versionId === 1 ? '201' : '200',
         etag: `W/"${v.versionId}"`,
         lastModified: v.lastUpdated,
@@ -288,8 +339,13 @@ export class PhiSession {
   // ---- writes: attempt (durable), commit, outcome ------------------------------------------
 
   /** Checks a body for a write: type, id, HTEST label in sandboxes, structure. */
-  private async checkBody(type: string, body: unknown, id: string | undefined): Promise<Record<string, unknown>> {
-    if (body === null || typeof body !== 'object' || Array.isArray(body)) throw new CustosError('BAD_REQUEST');
+  private async checkBody(
+    type: string,
+    body: unknown,
+    id: string | undefined,
+  ): Promise<Record<string, unknown>> {
+    if (body === null || typeof body !== 'object' || Array.isArray(body))
+      throw new CustosError('BAD_REQUEST');
     const r = body as Record<string, unknown>;
     if (r.resourceType !== type) throw new CustosError('TYPE_MISMATCH');
     if (id !== undefined && r.id !== undefined && r.id !== id) throw new CustosError('ID_MISMATCH');
@@ -321,7 +377,11 @@ export class PhiSession {
     } catch (e) {
       // A concurrent write won (duplicate key), or two transactions deadlocked on conditions: a conflict, not a crash.
       const kind = classifyDatabaseError(e);
-      const code: ErrorCode = isCustosError(e) ? e.code : kind === 'unique_violation' || kind === 'serialization' ? 'VERSION_CONFLICT' : 'INTERNAL';
+      const code: ErrorCode = isCustosError(e)
+        ? e.code
+        : kind === 'unique_violation' || kind === 'serialization'
+          ? 'VERSION_CONFLICT'
+          : 'INTERNAL';
       await this.deps.audit
         .append(this.event({ phase: 'outcome', action, outcome: 'failed', code, resource }, requestId))
         .catch(() => this.deps.log.error('audit.outcome_failed', { requestId }));
@@ -336,7 +396,10 @@ export class PhiSession {
             phase: 'outcome',
             action,
             outcome: 'success',
-            resource: first && result.versions.length === 1 ? { type: first.resourceType, id: first.id, version: String(first.versionId) } : resource,
+            resource:
+              first && result.versions.length === 1
+                ? { type: first.resourceType, id: first.id, version: String(first.versionId) }
+                : resource,
             patients: [...new Set(result.versions.flatMap((v) => v.patients))].sort(),
             count: result.versions.length > 1 ? result.versions.length : undefined,
           },
@@ -362,7 +425,9 @@ export class PhiSession {
   ): Promise<StoredVersion[]> {
     const project = await this.getProject();
     const lastUpdated = this.now().toISOString();
-    const patients = w.resource ? patientCompartment({ ...w.resource, resourceType: w.type, id: w.id }) : (await this.deps.store.read(project.id, w.type, w.id, q))?.patients ?? [];
+    const patients = w.resource
+      ? patientCompartment({ ...w.resource, resourceType: w.type, id: w.id })
+      : ((await this.deps.store.read(project.id, w.type, w.id, q))?.patients ?? []);
     const v = await this.storeWrite(q, {
       projectId: project.id,
       resourceType: w.type,
@@ -380,10 +445,21 @@ export class PhiSession {
       meta: project.kind === 'sandbox' ? { security: [HTEST] } : undefined,
       target: [{ reference: `${w.type}/${w.id}/_history/${v.versionId}` }],
       recorded: lastUpdated,
-      activity: { coding: [{ system: DATA_OPERATION, code: w.method === 'create' ? 'CREATE' : w.method === 'delete' ? 'DELETE' : 'UPDATE' }] },
+      activity: {
+        coding: [
+          {
+            system: DATA_OPERATION,
+            code: w.method === 'create' ? 'CREATE' : w.method === 'delete' ? 'DELETE' : 'UPDATE',
+          },
+        ],
+      },
       agent: [
         {
-          type: { coding: [{ system: 'http://terminology.hl7.org/CodeSystem/provenance-participant-type', code: 'author' }] },
+          type: {
+            coding: [
+              { system: 'http://terminology.hl7.org/CodeSystem/provenance-participant-type', code: 'author' },
+            ],
+          },
           who: { identifier: { system: 'urn:custos:client', value: this.principal.clientId } },
         },
       ],
@@ -403,7 +479,10 @@ export class PhiSession {
   }
 
   /** Writes a version now, or, for a fresh id inside a transaction bundle, queues it for one multi-row insert. */
-  private async storeWrite(q: SqlQueryable, w: Parameters<ResourceStore['write']>[1]): Promise<StoredVersion> {
+  private async storeWrite(
+    q: SqlQueryable,
+    w: Parameters<ResourceStore['write']>[1],
+  ): Promise<StoredVersion> {
     if (w.fresh && this.freshBuffer) {
       const v = this.deps.store.prepareFresh(w);
       this.freshBuffer.push(v);
@@ -432,16 +511,36 @@ export class PhiSession {
       }
     }
     // Create ids are always generated here (newId, or planned for a transaction's urn:uuid).
-    return { status: 201, versions: await this.writeVersion(q, { type, id, method: 'create', resource, fresh: true }) };
+    return {
+      status: 201,
+      versions: await this.writeVersion(q, { type, id, method: 'create', resource, fresh: true }),
+    };
   }
 
-  private async updateIn(q: SqlQueryable, type: string, id: string, resource: Record<string, unknown>, ifMatch?: number): Promise<StepResult> {
-    const versions = await this.writeVersion(q, { type, id, method: 'update', resource, expectedVersion: ifMatch });
+  private async updateIn(
+    q: SqlQueryable,
+    type: string,
+    id: string,
+    resource: Record<string, unknown>,
+    ifMatch?: number,
+  ): Promise<StepResult> {
+    const versions = await this.writeVersion(q, {
+      type,
+      id,
+      method: 'update',
+      resource,
+      expectedVersion: ifMatch,
+    });
     return { status: versions[0]!.versionId === 1 ? 201 : 200, versions };
   }
 
   /** Conditional update (https://hl7.org/fhir/R4/http.html#cond-update): no match creates, one match updates. */
-  private async conditionalUpdateIn(q: SqlQueryable, type: string, criteria: URLSearchParams, resource: Record<string, unknown>): Promise<StepResult> {
+  private async conditionalUpdateIn(
+    q: SqlQueryable,
+    type: string,
+    criteria: URLSearchParams,
+    resource: Record<string, unknown>,
+  ): Promise<StepResult> {
     await this.deps.store.lockCondition(q, this.conditionKey(type, criteria));
     const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
     if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
@@ -452,7 +551,13 @@ export class PhiSession {
     return { status: ids[0] ? 200 : 201, versions };
   }
 
-  private async patchIn(q: SqlQueryable, type: string, id: string, operations: unknown, ifMatch?: number): Promise<StepResult> {
+  private async patchIn(
+    q: SqlQueryable,
+    type: string,
+    id: string,
+    operations: unknown,
+    ifMatch?: number,
+  ): Promise<StepResult> {
     if (!Array.isArray(operations)) throw new CustosError('INVALID_PATCH');
     const cur = await this.deps.store.read(this.principal.projectId, type, id, q);
     if (!cur) throw new CustosError('NOT_FOUND');
@@ -461,25 +566,45 @@ export class PhiSession {
     let patched: Record<string, unknown>;
     try {
       // validate: true checks each operation; prototype modifications are refused by default.
-      patched = applyPatch(JSON.parse(cur.json), operations as Operation[], true, true).newDocument as Record<string, unknown>;
+      patched = applyPatch(JSON.parse(cur.json), operations as Operation[], true, true).newDocument as Record<
+        string,
+        unknown
+      >;
     } catch {
       throw new CustosError('INVALID_PATCH');
     }
     const resource = await this.checkBody(type, patched, id);
     if (resource.id !== id) throw new CustosError('ID_MISMATCH');
-    return { status: 200, versions: await this.writeVersion(q, { type, id, method: 'patch', resource, expectedVersion: cur.versionId }) };
+    return {
+      status: 200,
+      versions: await this.writeVersion(q, {
+        type,
+        id,
+        method: 'patch',
+        resource,
+        expectedVersion: cur.versionId,
+      }),
+    };
   }
 
   private async deleteIn(q: SqlQueryable, type: string, id: string): Promise<StepResult> {
     const cur = await this.deps.store.read(this.principal.projectId, type, id, q);
     if (!cur) throw new CustosError('NOT_FOUND');
     // Deleting a deleted resource is idempotent: no new version.
-    return { status: 204, versions: cur.deleted ? [cur] : await this.writeVersion(q, { type, id, method: 'delete', resource: undefined }) };
+    return {
+      status: 204,
+      versions: cur.deleted
+        ? [cur]
+        : await this.writeVersion(q, { type, id, method: 'delete', resource: undefined }),
+    };
   }
 
   /** The advisory-lock key of a condition: concurrent identical conditional writes serialize on it. */
   private conditionKey(type: string, criteria: URLSearchParams): string {
-    return `${this.principal.projectId}|${type}|${[...criteria].map(([k, v]) => `${k}=${v}`).sort().join('&')}`;
+    return `${this.principal.projectId}|${type}|${[...criteria]
+      .map(([k, v]) => `${k}=${v}`)
+      .sort()
+      .join('&')}`;
   }
 
   private static result(step: StepResult): InteractionResult {
@@ -490,7 +615,9 @@ export class PhiSession {
     await this.guard('create', type, 'c');
     const resource = await this.checkBody(type, body, undefined);
     const criteria = opts.ifNoneExist !== undefined ? parseCriteria(opts.ifNoneExist) : undefined;
-    const step = await this.audited('create', { type }, () => this.deps.store.db.transaction((q) => this.createIn(q, type, resource, criteria)));
+    const step = await this.audited('create', { type }, () =>
+      this.deps.store.db.transaction((q) => this.createIn(q, type, resource, criteria)),
+    );
     return PhiSession.result(step);
   }
 
@@ -514,7 +641,12 @@ export class PhiSession {
     return PhiSession.result(step);
   }
 
-  async patch(type: string, id: string, operations: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
+  async patch(
+    type: string,
+    id: string,
+    operations: unknown,
+    opts: WriteOptions = {},
+  ): Promise<InteractionResult> {
     await this.guard('patch', type, 'u', id);
     if (!Array.isArray(operations)) throw new CustosError('INVALID_PATCH');
     const step = await this.audited('patch', { type, id }, () =>
@@ -525,7 +657,9 @@ export class PhiSession {
 
   async delete(type: string, id: string): Promise<InteractionResult> {
     await this.guard('delete', type, 'd', id);
-    const step = await this.audited('delete', { type, id }, () => this.deps.store.db.transaction((q) => this.deleteIn(q, type, id)));
+    const step = await this.audited('delete', { type, id }, () =>
+      this.deps.store.db.transaction((q) => this.deleteIn(q, type, id)),
+    );
     return PhiSession.result(step);
   }
 
@@ -539,16 +673,25 @@ export class PhiSession {
     const entries = bundleEntries(bundle, 'batch');
     const responses: string[] = [];
     for (const [i, entry] of entries.entries()) {
-      const sub = new PhiSession(this.deps, this.principal, { ...this.facts, requestId: `${this.facts.requestId}-${i}` });
+      const sub = new PhiSession(this.deps, this.principal, {
+        ...this.facts,
+        requestId: `${this.facts.requestId}-${i}`,
+      });
       try {
         responses.push(entryResponse(baseUrl, await sub.dispatch(baseUrl, entry)));
       } catch (e) {
         const code: ErrorCode = isCustosError(e) ? e.code : 'INTERNAL';
-        if (!isCustosError(e)) this.deps.log.error('batch.entry_failed', { requestId: sub.facts.requestId, ...errorFields(e) });
-        responses.push(`{"response":{"status":"${statusOf(code)}","outcome":${operationOutcomeJson(code, isCustosError(e) ? e.details : [])}}}`);
+        if (!isCustosError(e))
+          this.deps.log.error('batch.entry_failed', { requestId: sub.facts.requestId, ...errorFields(e) });
+        responses.push(
+          `{"response":{"status":"${statusOf(code)}","outcome":${operationOutcomeJson(code, isCustosError(e) ? e.details : [])}}}`,
+        );
       }
     }
-    return { status: 200, body: `{"resourceType":"Bundle","type":"batch-response","entry":[${responses.join(',')}]}` };
+    return {
+      status: 200,
+      body: `{"resourceType":"Bundle","type":"batch-response","entry":[${responses.join(',')}]}`,
+    };
   }
 
   /** One interaction described by a bundle entry. */
@@ -561,10 +704,12 @@ export class PhiSession {
     if (method === 'GET' && type && (id === '_history' || hist === '_history')) {
       return this.history(baseUrl, { type, id: id === '_history' ? undefined : id });
     }
-    if (method === 'POST' && type && !id) return this.create(type, entry.resource, { ifNoneExist: entry.request?.ifNoneExist });
+    if (method === 'POST' && type && !id)
+      return this.create(type, entry.resource, { ifNoneExist: entry.request?.ifNoneExist });
     if (method === 'PUT' && type && id && !hist) return this.update(type, id, entry.resource, { ifMatch });
     if (method === 'PUT' && type && !id && query) return this.conditionalUpdate(type, query, entry.resource);
-    if (method === 'PATCH' && type && id) return this.patch(type, id, binaryPatch(entry.resource), { ifMatch });
+    if (method === 'PATCH' && type && id)
+      return this.patch(type, id, binaryPatch(entry.resource), { ifMatch });
     if (method === 'DELETE' && type && id && !hist) return this.delete(type, id);
     throw new CustosError('INVALID_BUNDLE');
   }
@@ -581,10 +726,16 @@ export class PhiSession {
     // Authorize every entry before anything is written; a refusal refuses the whole transaction.
     for (const p of plans) {
       const type = p.path[0] ?? '';
-      const interaction: Interaction = p.method === 'GET' ? 'r' : p.method === 'POST' ? 'c' : p.method === 'DELETE' ? 'd' : 'u';
+      const interaction: Interaction =
+        p.method === 'GET' ? 'r' : p.method === 'POST' ? 'c' : p.method === 'DELETE' ? 'd' : 'u';
       // The id is checked too: a transaction must not store (or audit) an id that is not a FHIR id.
       const id = p.path[1];
-      await this.guard('transaction', type, interaction, id !== undefined && id !== '_history' ? id : undefined);
+      await this.guard(
+        'transaction',
+        type,
+        interaction,
+        id !== undefined && id !== '_history' ? id : undefined,
+      );
     }
     // Assign ids to creates and build the urn:uuid map before any write.
     const idMap = new Map<string, string>();
@@ -595,7 +746,9 @@ export class PhiSession {
       }
     }
     const order = { DELETE: 0, POST: 1, PUT: 2, PATCH: 2, GET: 3 } as Record<string, number>;
-    const sorted = [...plans].sort((a, b) => (order[a.method] ?? 9) - (order[b.method] ?? 9) || a.index - b.index);
+    const sorted = [...plans].sort(
+      (a, b) => (order[a.method] ?? 9) - (order[b.method] ?? 9) || a.index - b.index,
+    );
     const store = this.deps.store;
     const projectId = this.principal.projectId;
     const results: { index: number; result: InteractionResult }[] = [];
@@ -622,12 +775,16 @@ export class PhiSession {
             const m = /^([A-Z][A-Za-z]+)\?(.+)$/.exec(ref);
             if (!m) return ref;
             const ids = await store.findByCondition(q, projectId, m[1]!, parseCriteria(m[2]!));
-            if (ids.length !== 1) throw new CustosError(ids.length === 0 ? 'NOT_FOUND' : 'CONDITIONAL_MULTIPLE');
+            if (ids.length !== 1)
+              throw new CustosError(ids.length === 0 ? 'NOT_FOUND' : 'CONDITIONAL_MULTIPLE');
             return `${m[1]}/${ids[0]}`;
           };
           for (const p of sorted) {
             const [type = '', id, hist] = p.path;
-            const body = p.entry.resource === undefined ? undefined : await rewriteReferences(p.entry.resource, idMap, resolveConditional);
+            const body =
+              p.entry.resource === undefined
+                ? undefined
+                : await rewriteReferences(p.entry.resource, idMap, resolveConditional);
             let step: StepResult;
             if (p.method === 'GET' && id && !hist) {
               reads.push({ index: p.index, type, id });
@@ -636,17 +793,43 @@ export class PhiSession {
               step = await this.deleteIn(q, type, id);
             } else if (p.method === 'POST' && !id) {
               const resource = await this.checkBody(type, body, undefined);
-              const criteria = p.entry.request?.ifNoneExist ? parseCriteria(p.entry.request.ifNoneExist) : undefined;
+              const criteria = p.entry.request?.ifNoneExist
+                ? parseCriteria(p.entry.request.ifNoneExist)
+                : undefined;
               const planned = p.entry.fullUrl ? idMap.get(p.entry.fullUrl) : undefined;
-              step = await this.createIn(q, type, resource, criteria, planned ? planned.slice(type.length + 1) : undefined);
+              step = await this.createIn(
+                q,
+                type,
+                resource,
+                criteria,
+                planned ? planned.slice(type.length + 1) : undefined,
+              );
               // A conditional create that matched: later references to its urn:uuid point at the match.
-              if (step.existing && p.entry.fullUrl && step.versions[0]) idMap.set(p.entry.fullUrl, `${type}/${step.versions[0].id}`);
+              if (step.existing && p.entry.fullUrl && step.versions[0])
+                idMap.set(p.entry.fullUrl, `${type}/${step.versions[0].id}`);
             } else if (p.method === 'PUT' && id && !hist) {
-              step = await this.updateIn(q, type, id, await this.checkBody(type, body, id), parseIfMatch(p.entry.request?.ifMatch));
+              step = await this.updateIn(
+                q,
+                type,
+                id,
+                await this.checkBody(type, body, id),
+                parseIfMatch(p.entry.request?.ifMatch),
+              );
             } else if (p.method === 'PUT' && !id && p.query) {
-              step = await this.conditionalUpdateIn(q, type, parseCriteria(p.query), await this.checkBody(type, body, undefined));
+              step = await this.conditionalUpdateIn(
+                q,
+                type,
+                parseCriteria(p.query),
+                await this.checkBody(type, body, undefined),
+              );
             } else if (p.method === 'PATCH' && id) {
-              step = await this.patchIn(q, type, id, binaryPatch(body), parseIfMatch(p.entry.request?.ifMatch));
+              step = await this.patchIn(
+                q,
+                type,
+                id,
+                binaryPatch(body),
+                parseIfMatch(p.entry.request?.ifMatch),
+              );
             } else {
               throw new CustosError('INVALID_BUNDLE');
             }
@@ -704,11 +887,23 @@ function decodeHistoryCursor(cursor: string, isResourceType: (t: string) => bool
 
 function hasTestLabel(r: Record<string, unknown>): boolean {
   const security = (r.meta as { security?: unknown } | undefined)?.security;
-  return Array.isArray(security) && security.some((c) => c && (c as { system?: unknown }).system === HTEST.system && (c as { code?: unknown }).code === HTEST.code);
+  return (
+    Array.isArray(security) &&
+    security.some(
+      (c) =>
+        c &&
+        (c as { system?: unknown }).system === HTEST.system &&
+        (c as { code?: unknown }).code === HTEST.code,
+    )
+  );
 }
 
 function parseCriteria(query: string): URLSearchParams {
-  const q = query.startsWith('?') ? query.slice(1) : query.includes('?') ? query.slice(query.indexOf('?') + 1) : query;
+  const q = query.startsWith('?')
+    ? query.slice(1)
+    : query.includes('?')
+      ? query.slice(query.indexOf('?') + 1)
+      : query;
   const p = new URLSearchParams(q);
   if ([...p].length === 0) throw new CustosError('UNSUPPORTED_CONDITION');
   return p;
@@ -727,7 +922,8 @@ function bundleEntries(bundle: unknown, type: 'batch' | 'transaction'): BundleEn
   const b = bundle as { resourceType?: unknown; type?: unknown; entry?: unknown } | null;
   if (!b || b.resourceType !== 'Bundle' || b.type !== type) throw new CustosError('INVALID_BUNDLE');
   if (b.entry === undefined) return [];
-  if (!Array.isArray(b.entry) || b.entry.some((e) => !e || typeof e !== 'object')) throw new CustosError('INVALID_BUNDLE');
+  if (!Array.isArray(b.entry) || b.entry.some((e) => !e || typeof e !== 'object'))
+    throw new CustosError('INVALID_BUNDLE');
   return b.entry as BundleEntry[];
 }
 
@@ -737,7 +933,11 @@ function parseEntryRequest(entry: BundleEntry): { method: string; path: string[]
   if (typeof method !== 'string' || typeof url !== 'string') throw new CustosError('INVALID_BUNDLE');
   const qi = url.indexOf('?');
   const pathText = (qi < 0 ? url : url.slice(0, qi)).replace(/^\/+|\/+$/g, '');
-  return { method: method.toUpperCase(), path: pathText ? pathText.split('/') : [], query: qi < 0 ? '' : url.slice(qi + 1) };
+  return {
+    method: method.toUpperCase(),
+    path: pathText ? pathText.split('/') : [],
+    query: qi < 0 ? '' : url.slice(qi + 1),
+  };
 }
 
 /** In a bundle, a JSON Patch travels as a Binary whose data is the base64 patch document. */
@@ -783,7 +983,11 @@ function statusOf(code: ErrorCode): string {
 }
 
 /** OperationOutcome JSON for an error code (our fixed text, plus per-issue details). */
-export function operationOutcomeJson(code: ErrorCode, details: readonly IssueDetail[] = [], correlationId?: string): string {
+export function operationOutcomeJson(
+  code: ErrorCode,
+  details: readonly IssueDetail[] = [],
+  correlationId?: string,
+): string {
   const e = new CustosError(code);
   const issue = (details.length > 0 ? details : [{ severity: 'error' as const, code: '' }]).map((d) => ({
     severity: d.severity,

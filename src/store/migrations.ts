@@ -114,7 +114,9 @@ export async function migrate(
   table: string,
   log?: Logger,
 ): Promise<void> {
-  await db.query(`CREATE TABLE IF NOT EXISTS ${table} (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())`);
+  await db.query(
+    `CREATE TABLE IF NOT EXISTS ${table} (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())`,
+  );
   for (const m of migrations) {
     await db.lockedTransaction(`custos-migrate-${table}`, async (tx) => {
       const done = await tx.query(`SELECT 1 FROM ${table} WHERE version = $1`, [m.version]);

@@ -50,7 +50,8 @@ function toVersion(r: Row): StoredVersion {
     resourceType: r.resource_type,
     id: r.id,
     versionId: Number(r.version_id),
-    lastUpdated: r.last_updated instanceof Date ? r.last_updated.toISOString() : new Date(r.last_updated).toISOString(),
+    lastUpdated:
+      r.last_updated instanceof Date ? r.last_updated.toISOString() : new Date(r.last_updated).toISOString(),
     deleted: r.deleted,
     method: r.method ?? (r.deleted ? 'delete' : 'update'),
     json: r.json ?? undefined,
@@ -60,9 +61,19 @@ function toVersion(r: Row): StoredVersion {
 
 /** The stored text of a version: id, type and version are the server's, whatever the body said
  * (a create ignores a body id). */
-function resourceJson(type: string, id: string, versionId: number, lastUpdated: string, resource: Record<string, unknown>): string {
+function resourceJson(
+  type: string,
+  id: string,
+  versionId: number,
+  lastUpdated: string,
+  resource: Record<string, unknown>,
+): string {
   const { resourceType: _type, id: _id, meta: bodyMeta, ...rest } = resource;
-  const meta = { ...((bodyMeta as Record<string, unknown> | undefined) ?? {}), versionId: String(versionId), lastUpdated };
+  const meta = {
+    ...((bodyMeta as Record<string, unknown> | undefined) ?? {}),
+    versionId: String(versionId),
+    lastUpdated,
+  };
   return JSON.stringify({ resourceType: type, id, meta, ...rest });
 }
 
@@ -76,24 +87,35 @@ export class ResourceStore {
   constructor(readonly db: SqlDriver) {}
 
   async getProject(id: string): Promise<Project | undefined> {
-    const r = await this.db.query<{ id: string; name: string; kind: 'sandbox' | 'production'; provenance_enabled: boolean }>(
-      'SELECT id, name, kind, provenance_enabled FROM project WHERE id = $1',
-      [id],
-    );
+    const r = await this.db.query<{
+      id: string;
+      name: string;
+      kind: 'sandbox' | 'production';
+      provenance_enabled: boolean;
+    }>('SELECT id, name, kind, provenance_enabled FROM project WHERE id = $1', [id]);
     const p = r.rows[0];
     return p && { id: p.id, name: p.name, kind: p.kind, provenanceEnabled: p.provenance_enabled };
   }
 
-  async read(projectId: string, type: string, id: string, q: SqlQueryable = this.db): Promise<StoredVersion | undefined> {
-    const r = await q.query<Row>(`SELECT ${COLS} FROM resource WHERE project_id = $1 AND resource_type = $2 AND id = $3`, [
-      projectId,
-      type,
-      id,
-    ]);
+  async read(
+    projectId: string,
+    type: string,
+    id: string,
+    q: SqlQueryable = this.db,
+  ): Promise<StoredVersion | undefined> {
+    const r = await q.query<Row>(
+      `SELECT ${COLS} FROM resource WHERE project_id = $1 AND resource_type = $2 AND id = $3`,
+      [projectId, type, id],
+    );
     return r.rows[0] && toVersion(r.rows[0]);
   }
 
-  async vread(projectId: string, type: string, id: string, versionId: number): Promise<StoredVersion | undefined> {
+  async vread(
+    projectId: string,
+    type: string,
+    id: string,
+    versionId: number,
+  ): Promise<StoredVersion | undefined> {
     const r = await this.db.query<Row>(
       `SELECT ${COLS}, method FROM resource_version WHERE project_id = $1 AND resource_type = $2 AND id = $3 AND version_id = $4`,
       [projectId, type, id, versionId],
@@ -107,7 +129,13 @@ export class ResourceStore {
    */
   async history(
     projectId: string,
-    opts: { type?: string; id?: string; since?: string; count: number; before?: { lastUpdated: string; type: string; id: string; versionId: number } },
+    opts: {
+      type?: string;
+      id?: string;
+      since?: string;
+      count: number;
+      before?: { lastUpdated: string; type: string; id: string; versionId: number };
+    },
   ): Promise<StoredVersion[]> {
     const where = ['project_id = $1'];
     const params: unknown[] = [projectId];
@@ -140,7 +168,12 @@ export class ResourceStore {
    * Ids of live resources matching conditional-interaction criteria (If-None-Exist, conditional
    * update). Until the search engine lands (issue 3) this supports `_id` and `identifier`.
    */
-  async findByCondition(q: SqlQueryable, projectId: string, type: string, criteria: URLSearchParams): Promise<string[]> {
+  async findByCondition(
+    q: SqlQueryable,
+    projectId: string,
+    type: string,
+    criteria: URLSearchParams,
+  ): Promise<string[]> {
     const where = ['project_id = $1', 'resource_type = $2', 'NOT deleted'];
     const params: unknown[] = [projectId, type];
     let any = false;
@@ -150,7 +183,12 @@ export class ResourceStore {
         where.push(`id = $${params.push(value)}`);
       } else if (name === 'identifier') {
         const bar = value.indexOf('|');
-        const ident = bar < 0 ? { value } : bar === 0 ? { value: value.slice(1) } : { system: value.slice(0, bar), value: value.slice(bar + 1) };
+        const ident =
+          bar < 0
+            ? { value }
+            : bar === 0
+              ? { value: value.slice(1) }
+              : { system: value.slice(0, bar), value: value.slice(bar + 1) };
         if (!ident.value) throw new CustosError('UNSUPPORTED_CONDITION');
         where.push(`content -> 'identifier' @> $${params.push(JSON.stringify([ident]))}::jsonb`);
       } else {
@@ -158,7 +196,10 @@ export class ResourceStore {
       }
     }
     if (!any) throw new CustosError('UNSUPPORTED_CONDITION');
-    const r = await q.query<{ id: string }>(`SELECT id FROM resource WHERE ${where.join(' AND ')} LIMIT 2`, params);
+    const r = await q.query<{ id: string }>(
+      `SELECT id FROM resource WHERE ${where.join(' AND ')} LIMIT 2`,
+      params,
+    );
     return r.rows.map((x) => x.id);
   }
 
@@ -222,7 +263,9 @@ export class ResourceStore {
       throw new CustosError('VERSION_CONFLICT');
     }
     const versionId = prev ? Number(prev.version_id) + 1 : 1;
-    const json = w.resource ? resourceJson(w.resourceType, w.id, versionId, w.lastUpdated, w.resource) : undefined;
+    const json = w.resource
+      ? resourceJson(w.resourceType, w.id, versionId, w.lastUpdated, w.resource)
+      : undefined;
     const deleted = w.resource === undefined;
     // One statement writes the history row and the current row.
     await q.query(
@@ -233,7 +276,17 @@ export class ResourceStore {
        VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9)
        ON CONFLICT (project_id, resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,
          last_updated = EXCLUDED.last_updated, deleted = EXCLUDED.deleted, content = EXCLUDED.content, patients = EXCLUDED.patients`,
-      [w.projectId, w.resourceType, w.id, versionId, w.lastUpdated, deleted, w.method, json ?? null, w.patients],
+      [
+        w.projectId,
+        w.resourceType,
+        w.id,
+        versionId,
+        w.lastUpdated,
+        deleted,
+        w.method,
+        json ?? null,
+        w.patients,
+      ],
     );
     return {
       resourceType: w.resourceType,

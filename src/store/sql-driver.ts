@@ -28,6 +28,7 @@ export function classifyDatabaseError(e: unknown): DatabaseErrorKind {
   const code = (e as { code?: unknown } | null)?.code;
   if (code === '23505') return 'unique_violation';
   if (code === '40001' || code === '40P01') return 'serialization';
-  if (typeof code === 'string' && (code.startsWith('08') || code === '57P01' || code === 'ECONNREFUSED')) return 'connection';
+  if (typeof code === 'string' && (code.startsWith('08') || code === '57P01' || code === 'ECONNREFUSED'))
+    return 'connection';
   return 'other';
 }

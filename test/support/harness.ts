@@ -44,11 +44,16 @@ export interface Harness {
   logLines: string[];
   token(scope?: string): Promise<string>;
   /** fetch against the FHIR base with a bearer token and purpose TREAT by default. */
-  fhir(path: string, init?: RequestInit & { purpose?: string | null; token?: string | null }): Promise<Response>;
+  fhir(
+    path: string,
+    init?: RequestInit & { purpose?: string | null; token?: string | null },
+  ): Promise<Response>;
   close(): Promise<void>;
 }
 
-export async function startHarness(opts: { storage?: TestStorage; env?: Record<string, string> } = {}): Promise<Harness> {
+export async function startHarness(
+  opts: { storage?: TestStorage; env?: Record<string, string> } = {},
+): Promise<Harness> {
   const storage = opts.storage ?? (await createTestStorage());
   // The issuer (public URL) must name the port actually bound, so pick a free one first.
   const port = await freePort();
@@ -71,7 +76,12 @@ export async function startHarness(opts: { storage?: TestStorage; env?: Record<s
     const res = await fetch(`${server.url}/oauth/token`, {
       method: 'POST',
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams({ grant_type: 'client_credentials', scope, client_id: init.clientId, client_secret: init.clientSecret! }),
+      body: new URLSearchParams({
+        grant_type: 'client_credentials',
+        scope,
+        client_id: init.clientId,
+        client_secret: init.clientSecret!,
+      }),
     });
     const json = (await res.json()) as { access_token?: string };
     if (!json.access_token) throw new Error(`token request failed: ${res.status}`);
@@ -82,7 +92,8 @@ export async function startHarness(opts: { storage?: TestStorage; env?: Record<s
     const headers = new Headers(init.headers);
     if (init.token !== null) headers.set('authorization', `Bearer ${init.token ?? (await token())}`);
     if (init.purpose !== null) headers.set('x-purpose-of-use', init.purpose ?? 'TREAT');
-    if (init.body !== undefined && !headers.has('content-type')) headers.set('content-type', 'application/fhir+json');
+    if (init.body !== undefined && !headers.has('content-type'))
+      headers.set('content-type', 'application/fhir+json');
     return fetch(`${base}${path}`, { ...init, headers });
   };
   return {

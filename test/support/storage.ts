@@ -13,13 +13,20 @@ import { PGlite } from '@electric-sql/pglite';
  * into a failure.
  */
 export const serverUrl = process.env.CUSTOS_TEST_DATABASE_URL || undefined;
-export const required = new Set((process.env.CUSTOS_TEST_REQUIRE ?? '').split(',').map((s) => s.trim()).filter(Boolean));
+export const required = new Set(
+  (process.env.CUSTOS_TEST_REQUIRE ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean),
+);
 
 /** For node:test's `skip` option: false when the component is there, else the reason (or a failure when required). */
 export function needs(component: 'postgres'): false | string {
   if (component === 'postgres' && serverUrl) return false;
   if (required.has(component)) {
-    throw new Error(`CUSTOS_TEST_REQUIRE includes ${component}, but it is not configured (set CUSTOS_TEST_DATABASE_URL)`);
+    throw new Error(
+      `CUSTOS_TEST_REQUIRE includes ${component}, but it is not configured (set CUSTOS_TEST_DATABASE_URL)`,
+    );
   }
   return `${component} not configured: set CUSTOS_TEST_DATABASE_URL to run this test`;
 }
@@ -47,7 +54,11 @@ function withDatabase(url: string, db: string): string {
  */
 async function pgliteTemplate(): Promise<string> {
   // Keyed by the installed PGlite's package.json (its exports map hides the file from require).
-  const pkg = path.join(path.dirname(fileURLToPath(import.meta.resolve('@electric-sql/pglite'))), '..', 'package.json');
+  const pkg = path.join(
+    path.dirname(fileURLToPath(import.meta.resolve('@electric-sql/pglite'))),
+    '..',
+    'package.json',
+  );
   const version = (JSON.parse(fs.readFileSync(pkg, 'utf8')) as { version: string }).version;
   const dir = path.join(os.tmpdir(), `custos-test-pglite-template-${version}`);
   if (fs.existsSync(path.join(dir, 'PG_VERSION'))) return dir;
@@ -71,7 +82,12 @@ export async function createTestStorage(opts: { forceServer?: boolean } = {}): P
     const template = await pgliteTemplate();
     fs.cpSync(template, path.join(dataDir, 'resources'), { recursive: true });
     fs.cpSync(template, path.join(dataDir, 'audit'), { recursive: true });
-    return { kind: 'embedded', dataDir, env, cleanup: async () => fs.rmSync(dataDir, { recursive: true, force: true }) };
+    return {
+      kind: 'embedded',
+      dataDir,
+      env,
+      cleanup: async () => fs.rmSync(dataDir, { recursive: true, force: true }),
+    };
   }
   if (!serverUrl) throw new Error('CUSTOS_TEST_DATABASE_URL is not set');
   const name = `custos_test_${randomBytes(6).toString('hex')}`;
