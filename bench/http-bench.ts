@@ -23,13 +23,13 @@
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs, promisify } from 'node:util';
 import pg from 'pg';
 import { PGlite } from '@electric-sql/pglite';
+import { freePort } from '../test/support/free-port.ts';
 import {
   HttpClient,
   prng,
@@ -219,17 +219,6 @@ async function waitForQuiet(serverPid: number | undefined): Promise<number> {
 }
 
 // ---- child processes ----------------------------------------------------------------------------
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      srv.close(() => resolve(typeof addr === 'object' && addr ? addr.port : 0));
-    });
-  });
-}
 
 /** process.env without any CUSTOS_* variable (the bench sets its own). */
 function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {

@@ -4,18 +4,9 @@ import { startServer, type RunningServer } from '../../src/server.ts';
 import type { InitResult } from '../../src/admin/admin-service.ts';
 import { createTestStorage, type TestStorage } from './storage.ts';
 import { Writable } from 'node:stream';
-import net from 'node:net';
+import { freePort } from './free-port.ts';
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      srv.close(() => resolve(typeof addr === 'object' && addr ? addr.port : 0));
-    });
-  });
-}
+export { freePort };
 
 /** HTEST label required by sandbox projects. */
 export const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
