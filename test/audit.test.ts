@@ -4,7 +4,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startHarness, testPatient, type Harness } from './support/harness.ts';
-import { verifyAuditLog, MerkleAccumulator } from '../src/audit/audit-verify.ts';
+import { verifyAuditLog } from '../src/audit/audit-verify.ts';
+import { MerkleAccumulator } from '../src/audit/merkle-proof.ts';
 import { leafHash, canonicalJson } from '../src/audit/audit-event.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));

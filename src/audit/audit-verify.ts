@@ -1,47 +1,17 @@
-import { createHash } from 'node:crypto';
 import type { AuditLog } from './audit-log.ts';
 import { leafHash } from './audit-event.ts';
+import { MerkleAccumulator } from './merkle-proof.ts';
 
 export interface AuditVerifyReport {
   ok: boolean;
   size: number;
-  /** RFC 9162 Merkle tree head over all leaves, hex; undefined for an empty log. */
-  rootHash: string | undefined;
+  /** RFC 9162 Merkle tree head over all leaves, hex (SHA-256("") for an empty log). */
+  rootHash: string;
   /** First sequence number that does not verify (hash mismatch, gap, undecodable entry). */
   firstBadSeq: number | undefined;
   problem: 'leaf_hash_mismatch' | 'sequence_gap' | 'undecodable_entry' | undefined;
   /** Write attempts (request ids) with no recorded outcome: a crash or an audit failure after commit. */
   attemptsWithoutOutcome: string[];
-}
-
-function nodeHash(left: Buffer, right: Buffer): Buffer {
-  return createHash('sha256')
-    .update(Buffer.from([1]))
-    .update(left)
-    .update(right)
-    .digest();
-}
-
-/**
- * Incremental Merkle tree head (RFC 9162 §2.1.1) using a stack of perfect subtree roots, so that
- * verification streams over the log in O(log n) memory.
- */
-export class MerkleAccumulator {
-  private stack: { size: number; hash: Buffer }[] = [];
-  add(leaf: Buffer): void {
-    let node = { size: 1, hash: leaf };
-    while (this.stack.length > 0 && this.stack[this.stack.length - 1]!.size === node.size) {
-      const left = this.stack.pop()!;
-      node = { size: left.size * 2, hash: nodeHash(left.hash, node.hash) };
-    }
-    this.stack.push(node);
-  }
-  root(): Buffer | undefined {
-    if (this.stack.length === 0) return undefined;
-    let acc = this.stack[this.stack.length - 1]!.hash;
-    for (let i = this.stack.length - 2; i >= 0; i--) acc = nodeHash(this.stack[i]!.hash, acc);
-    return acc;
-  }
 }
 
 /** Recomputes every leaf hash from the stored bytes and the tree head; finds dangling write attempts. */
@@ -87,7 +57,7 @@ export async function verifyAuditLog(log: AuditLog): Promise<AuditVerifyReport> 
   return {
     ok: firstBadSeq === undefined,
     size,
-    rootHash: acc.root()?.toString('hex'),
+    rootHash: acc.root().toString('hex'),
     firstBadSeq,
     problem,
     attemptsWithoutOutcome: [...pendingAttempts],

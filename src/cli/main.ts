@@ -224,7 +224,7 @@ export function buildCli(): Command {
         (core) => verifyAuditLog(core.audit),
       );
       const human = r.ok
-        ? `audit log OK: ${r.size} entries, tree head ${r.rootHash ?? '(empty)'}`
+        ? `audit log OK: ${r.size} entries, tree head ${r.rootHash}`
         : `audit log BROKEN at sequence number ${r.firstBadSeq} (${r.problem})`;
       const pending = r.attemptsWithoutOutcome.length
         ? `\n${r.attemptsWithoutOutcome.length} write attempt(s) without outcome: ${r.attemptsWithoutOutcome.join(', ')}`
