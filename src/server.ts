@@ -11,7 +11,7 @@ import { PgDriver } from './store/pg/pg-driver.ts';
 import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
 import { AUDIT_MIGRATIONS } from './audit/audit-migrations.ts';
 import { AuditLog } from './audit/audit-log.ts';
-import { verifyAuditLog } from './audit/audit-verify.ts';
+import { Checkpoints } from './audit/checkpoints.ts';
 import { PhiGateway } from './phi/gateway.ts';
 import { ClientRegistry } from './auth/client-registry.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
@@ -22,7 +22,7 @@ import { capabilityStatement, smartConfiguration } from './fhir/capability-state
 import { createHttpApp } from './http/http-app.ts';
 import { AdminService } from './admin/admin-service.ts';
 import { registerAdminRoutes } from './admin/admin-routes.ts';
-import { readOrCreateKeyFile } from './auth/key-file.ts';
+import { readOrCreateKeyFile } from './kernel/key-file.ts';
 
 export const VERSION = '0.1.0';
 
@@ -33,6 +33,7 @@ export function dataPaths(dataDir: string) {
     audit: path.join(dataDir, 'audit'),
     clientSecretKey: path.join(dataDir, 'keys', 'client-secret.key'),
     tokenSigningKeys: path.join(dataDir, 'keys', 'token-signing.jwks.json'),
+    auditCheckpointKey: path.join(dataDir, 'keys', 'audit-checkpoint.skey'),
     adminToken: path.join(dataDir, 'admin-token'),
     serverInfo: path.join(dataDir, 'server.json'),
   };
@@ -43,6 +44,7 @@ export interface CustosCore {
   resourceDb: SqlDriver;
   auditDb: SqlDriver;
   audit: AuditLog;
+  checkpoints: Checkpoints;
   clients: ClientRegistry;
   admin: AdminService;
   close(): Promise<void>;
@@ -67,12 +69,19 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
   await migrate(resourceDb, RESOURCE_MIGRATIONS, 'custos_migration', log);
   await migrate(auditDb, AUDIT_MIGRATIONS, 'custos_audit_migration', log);
   const audit = new AuditLog(auditDb);
+  // The checkpoint origin names this log: the public host plus a fixed path (C2SP tlog-checkpoint).
+  const checkpoints = new Checkpoints({
+    audit,
+    keyFile: paths.auditCheckpointKey,
+    origin: `${new URL(config.publicUrl).host}/custos/audit`,
+  });
   const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
   const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
   return {
     resourceDb,
     auditDb,
     audit,
+    checkpoints,
     clients,
     admin,
     async close() {
@@ -127,8 +136,7 @@ export async function buildApp(
     capabilityStatement: () =>
       capabilityStatement({ publicUrl: config.publicUrl, resourceTypes: RESOURCE_TYPES, version: VERSION }),
     smartConfiguration: () => smartConfiguration(config.publicUrl),
-    registerAdmin: (app) =>
-      registerAdminRoutes(app, core.admin, adminToken, () => verifyAuditLog(core.audit)),
+    registerAdmin: (app) => registerAdminRoutes(app, core.admin, adminToken, core),
   });
 }
 

@@ -5,6 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { exportJWK, generateKeyPair } from 'jose';
+import { verifyInclusion } from '../src/audit/merkle-proof.ts';
+import { verifyNote } from '../src/audit/signed-note.ts';
 import { createTestStorage, type TestStorage } from './support/storage.ts';
 import { freePort } from './support/harness.ts';
 
@@ -191,6 +193,31 @@ describe('custos CLI with storage opened directly', () => {
     assert.ok(report.size >= 2, 'init and client creation were audited');
   });
 
+  test('audit checkpoint and audit prove print what an outsider can verify', async () => {
+    const cp = await custos(['audit', 'checkpoint', '--json'], env);
+    assert.equal(cp.code, 0, cp.stderr);
+    const c = JSON.parse(cp.stdout) as { note: string; verifierKey: string; treeSize: number };
+    assert.ok(verifyNote(c.note, [c.verifierKey]).verifiedBy.length === 1);
+    const pr = await custos(['audit', 'prove', '--seq', '0', '--json'], env);
+    assert.equal(pr.code, 0, pr.stderr);
+    const p = JSON.parse(pr.stdout) as {
+      seq: number;
+      treeSize: number;
+      leafHash: string;
+      proof: string[];
+      rootHash: string;
+    };
+    const hex = (x: string) => Buffer.from(x, 'hex');
+    assert.equal(
+      verifyInclusion(p.seq, p.treeSize, hex(p.leafHash), p.proof.map(hex), hex(p.rootHash)),
+      true,
+    );
+    const missing = await custos(['audit', 'prove', '--seq', '999999'], env);
+    assert.equal(missing.code, 1);
+    const bad = await custos(['audit', 'prove', '--seq', 'x'], env);
+    assert.equal(bad.code, 2);
+  });
+
   test('--help works for every command', async () => {
     for (const args of [
       ['--help'],
@@ -284,8 +311,15 @@ describe('custos CLI while the server runs on the same data', () => {
       'system/*.cruds is not granted to a system/*.rs client',
     );
 
+    const cp = await custos(['audit', 'checkpoint', '--json'], env);
+    assert.equal(cp.code, 0, cp.stderr);
+    assert.match(cp.stderr, /admin API/);
+    const proof = await custos(['audit', 'prove', '--seq', '1', '--json'], env);
+    assert.equal(proof.code, 0, proof.stderr);
+    assert.equal((JSON.parse(proof.stdout) as { seq: number }).seq, 1);
     const verify = await custos(['audit', 'verify', '--json'], env);
     assert.equal(verify.code, 0);
+    assert.equal((JSON.parse(verify.stdout) as { checkpoints: { checked: number } }).checkpoints.checked, 1);
     assert.equal((JSON.parse(verify.stdout) as { ok: boolean }).ok, true);
   });
 

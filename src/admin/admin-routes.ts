@@ -2,6 +2,9 @@ import { timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { CustosError } from '../kernel/errors.ts';
 import type { AdminService, CreateClientRequest } from './admin-service.ts';
+import type { AuditLog } from '../audit/audit-log.ts';
+import type { Checkpoints } from '../audit/checkpoints.ts';
+import { verifyAuditLog } from '../audit/audit-verify.ts';
 
 /** The header carrying the admin token that the server writes to `<dataDir>/admin-token` (mode 0600). */
 export const ADMIN_TOKEN_HEADER = 'x-custos-admin-token';
@@ -14,7 +17,7 @@ export function registerAdminRoutes(
   app: FastifyInstance,
   admin: AdminService,
   adminToken: string,
-  verifyAudit: () => Promise<unknown>,
+  core: { audit: AuditLog; checkpoints: Checkpoints },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
   const check = (req: FastifyRequest) => {
@@ -29,7 +32,18 @@ export function registerAdminRoutes(
   });
   app.post('/admin/audit/verify', async (req) => {
     check(req);
-    return verifyAudit();
+    return verifyAuditLog(core.audit, core.checkpoints);
+  });
+  app.post('/admin/audit/checkpoint', async (req) => {
+    check(req);
+    return core.checkpoints.checkpoint();
+  });
+  app.post('/admin/audit/prove', async (req) => {
+    check(req);
+    const seq = (req.body as { seq?: unknown } | null)?.seq;
+    const proof = typeof seq === 'number' ? await core.checkpoints.prove(seq) : undefined;
+    if (!proof) throw new CustosError('NOT_FOUND');
+    return proof;
   });
   app.post('/admin/clients', async (req) => {
     check(req);

@@ -93,6 +93,20 @@ export class AuditLog {
     }));
   }
 
+  /** Leaf hashes of [from, to), in order: the log as a Merkle leaf source (merkle-proof.ts). */
+  async leafHashes(from: number, to: number): Promise<Buffer[]> {
+    const r = await this.db.query<{ leaf_hash: Uint8Array }>(
+      'SELECT leaf_hash FROM audit_entry WHERE seq >= $1 AND seq < $2 ORDER BY seq',
+      [from, to],
+    );
+    return r.rows.map((row) => Buffer.from(row.leaf_hash));
+  }
+
+  /** The SQL handle, for modules of the audit log that keep their own tables (checkpoints). */
+  get database(): SqlDriver {
+    return this.db;
+  }
+
   async close(): Promise<void> {
     await this.db.close();
   }

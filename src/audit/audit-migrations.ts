@@ -33,4 +33,19 @@ CREATE TRIGGER audit_entry_no_truncate BEFORE TRUNCATE ON audit_entry
   FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_refuse_change();
 `,
   },
+  {
+    version: 2,
+    name: 'signed checkpoints',
+    sql: `
+-- Signed tree heads (C2SP tlog-checkpoint notes), append-only like the entries.
+CREATE TABLE audit_checkpoint (
+  tree_size bigint PRIMARY KEY,
+  root_hash bytea NOT NULL,
+  note text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TRIGGER audit_checkpoint_no_update BEFORE UPDATE OR DELETE ON audit_checkpoint
+  FOR EACH ROW EXECUTE FUNCTION audit_entry_refuse_change();
+`,
+  },
 ];

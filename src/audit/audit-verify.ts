@@ -1,6 +1,7 @@
 import type { AuditLog } from './audit-log.ts';
 import { leafHash } from './audit-event.ts';
 import { MerkleAccumulator } from './merkle-proof.ts';
+import type { CheckpointReport, Checkpoints } from './checkpoints.ts';
 
 export interface AuditVerifyReport {
   ok: boolean;
@@ -12,10 +13,12 @@ export interface AuditVerifyReport {
   problem: 'leaf_hash_mismatch' | 'sequence_gap' | 'undecodable_entry' | undefined;
   /** Write attempts (request ids) with no recorded outcome: a crash or an audit failure after commit. */
   attemptsWithoutOutcome: string[];
+  /** Signed checkpoints checked (signature, and root = tree head of the log at that size). */
+  checkpoints?: CheckpointReport;
 }
 
 /** Recomputes every leaf hash from the stored bytes and the tree head; finds dangling write attempts. */
-export async function verifyAuditLog(log: AuditLog): Promise<AuditVerifyReport> {
+export async function verifyAuditLog(log: AuditLog, checkpoints?: Checkpoints): Promise<AuditVerifyReport> {
   const size = await log.size();
   const acc = new MerkleAccumulator();
   const pendingAttempts = new Set<string>();
@@ -54,8 +57,10 @@ export async function verifyAuditLog(log: AuditLog): Promise<AuditVerifyReport> 
     firstBadSeq = expected;
     problem = 'sequence_gap';
   }
+  const cps = checkpoints ? await checkpoints.verifyAll() : undefined;
   return {
-    ok: firstBadSeq === undefined,
+    ok: firstBadSeq === undefined && cps?.firstBadTreeSize === undefined,
+    checkpoints: cps,
     size,
     rootHash: acc.root().toString('hex'),
     firstBadSeq,

@@ -6,7 +6,7 @@ import type { SqlDriver } from '../store/sql-driver.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
 import { CustosError } from '../kernel/errors.ts';
 import type { ClientRegistry } from './client-registry.ts';
-import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from './key-file.ts';
+import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from '../kernel/key-file.ts';
 import { CLIENT_PURPOSES_METADATA, CLIENT_SCOPES_METADATA, createOidcAdapter } from './oidc-adapter.ts';
 import { covers, parseSmartScope, parseSmartScopes } from './smart-scopes.ts';
 import { ACCESS_TOKEN_ALG, ACCESS_TOKEN_TTL, fhirAudience as audienceOf } from './access-token.ts';

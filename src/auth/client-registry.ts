@@ -2,7 +2,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { JSONWebKeySet } from 'jose';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { CustosError } from '../kernel/errors.ts';
-import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from './key-file.ts';
+import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from '../kernel/key-file.ts';
 import { parseSmartScope } from './smart-scopes.ts';
 
 /** How a client proves who it is at the token endpoint. */

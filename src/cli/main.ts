@@ -6,6 +6,7 @@ import { createLogger, silentLogger, type Logger } from '../log/logger.ts';
 import { isCustosError } from '../kernel/errors.ts';
 import { dataPaths, openCore, runningServer, startServer, VERSION, type CustosCore } from '../server.ts';
 import { verifyAuditLog, type AuditVerifyReport } from '../audit/audit-verify.ts';
+import type { InclusionProof, SignedCheckpoint } from '../audit/checkpoints.ts';
 import type { ClientCredentials, InitResult } from '../admin/admin-service.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
 import { egressFetch } from '../egress/egress.ts';
@@ -221,16 +222,60 @@ export function buildCli(): Command {
       const r = await withBackend<AuditVerifyReport>(
         cfg,
         async (call) => (await call('/admin/audit/verify', {})) as AuditVerifyReport,
-        (core) => verifyAuditLog(core.audit),
+        (core) => verifyAuditLog(core.audit, core.checkpoints),
       );
-      const human = r.ok
-        ? `audit log OK: ${r.size} entries, tree head ${r.rootHash}`
-        : `audit log BROKEN at sequence number ${r.firstBadSeq} (${r.problem})`;
+      const cps = r.checkpoints;
+      const human =
+        r.firstBadSeq !== undefined
+          ? `audit log BROKEN at sequence number ${r.firstBadSeq} (${r.problem})`
+          : cps?.firstBadTreeSize !== undefined
+            ? `audit log BROKEN: the signed checkpoint of tree size ${cps.firstBadTreeSize} does not match the log`
+            : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s) verified`;
       const pending = r.attemptsWithoutOutcome.length
         ? `\n${r.attemptsWithoutOutcome.length} write attempt(s) without outcome: ${r.attemptsWithoutOutcome.join(', ')}`
         : '';
       print(opts.json === true, r, human + pending);
       if (!r.ok) process.exitCode = 1;
+    });
+  audit
+    .command('checkpoint')
+    .description('Sign the current Merkle tree head (a C2SP tlog-checkpoint note, Ed25519) and store it')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { json?: boolean }) => {
+      const cfg = config();
+      const cp = await withBackend<SignedCheckpoint>(
+        cfg,
+        async (call) => (await call('/admin/audit/checkpoint', {})) as SignedCheckpoint,
+        (core) => core.checkpoints.checkpoint(),
+      );
+      print(opts.json === true, cp, `${cp.note}\nverifier key: ${cp.verifierKey}`);
+    });
+
+  audit
+    .command('prove')
+    .description('Print an RFC 9162 inclusion proof of one audit entry in a signed checkpoint')
+    .requiredOption('--seq <n>', 'sequence number of the entry')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { seq: string; json?: boolean }) => {
+      const cfg = config();
+      if (!/^\d{1,15}$/.test(opts.seq))
+        throw new ExitError(2, 'custos: --seq must be a non-negative integer');
+      const seq = Number(opts.seq);
+      const proof = await withBackend<InclusionProof | undefined>(
+        cfg,
+        async (call) => (await call('/admin/audit/prove', { seq })) as InclusionProof,
+        (core) => core.checkpoints.prove(seq),
+      );
+      if (!proof) throw new ExitError(1, `custos: no audit entry with sequence number ${seq}`);
+      const human = [
+        `entry ${proof.seq} (leaf hash ${proof.leafHash}) is in the tree of size ${proof.treeSize}, root ${proof.rootHash}`,
+        'proof (leaf to root):',
+        ...proof.proof.map((h) => `  ${h}`),
+        'signed checkpoint:',
+        proof.checkpoint.trimEnd(),
+        `verifier key: ${proof.verifierKey}`,
+      ].join('\n');
+      print(opts.json === true, proof, human);
     });
   return program;
 }

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { CustosError } from '../kernel/errors.ts';
+import { CustosError } from './errors.ts';
 
 /** JWK members that only a private or symmetric key has (RFC 7518 section 6; `priv` for AKP keys). */
 export const PRIVATE_JWK_MEMBERS: readonly string[] = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'oth', 'k', 'priv'];
