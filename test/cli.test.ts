@@ -225,6 +225,8 @@ describe('custos CLI with storage opened directly', () => {
       ['init', '--help'],
       ['client', 'create', '--help'],
       ['audit', 'verify', '--help'],
+      ['audit', 'checkpoint', '--help'],
+      ['audit', 'prove', '--help'],
     ]) {
       const r = await custos(args, env);
       assert.equal(r.code, 0, args.join(' '));
