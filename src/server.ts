@@ -3,7 +3,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { Config } from './config/config.ts';
-import type { Logger } from './log/logger.ts';
+import { errorFields, type Logger } from './log/logger.ts';
 import { CustosError } from './kernel/errors.ts';
 import type { SqlDriver } from './store/sql-driver.ts';
 import { PgliteDriver } from './store/pglite/pglite-driver.ts';
@@ -74,6 +74,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     audit,
     keyFile: paths.auditCheckpointKey,
     origin: `${new URL(config.publicUrl).host}/custos/audit`,
+    exportDir: config.auditCheckpointDir,
   });
   const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
   const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
@@ -166,6 +167,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     const scheme = config.tls ? 'https' : 'http';
     const url = `${scheme}://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
     fs.writeFileSync(paths.serverInfo, JSON.stringify({ pid: process.pid, url }), { mode: 0o600 });
+    const stopCheckpoints = scheduleCheckpoints(core, config.auditCheckpointIntervalSeconds, log);
     log.info('server.listening', {
       host: config.host,
       port,
@@ -182,6 +184,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
         } catch {
           /* already gone */
         }
+        stopCheckpoints();
         await app.close();
         await core.close();
       },
@@ -190,6 +193,32 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     await core.close();
     throw e;
   }
+}
+
+/**
+ * Signs a checkpoint every `seconds` while the log grows: the published maximum merge delay within
+ * which every audit entry is covered by a signed checkpoint. Returns the stop function.
+ */
+function scheduleCheckpoints(core: CustosCore, seconds: number, log: Logger): () => void {
+  if (seconds <= 0) return () => {};
+  let signedSize = -1;
+  let running = false;
+  const timer = setInterval(() => {
+    if (running) return;
+    running = true;
+    void (async () => {
+      try {
+        const size = await core.audit.size();
+        if (size !== signedSize) signedSize = (await core.checkpoints.checkpoint()).treeSize;
+      } catch (e) {
+        log.error('audit.checkpoint_failed', errorFields(e));
+      } finally {
+        running = false;
+      }
+    })();
+  }, seconds * 1000);
+  timer.unref();
+  return () => clearInterval(timer);
 }
 
 /** The running server on this data directory, if any (for the CLI). */

@@ -1,5 +1,8 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { startHarness, testPatient, type Harness } from './support/harness.ts';
 import { verifyAuditLog } from '../src/audit/audit-verify.ts';
 import { verifyInclusion } from '../src/audit/merkle-proof.ts';
@@ -70,4 +73,46 @@ test('verify checks the checkpoints: an entry rewritten with a matching leaf has
   assert.equal(report.firstBadSeq, undefined, 'the leaf hashes alone look fine');
   assert.equal(report.ok, false);
   assert.ok(report.checkpoints?.firstBadTreeSize !== undefined);
+});
+
+test('scheduled checkpoints go to an external directory, which catches a truncated log', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-checkpoints-'));
+  const s = await startHarness({
+    env: { CUSTOS_AUDIT_CHECKPOINT_INTERVAL: '1', CUSTOS_AUDIT_CHECKPOINT_DIR: dir },
+  });
+  try {
+    await s.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient()) });
+    const size = await s.server.core.audit.size();
+    // Within the maximum merge delay (1 s here) a signed checkpoint covers every entry.
+    const deadline = Date.now() + 10_000;
+    let files: string[] = [];
+    while (Date.now() < deadline) {
+      files = fs.readdirSync(dir).filter((f) => f.endsWith('.note'));
+      if (files.some((f) => Number(/(\d+)/.exec(f)![1]) >= size)) break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.ok(
+      files.some((f) => Number(/(\d+)/.exec(f)![1]) >= size),
+      'a checkpoint covers the log',
+    );
+    const ok = await verifyAuditLog(s.server.core.audit, s.server.core.checkpoints);
+    assert.equal(ok.ok, true);
+    assert.ok((ok.checkpoints?.external ?? 0) >= 1);
+
+    // Truncate with owner rights: drop the last entries, rewind the head, empty the checkpoint table.
+    const db = s.server.core.auditDb;
+    await db.query('ALTER TABLE audit_entry DISABLE TRIGGER audit_entry_no_update');
+    await db.query('ALTER TABLE audit_checkpoint DISABLE TRIGGER audit_checkpoint_no_update');
+    await db.query('DELETE FROM audit_entry WHERE seq >= $1', [size - 2]);
+    await db.query('UPDATE audit_head SET next_seq = $1', [size - 2]);
+    await db.query('DELETE FROM audit_checkpoint');
+    await db.query('ALTER TABLE audit_entry ENABLE TRIGGER audit_entry_no_update');
+    await db.query('ALTER TABLE audit_checkpoint ENABLE TRIGGER audit_checkpoint_no_update');
+    const bad = await verifyAuditLog(s.server.core.audit, s.server.core.checkpoints);
+    assert.equal(bad.firstBadSeq, undefined, 'what is left is internally consistent');
+    assert.equal(bad.ok, false, 'the external checkpoint shows the truncation');
+  } finally {
+    await s.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -31,6 +31,8 @@ test('defaults match INTERFACE.md', () => {
   assert.equal(c.publicUrl, 'http://127.0.0.1:8080');
   assert.equal(c.databaseUrl, undefined);
   assert.equal(c.keyProvider, 'local');
+  assert.equal(c.auditCheckpointIntervalSeconds, 60);
+  assert.equal(c.auditCheckpointDir, undefined);
   assert.ok(Object.isFrozen(c));
 });
 
@@ -42,6 +44,7 @@ test('invalid values stop the start with one line naming the variable', () => {
   assert.match(refusal({ CUSTOS_TLS_CERT: 'cert.pem' }), /^CUSTOS_TLS_KEY: /);
   assert.match(refusal({ CUSTOS_TRUSTED_PROXIES: 'not an ip' }), /^CUSTOS_TRUSTED_PROXIES: /);
   assert.match(refusal({ CUSTOS_PUBLIC_URL: 'ftp://x' }), /^CUSTOS_PUBLIC_URL: /);
+  assert.match(refusal({ CUSTOS_AUDIT_CHECKPOINT_INTERVAL: '1m' }), /^CUSTOS_AUDIT_CHECKPOINT_INTERVAL: /);
 });
 
 test('the audit database may not be the resource database, even spelled differently', () => {

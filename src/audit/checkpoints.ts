@@ -1,4 +1,6 @@
 import { generateKeyPairSync } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { readOrCreateKeyFile } from '../kernel/key-file.ts';
 import type { AuditLog } from './audit-log.ts';
 import { HASH_SIZE, inclusionProof, treeHead, verifyInclusion } from './merkle-proof.ts';
@@ -40,6 +42,8 @@ export interface InclusionProof {
 
 export interface CheckpointReport {
   checked: number;
+  /** Of those, how many came from the external checkpoint directory. */
+  external: number;
   /** Tree size of the first checkpoint whose signature or root does not match the log. */
   firstBadTreeSize: number | undefined;
 }
@@ -53,7 +57,16 @@ export interface CheckpointReport {
 export class Checkpoints {
   private signerKey: SignerKey | undefined;
 
-  constructor(private readonly opts: { audit: AuditLog; keyFile: string; origin: string }) {}
+  constructor(
+    private readonly opts: {
+      audit: AuditLog;
+      keyFile: string;
+      origin: string;
+      /** Every signed checkpoint is also written here (outside both databases), so that a
+       * truncated log and truncated checkpoint table are still caught by verify. */
+      exportDir?: string;
+    },
+  ) {}
 
   private signer(): SignerKey {
     this.signerKey ??= parseSignerKey(
@@ -78,6 +91,18 @@ export class Checkpoints {
       'INSERT INTO audit_checkpoint (tree_size, root_hash, note) VALUES ($1, $2, $3) ON CONFLICT (tree_size) DO NOTHING',
       [size, root, note],
     );
+    if (this.opts.exportDir) {
+      fs.mkdirSync(this.opts.exportDir, { recursive: true });
+      try {
+        fs.writeFileSync(
+          path.join(this.opts.exportDir, `checkpoint-${String(size).padStart(12, '0')}.note`),
+          note,
+          { flag: 'wx' },
+        );
+      } catch (e) {
+        if ((e as { code?: unknown }).code !== 'EEXIST') throw e;
+      }
+    }
     const stored = await this.at(size);
     return (
       stored ?? {
@@ -136,26 +161,45 @@ export class Checkpoints {
     };
   }
 
-  /** Every stored checkpoint: its signature verifies and its root is the tree head of the log now. */
+  /**
+   * Every checkpoint, stored and exported: its signature verifies and its root is the tree head of
+   * the log now at its size. A checkpoint larger than the log means the log was truncated.
+   */
   async verifyAll(): Promise<CheckpointReport> {
     const audit = this.opts.audit;
     const rows = await audit.database.query<{ tree_size: number; note: string }>(
       'SELECT tree_size, note FROM audit_checkpoint ORDER BY tree_size',
     );
+    const external = this.exported();
+    const all = [
+      ...rows.rows.map((r) => ({ treeSize: Number(r.tree_size), note: r.note })),
+      ...external,
+    ].sort((a, b) => a.treeSize - b.treeSize);
     const size = await audit.size();
     const vkey = this.verifierKey();
-    for (const row of rows.rows) {
-      const treeSize = Number(row.tree_size);
+    for (const row of all) {
+      const treeSize = row.treeSize;
       try {
         const cp = parseCheckpoint(verifyNote(row.note, [vkey]).text);
         if (cp.size !== treeSize || cp.size > size || cp.rootHash.length !== HASH_SIZE)
           throw new Error('size');
         if (!(await treeHead(audit, cp.size)).equals(cp.rootHash)) throw new Error('root');
       } catch {
-        return { checked: rows.rows.length, firstBadTreeSize: treeSize };
+        return { checked: all.length, external: external.length, firstBadTreeSize: treeSize };
       }
     }
-    return { checked: rows.rows.length, firstBadTreeSize: undefined };
+    return { checked: all.length, external: external.length, firstBadTreeSize: undefined };
+  }
+
+  /** Checkpoints in the export directory (size from the file name; the note is checked by verifyAll). */
+  private exported(): { treeSize: number; note: string }[] {
+    const dir = this.opts.exportDir;
+    if (!dir || !fs.existsSync(dir)) return [];
+    return fs
+      .readdirSync(dir)
+      .map((f) => /^checkpoint-(\d{12})\.note$/.exec(f))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => ({ treeSize: Number(m[1]), note: fs.readFileSync(path.join(dir, m[0]), 'utf8') }));
   }
 }
 

@@ -21,6 +21,10 @@ export interface Config {
   /** Undefined means the generated development passphrase (refused in production). */
   readonly keyringPassphrase: string | undefined;
   readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
+  /** Maximum merge delay: `serve` signs a checkpoint at least this often while the log grows (0 = never). */
+  readonly auditCheckpointIntervalSeconds: number;
+  /** A directory outside both databases where every signed checkpoint is also written. */
+  readonly auditCheckpointDir: string | undefined;
 }
 
 /** A configuration problem: the message names the variable and the reason, in one line. */
@@ -123,6 +127,16 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const keyProvider = oneOf(env, 'CUSTOS_KEY_PROVIDER', ['local', 'pkcs11', 'aws-kms'] as const, 'local');
   const keyringPassphrase = str(env, 'CUSTOS_KEYRING_PASSPHRASE');
   const logLevel = oneOf(env, 'CUSTOS_LOG_LEVEL', ['debug', 'info', 'warn', 'error'] as const, 'info');
+  const intervalText = str(env, 'CUSTOS_AUDIT_CHECKPOINT_INTERVAL') ?? '60';
+  if (!/^\d{1,6}$/.test(intervalText)) {
+    throw new ConfigError(
+      'CUSTOS_AUDIT_CHECKPOINT_INTERVAL',
+      'must be a whole number of seconds (0 turns scheduled checkpoints off)',
+    );
+  }
+  const auditCheckpointIntervalSeconds = Number(intervalText);
+  const checkpointDirText = str(env, 'CUSTOS_AUDIT_CHECKPOINT_DIR');
+  const auditCheckpointDir = checkpointDirText ? path.resolve(cwd, checkpointDirText) : undefined;
 
   if (
     databaseUrl &&
@@ -175,5 +189,7 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     keyProvider,
     keyringPassphrase,
     logLevel,
+    auditCheckpointIntervalSeconds,
+    auditCheckpointDir,
   });
 }
