@@ -79,7 +79,6 @@ export const ERROR_CATALOG = {
     message: 'Search is not available yet in this version of Custos.',
   },
   ROUTE_NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AR', message: 'No such endpoint.' },
-  METHOD_NOT_ALLOWED: { status: 405, issue: 'not-supported', ack: 'AR', message: 'Method not allowed.' },
   INVALID_PATCH: {
     status: 422,
     issue: 'processing',
