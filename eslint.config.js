@@ -5,7 +5,14 @@ import tseslint from 'typescript-eslint';
 
 /** Rule 1: only the PHI gateway (src/phi) reaches the resource store. */
 export const STORE_RULE = {
-  group: ['**/store/resource-store', '**/store/resource-store.ts', '**/store/resource-store.js'],
+  group: [
+    '**/store/resource-store',
+    '**/store/resource-store.ts',
+    '**/store/resource-store.js',
+    '**/store/search-sql',
+    '**/store/search-sql.ts',
+    '**/store/search-sql.js',
+  ],
   message: 'Only the PHI gateway (src/phi) may import the resource store: ask the gateway instead.',
 };
 

@@ -115,6 +115,9 @@ export async function buildApp(
     log,
     validate: validateResource,
     isResourceType,
+    resourceTypes: RESOURCE_TYPES,
+    fhirBaseUrl: `${config.publicUrl}/fhir/R4`,
+    searchTimeoutMs: 10_000,
   });
   // Loaded here, not at the top: CLI commands that do not serve need no authorization server
   // (and oidc-provider prints a runtime notice on Node 20 when it loads; see docs/adr/0002).

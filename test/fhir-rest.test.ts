@@ -23,10 +23,14 @@ describe(`FHIR REST interactions`, () => {
     assert.equal(cs.fhirVersion, '4.0.1');
     const patient = cs.rest[0].resource.find((r: { type: string }) => r.type === 'Patient');
     assert.ok(patient.interaction.some((i: { code: string }) => i.code === 'vread'));
-    assert.ok(
-      !patient.interaction.some((i: { code: string }) => i.code === 'search-type'),
-      'search is not implemented yet',
-    );
+    assert.ok(patient.interaction.some((i: { code: string }) => i.code === 'search-type'));
+    const names = patient.searchParam.map((p: { name: string }) => p.name);
+    for (const n of ['_id', '_lastUpdated', 'name', 'family', 'birthdate', 'identifier', 'gender', '_tag'])
+      assert.ok(names.includes(n), n);
+    assert.ok(!names.includes('near'), 'unsupported parameters are not listed');
+    const obs = cs.rest[0].resource.find((r: { type: string }) => r.type === 'Observation');
+    assert.ok(obs.searchParam.some((p: { name: string }) => p.name === 'code-value-quantity'));
+    assert.ok(obs.searchInclude.includes('Observation:patient'));
   });
 
   test('create, read, vread, update with If-Match, patch, history, versioned delete', async () => {
@@ -152,9 +156,16 @@ describe(`FHIR REST interactions`, () => {
       body: JSON.stringify(testPatient({ identifier: [{ system: 'urn:test:mrn', value: 'MRN-TEST-0002' }] })),
     });
     assert.equal(created.status, 201);
-    const unsupported = await h.fhir('/Patient', {
+    // Any search parameter may be a condition; several matches are a 412 (R4 conditional create).
+    const several = await h.fhir('/Patient', {
       method: 'POST',
       headers: { 'if-none-exist': 'name=Testpatient' },
+      body,
+    });
+    assert.equal(several.status, 412);
+    const unsupported = await h.fhir('/Patient', {
+      method: 'POST',
+      headers: { 'if-none-exist': 'no-such-parameter=1' },
       body,
     });
     assert.equal(unsupported.status, 400);

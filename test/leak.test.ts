@@ -382,7 +382,7 @@ async function plantCanaries(
     'If-None-Exist unsupported parameter',
     await fhir('/Patient', {
       method: 'POST',
-      headers: { 'if-none-exist': `name=${encodeURIComponent(person(`${L}IneName`))}` },
+      headers: { 'if-none-exist': `${tok(`${T}-INEPARAM`)}=${encodeURIComponent(person(`${L}IneName`))}` },
       body: json(patient('Ine')),
     }),
     400,

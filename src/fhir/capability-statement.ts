@@ -1,6 +1,30 @@
+import { searchParameters } from './search-parameters.ts';
+
+/** Exactly the parameters the search engine supports for `type`: `_id`, `_lastUpdated` and the indexed ones. */
+function searchParamsOf(type: string): { name: string; type: string; definition: string }[] {
+  const out = [
+    { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
+    {
+      name: '_lastUpdated',
+      type: 'date',
+      definition: 'http://hl7.org/fhir/SearchParameter/Resource-lastUpdated',
+    },
+  ];
+  for (const p of searchParameters().indexed(type).values())
+    out.push({ name: p.code, type: p.type, definition: p.url });
+  return out.sort((a, b) => (a.name < b.name ? -1 : 1));
+}
+
+function includesOf(type: string): string[] {
+  return [...searchParameters().indexed(type).values()]
+    .filter((p) => p.type === 'reference')
+    .map((p) => `${type}:${p.code}`)
+    .sort();
+}
+
 /**
  * The CapabilityStatement at /fhir/R4/metadata. It states only what this version does: every
- * interaction listed is implemented and tested; search is absent until issue 3 lands.
+ * interaction and search parameter listed is implemented and tested.
  */
 export function capabilityStatement(opts: {
   publicUrl: string;
@@ -16,6 +40,7 @@ export function capabilityStatement(opts: {
     'history-instance',
     'history-type',
     'create',
+    'search-type',
   ].map((code) => ({ code }));
   return {
     resourceType: 'CapabilityStatement',
@@ -66,8 +91,24 @@ export function capabilityStatement(opts: {
           conditionalUpdate: true,
           conditionalDelete: 'not-supported',
           referencePolicy: ['literal', 'local'],
+          searchInclude: includesOf(type),
+          searchRevInclude: ['Provenance:target'],
+          searchParam: searchParamsOf(type),
         })),
-        interaction: [{ code: 'transaction' }, { code: 'batch' }, { code: 'history-system' }],
+        interaction: [
+          { code: 'transaction' },
+          { code: 'batch' },
+          { code: 'history-system' },
+          { code: 'search-system' },
+        ],
+        searchParam: [
+          { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
+          {
+            name: '_lastUpdated',
+            type: 'date',
+            definition: 'http://hl7.org/fhir/SearchParameter/Resource-lastUpdated',
+          },
+        ],
       },
     ],
   };

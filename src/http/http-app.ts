@@ -15,7 +15,6 @@ import {
 } from '../phi/gateway.ts';
 import type { Config } from '../config/config.ts';
 import { parseJsonBody } from './json-body.ts';
-import { isResourceType } from '../fhir/resource-types.ts';
 
 /** What the HTTP layer needs from authentication: a principal from a bearer token, or an error. */
 export type Authenticate = (bearer: string) => Promise<Principal>;
@@ -129,6 +128,13 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     });
   }
 
+  // POST [type]/_search carries its parameters form-encoded.
+  app.addContentTypeParser(
+    'application/x-www-form-urlencoded',
+    { parseAs: 'string', bodyLimit: BODY_LIMIT },
+    (_req, body, done) => done(null, new URLSearchParams(body as string)),
+  );
+
   function sendError(err: unknown, req: FastifyRequest, reply: FastifyReply): void {
     const code = errorCodeOf(err);
     if (code === 'INTERNAL') log.error('http.internal_error', { requestId: req.id, ...errorFields(err) });
@@ -218,12 +224,44 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     const q = req.query as Record<string, string | undefined>;
     return sendResult(reply, await (await session(req, 'history')).history(base, historyOpts(q)));
   });
-  app.get<{ Params: P }>('/fhir/R4/:type', async (req) => {
-    await authed(req, 'search');
-    // An unknown type is a 404 as on every other interaction, not "search not supported".
-    if (!isResourceType(req.params.type)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
-    throw new CustosError('SEARCH_NOT_SUPPORTED');
-  });
+  // ---- search: GET or POST _search (form-encoded), type, system and Patient compartment ----
+  const searchQuery = (req: FastifyRequest): URLSearchParams => {
+    const qi = req.url.indexOf('?');
+    const q = new URLSearchParams(qi < 0 ? '' : req.url.slice(qi + 1));
+    // POST _search: the form body's parameters join those of the URL.
+    if (req.body instanceof URLSearchParams) for (const [k, v] of req.body) q.append(k, v);
+    return q;
+  };
+  const strict = (req: FastifyRequest) =>
+    /(?:^|[;,\s])handling\s*=\s*strict\b/.test(header(req, 'prefer') ?? '');
+  const search = async (
+    req: FastifyRequest,
+    reply: FastifyReply,
+    opts: { type?: string; patient?: string; path: string },
+  ) => {
+    const s = await session(req, 'search');
+    return sendResult(reply, await s.search(base, { ...opts, query: searchQuery(req), strict: strict(req) }));
+  };
+  app.get<{ Params: P }>('/fhir/R4/:type', async (req, reply) =>
+    search(req, reply, { type: req.params.type, path: `/${req.params.type}` }),
+  );
+  app.post<{ Params: P }>('/fhir/R4/:type/_search', async (req, reply) =>
+    search(req, reply, { type: req.params.type, path: `/${req.params.type}` }),
+  );
+  app.get('/fhir/R4', async (req, reply) => search(req, reply, { path: '' }));
+  app.post('/fhir/R4/_search', async (req, reply) => search(req, reply, { path: '' }));
+  app.get<{ Params: { type: string; id: string; ctype: string } }>(
+    '/fhir/R4/:type/:id/:ctype',
+    async (req, reply) => {
+      // Compartment search: only the Patient compartment is supported.
+      if (req.params.type !== 'Patient') throw new CustosError('ROUTE_NOT_FOUND');
+      return search(req, reply, {
+        type: req.params.ctype,
+        patient: req.params.id,
+        path: `/Patient/${req.params.id}/${req.params.ctype}`,
+      });
+    },
+  );
   app.post<{ Params: P }>('/fhir/R4/:type', async (req, reply) => {
     const s = await session(req, 'create');
     const ifNoneExist = header(req, 'if-none-exist');

@@ -72,12 +72,6 @@ export const ERROR_CATALOG = {
     ack: 'AR',
     message: 'The conditional criteria use a parameter this server does not support yet.',
   },
-  SEARCH_NOT_SUPPORTED: {
-    status: 501,
-    issue: 'not-supported',
-    ack: 'AR',
-    message: 'Search is not available yet in this version of Custos.',
-  },
   ROUTE_NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AR', message: 'No such endpoint.' },
   INVALID_PATCH: {
     status: 422,
@@ -131,6 +125,24 @@ export const ERROR_CATALOG = {
     issue: 'transient',
     ack: 'AE',
     message: 'The audit log is unavailable; no data was returned or changed.',
+  },
+  SEARCH_INVALID: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AR',
+    message: 'A search parameter or its value is malformed; the issues name each one.',
+  },
+  SEARCH_UNKNOWN_PARAMETER: {
+    status: 400,
+    issue: 'not-supported',
+    ack: 'AR',
+    message: 'The search uses parameters this server does not support (Prefer: handling=strict).',
+  },
+  SEARCH_TOO_COSTLY: {
+    status: 400,
+    issue: 'too-costly',
+    ack: 'AR',
+    message: 'The search exceeds a limit on chaining, _has, includes or total work; narrow it.',
   },
   ADMIN_TOKEN_INVALID: { status: 401, issue: 'login', ack: 'AR', message: 'Invalid admin token.' },
   CONFIG_INVALID: { status: 500, issue: 'exception', ack: 'AE', message: 'Invalid configuration.' },

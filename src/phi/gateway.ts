@@ -19,6 +19,10 @@ import { classifyDatabaseError } from '../store/sql-driver.ts';
 import { patientCompartment } from '../fhir/patient-compartment.ts';
 import { BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from './purpose-of-use.ts';
 import { TtlCache } from '../kernel/ttl-cache.ts';
+import { extractSearchIndex, type SearchIndex } from '../fhir/search-index.ts';
+import { parseSearch, type SearchRequest } from '../fhir/search-request.ts';
+import { runSearch, searchIds, type SearchAccess, type SearchRow } from '../store/search-sql.ts';
+import { selectElements, summarize, unknownElements } from '../fhir/summary.ts';
 
 /** The SMART interactions a scope grants: create, read, update, delete, search. */
 export type Interaction = 'c' | 'r' | 'u' | 'd' | 's';
@@ -58,6 +62,12 @@ export interface GatewayDeps {
   /** Structural validation against the base R4 StructureDefinitions. */
   validate: (resource: unknown) => IssueDetail[];
   isResourceType: (type: string) => boolean;
+  /** Every resource type this server serves (system search spans those the caller may search). */
+  resourceTypes: Iterable<string>;
+  /** The public FHIR base URL: absolute references to this server index as relative ones. */
+  fhirBaseUrl?: string;
+  /** Upper bound on one search's SQL statements (PostgreSQL only), in ms. */
+  searchTimeoutMs?: number;
   now?: () => Date;
 }
 
@@ -90,6 +100,8 @@ export interface WriteOptions {
   ifMatch?: number;
   ifNoneExist?: string;
 }
+
+const EMPTY_INDEX: SearchIndex = { keys: [], strings: [], dates: [], numbers: [] };
 
 const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
 const DATA_OPERATION = 'http://terminology.hl7.org/CodeSystem/v3-DataOperation';
@@ -336,6 +348,62 @@ export class PhiSession {
     return { status: 200, body };
   }
 
+  /**
+   * Search (https://hl7.org/fhir/R4/search.html): type search (`type`), system search (no type;
+   * `_type` or every type the caller may search) and compartment search (`patient`). The caller's
+   * access is part of the SQL; one audit entry names every patient whose data the page returns.
+   */
+  async search(
+    baseUrl: string,
+    opts: { type?: string; patient?: string; query: URLSearchParams; strict: boolean; path: string },
+  ): Promise<InteractionResult> {
+    let types: string[];
+    if (opts.type) {
+      await this.guard('search', opts.type, 's');
+      if (opts.patient !== undefined) {
+        if (!isFhirId(opts.patient)) throw new CustosError('INVALID_ID');
+        await this.guard('search', 'Patient', 'r', opts.patient);
+      }
+      types = [opts.type];
+    } else {
+      const named = opts.query
+        .getAll('_type')
+        .flatMap((v) => v.split(','))
+        .map((t) => t.trim())
+        .filter(Boolean);
+      for (const t of named) if (!this.deps.isResourceType(t)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
+      const candidates = named.length > 0 ? named : [...this.deps.resourceTypes];
+      types = candidates.filter((t) => this.principal.can(t, 's'));
+      if (this.purposeError || types.length === 0 || (named.length > 0 && types.length < named.length)) {
+        const code: ErrorCode = this.purposeError ?? 'FORBIDDEN_SCOPE';
+        await this.audit(this.event({ phase: 'access', action: 'search', outcome: 'refused', code }));
+        throw new CustosError(code);
+      }
+    }
+    const req = parseSearch(types, opts.query, { strict: opts.strict });
+    const elementIssues = req.elements && types.length === 1 ? unknownElements(types[0]!, req.elements) : [];
+    const db = this.deps.store.db;
+    const timeout = this.deps.searchTimeoutMs;
+    const page = await db.transaction(async (q) => {
+      if (db.kind === 'postgres' && timeout)
+        await q.query(`SET LOCAL statement_timeout = ${Math.floor(timeout)}`);
+      return runSearch(q, req, this.searchAccess(opts.patient));
+    });
+    const rows = [...page.matches, ...page.includes];
+    const patients = [...new Set(rows.flatMap((r) => r.patients))].sort();
+    await this.audit(
+      this.event({
+        phase: 'access',
+        action: 'search',
+        outcome: 'success',
+        resource: opts.type ? { type: opts.type } : undefined,
+        patients,
+        count: rows.length,
+      }),
+    );
+    return { status: 200, body: searchBundle(baseUrl, opts.path, opts.query, req, page, elementIssues) };
+  }
+
   // ---- writes: attempt (durable), commit, outcome ------------------------------------------
 
   /** Checks a body for a write: type, id, HTEST label in sandboxes, structure. */
@@ -481,8 +549,16 @@ export class PhiSession {
   /** Writes a version now, or, for a fresh id inside a transaction bundle, queues it for one multi-row insert. */
   private async storeWrite(
     q: SqlQueryable,
-    w: Parameters<ResourceStore['write']>[1],
+    input: Omit<Parameters<ResourceStore['write']>[1], 'index'>,
   ): Promise<StoredVersion> {
+    // The one place index rows are made (search issue): from the version about to be stored.
+    const index: SearchIndex = input.resource
+      ? extractSearchIndex(
+          { ...input.resource, resourceType: input.resourceType, id: input.id },
+          this.deps.fhirBaseUrl,
+        )
+      : EMPTY_INDEX;
+    const w = { ...input, index };
     if (w.fresh && this.freshBuffer) {
       const v = this.deps.store.prepareFresh(w);
       this.freshBuffer.push(v);
@@ -503,7 +579,7 @@ export class PhiSession {
     if (criteria) {
       // Race-free also inside a transaction bundle: identical conditions serialize here.
       await this.deps.store.lockCondition(q, this.conditionKey(type, criteria));
-      const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
+      const ids = await this.findIds(q, type, criteria);
       if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
       if (ids.length === 1) {
         const cur = await this.deps.store.read(this.principal.projectId, type, ids[0]!, q);
@@ -542,7 +618,7 @@ export class PhiSession {
     resource: Record<string, unknown>,
   ): Promise<StepResult> {
     await this.deps.store.lockCondition(q, this.conditionKey(type, criteria));
-    const ids = await this.deps.store.findByCondition(q, this.principal.projectId, type, criteria);
+    const ids = await this.findIds(q, type, criteria);
     if (ids.length > 1) throw new CustosError('CONDITIONAL_MULTIPLE');
     if (ids[0] && resource.id !== undefined && resource.id !== ids[0]) throw new CustosError('ID_MISMATCH');
     const id = ids[0] ?? (typeof resource.id === 'string' ? resource.id : newId());
@@ -597,6 +673,31 @@ export class PhiSession {
         ? [cur]
         : await this.writeVersion(q, { type, id, method: 'delete', resource: undefined }),
     };
+  }
+
+  /** What a search may see: this project, the types the caller's access covers. */
+  private searchAccess(patient?: string): SearchAccess {
+    return {
+      projectId: this.principal.projectId,
+      canRead: (t) => this.principal.can(t, 'r') || this.principal.can(t, 's'),
+      patient,
+      baseUrl: this.deps.fhirBaseUrl ?? '',
+      now: this.now(),
+    };
+  }
+
+  /** Ids matching conditional-interaction criteria, through the search engine (at most 2 needed). */
+  private async findIds(q: SqlQueryable, type: string, criteria: URLSearchParams): Promise<string[]> {
+    let req: SearchRequest;
+    try {
+      req = parseSearch([type], criteria, { strict: true });
+    } catch (e) {
+      if (isCustosError(e) && e.code === 'SEARCH_UNKNOWN_PARAMETER')
+        throw new CustosError('UNSUPPORTED_CONDITION');
+      throw e;
+    }
+    if (req.filters.length === 0) throw new CustosError('UNSUPPORTED_CONDITION');
+    return searchIds(q, req, this.searchAccess(), 2);
   }
 
   /** The advisory-lock key of a condition: concurrent identical conditional writes serialize on it. */
@@ -774,7 +875,8 @@ export class PhiSession {
           const resolveConditional = async (ref: string): Promise<string> => {
             const m = /^([A-Z][A-Za-z]+)\?(.+)$/.exec(ref);
             if (!m) return ref;
-            const ids = await store.findByCondition(q, projectId, m[1]!, parseCriteria(m[2]!));
+            if (!this.deps.isResourceType(m[1]!)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
+            const ids = await this.findIds(q, m[1]!, parseCriteria(m[2]!));
             if (ids.length !== 1)
               throw new CustosError(ids.length === 0 ? 'NOT_FOUND' : 'CONDITIONAL_MULTIPLE');
             return `${m[1]}/${ids[0]}`;
@@ -1012,4 +1114,51 @@ function entryResponse(baseUrl: string, r: InteractionResult): string {
   });
   const resource = v.json && r.status !== 204 ? `"resource":${v.json},` : '';
   return `{"fullUrl":${JSON.stringify(`${baseUrl}/${v.resourceType}/${v.id}`)},${resource}"response":${response}}`;
+}
+
+/** The searchset Bundle of a page, built as text around the stored JSON of each resource. */
+function searchBundle(
+  baseUrl: string,
+  path: string,
+  query: URLSearchParams,
+  req: SearchRequest,
+  page: Awaited<ReturnType<typeof runSearch>>,
+  unknownElementNames: string[],
+): string {
+  const link = (cursor: string | undefined) => {
+    const qs = new URLSearchParams([...query].filter(([k]) => k !== '_cursor'));
+    if (cursor !== undefined) qs.set('_cursor', cursor);
+    const s = qs.toString();
+    return `${baseUrl}${path}${s ? `?${s}` : ''}`;
+  };
+  const links = [{ relation: 'self', url: link(req.cursor) }];
+  if (page.next) links.push({ relation: 'next', url: link(page.next) });
+  if (page.previous) links.push({ relation: 'previous', url: link(page.previous) });
+  const shape = (row: SearchRow): string => {
+    if (req.elements) return JSON.stringify(selectElements(JSON.parse(row.json), req.elements));
+    if (req.summary === 'true' || req.summary === 'text' || req.summary === 'data')
+      return JSON.stringify(summarize(JSON.parse(row.json), req.summary));
+    return row.json;
+  };
+  const entry = (row: SearchRow, mode: 'match' | 'include') =>
+    `{"fullUrl":${JSON.stringify(`${baseUrl}/${row.resourceType}/${row.id}`)},"resource":${shape(row)},"search":{"mode":"${mode}"}}`;
+  const issues = [
+    ...req.ignored,
+    ...page.warnings,
+    ...unknownElementNames.map((n) => ({
+      severity: 'warning' as const,
+      code: 'not-supported',
+      diagnostics: `_elements names '${n}', which is not an element of the searched type.`,
+    })),
+  ];
+  const entries = [
+    ...page.matches.map((r) => entry(r, 'match')),
+    ...page.includes.map((r) => entry(r, 'include')),
+  ];
+  if (issues.length > 0)
+    entries.push(
+      `{"resource":${JSON.stringify({ resourceType: 'OperationOutcome', issue: issues })},"search":{"mode":"outcome"}}`,
+    );
+  const total = page.total === undefined ? '' : `"total":${page.total},`;
+  return `{"resourceType":"Bundle","type":"searchset",${total}"link":${JSON.stringify(links)},"entry":[${entries.join(',')}]}`;
 }

@@ -105,6 +105,58 @@ CREATE TABLE installation (
 );
 `,
   },
+  {
+    version: 3,
+    name: 'search index',
+    sql: `
+-- Exact-match keys (tokens, references, uris, composites, presence) of the current version, built
+-- by src/fhir/search-index.ts; one GIN index intersects several criteria in one scan.
+ALTER TABLE resource ADD COLUMN search_keys text[] NOT NULL DEFAULT '{}';
+-- The extraction version the row was indexed with (custos reindex resumes from what is stale).
+ALTER TABLE resource ADD COLUMN index_version integer NOT NULL DEFAULT 0;
+CREATE INDEX resource_search_keys ON resource USING gin (search_keys);
+CREATE INDEX resource_last_updated ON resource (project_id, resource_type, last_updated);
+-- String values: norm is accent- and case-folded (prefix and :contains), exact is as written.
+-- COLLATE "C" lets the btree serve LIKE 'prefix%' whatever the database's collation.
+CREATE TABLE search_string (
+  project_id text NOT NULL,
+  resource_type text NOT NULL,
+  id text NOT NULL,
+  code text NOT NULL,
+  norm text COLLATE "C" NOT NULL,
+  exact text NOT NULL
+);
+CREATE INDEX search_string_value ON search_string (project_id, resource_type, code, norm);
+CREATE INDEX search_string_resource ON search_string (project_id, resource_type, id, code);
+-- Dates as ranges [lo, hi) at their precision; comp is the token part of a composite.
+CREATE TABLE search_date (
+  project_id text NOT NULL,
+  resource_type text NOT NULL,
+  id text NOT NULL,
+  code text NOT NULL,
+  lo timestamptz NOT NULL,
+  hi timestamptz NOT NULL,
+  comp text
+);
+CREATE INDEX search_date_lo ON search_date (project_id, resource_type, code, lo);
+CREATE INDEX search_date_hi ON search_date (project_id, resource_type, code, hi);
+CREATE INDEX search_date_resource ON search_date (project_id, resource_type, id, code);
+-- Numbers and quantities.
+CREATE TABLE search_number (
+  project_id text NOT NULL,
+  resource_type text NOT NULL,
+  id text NOT NULL,
+  code text NOT NULL,
+  num numeric NOT NULL,
+  system text,
+  qcode text,
+  unit text,
+  comp text
+);
+CREATE INDEX search_number_value ON search_number (project_id, resource_type, code, num);
+CREATE INDEX search_number_resource ON search_number (project_id, resource_type, id, code);
+`,
+  },
 ];
 
 /** Applies pending migrations; safe to call at every start and from several processes. */

@@ -1,5 +1,7 @@
 import type { SqlDriver, SqlQueryable } from './sql-driver.ts';
 import { CustosError } from '../kernel/errors.ts';
+import type { SearchIndex } from '../fhir/search-index.ts';
+import { INDEX_VERSION } from '../fhir/search-parameters.ts';
 
 /** A version of a resource as stored. `json` is the resource text with `meta.versionId`/`lastUpdated` set. */
 export interface StoredVersion {
@@ -12,6 +14,8 @@ export interface StoredVersion {
   /** The resource's JSON text; undefined for a deletion. */
   json: string | undefined;
   patients: string[];
+  /** Set on versions about to be written (prepareFresh); not read back from the database. */
+  index?: SearchIndex;
 }
 
 export interface Project {
@@ -29,6 +33,8 @@ export interface WriteInput {
   /** The resource to store (meta is overwritten); undefined for a delete. */
   resource: Record<string, unknown> | undefined;
   patients: string[];
+  /** The search index of `resource` (empty for a delete): written with it, in the same transaction. */
+  index: SearchIndex;
   /** When set, the write fails with VERSION_CONFLICT unless the current version is this one. */
   expectedVersion?: number;
   lastUpdated: string;
@@ -165,45 +171,6 @@ export class ResourceStore {
   }
 
   /**
-   * Ids of live resources matching conditional-interaction criteria (If-None-Exist, conditional
-   * update). Until the search engine lands (issue 3) this supports `_id` and `identifier`.
-   */
-  async findByCondition(
-    q: SqlQueryable,
-    projectId: string,
-    type: string,
-    criteria: URLSearchParams,
-  ): Promise<string[]> {
-    const where = ['project_id = $1', 'resource_type = $2', 'NOT deleted'];
-    const params: unknown[] = [projectId, type];
-    let any = false;
-    for (const [name, value] of criteria) {
-      any = true;
-      if (name === '_id') {
-        where.push(`id = $${params.push(value)}`);
-      } else if (name === 'identifier') {
-        const bar = value.indexOf('|');
-        const ident =
-          bar < 0
-            ? { value }
-            : bar === 0
-              ? { value: value.slice(1) }
-              : { system: value.slice(0, bar), value: value.slice(bar + 1) };
-        if (!ident.value) throw new CustosError('UNSUPPORTED_CONDITION');
-        where.push(`content -> 'identifier' @> $${params.push(JSON.stringify([ident]))}::jsonb`);
-      } else {
-        throw new CustosError('UNSUPPORTED_CONDITION');
-      }
-    }
-    if (!any) throw new CustosError('UNSUPPORTED_CONDITION');
-    const r = await q.query<{ id: string }>(
-      `SELECT id FROM resource WHERE ${where.join(' AND ')} LIMIT 2`,
-      params,
-    );
-    return r.rows.map((x) => x.id);
-  }
-
-  /**
    * Version 1 of a resource whose id the server just generated, built without writing it:
    * `insertFresh` writes many such versions in one statement (transaction bundles).
    */
@@ -217,6 +184,7 @@ export class ResourceStore {
       method: 'create',
       json: w.resource ? resourceJson(w.resourceType, w.id, 1, w.lastUpdated, w.resource) : undefined,
       patients: w.patients,
+      index: w.index,
     };
   }
 
@@ -225,15 +193,16 @@ export class ResourceStore {
     if (versions.length === 0) return;
     await q.query(
       `WITH fresh AS (
-         SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
-           AS f(resource_type, id, last_updated, content, patients)
+         SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[])
+           AS f(resource_type, id, last_updated, content, patients, search_keys)
        ), history AS (
          INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
          SELECT $1, resource_type, id, 1, last_updated, false, 'create', content::jsonb,
                 ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)) FROM fresh)
-       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients)
+       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
        SELECT $1, resource_type, id, 1, last_updated, false, content::jsonb,
-              ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)) FROM fresh`,
+              ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)),
+              ARRAY(SELECT jsonb_array_elements_text(search_keys::jsonb)), ${INDEX_VERSION} FROM fresh`,
       [
         projectId,
         versions.map((v) => v.resourceType),
@@ -241,7 +210,14 @@ export class ResourceStore {
         versions.map((v) => v.lastUpdated),
         versions.map((v) => v.json ?? null),
         versions.map((v) => JSON.stringify(v.patients)),
+        versions.map((v) => JSON.stringify(v.index?.keys ?? [])),
       ],
+    );
+    await writeIndexRows(
+      q,
+      projectId,
+      versions.map((v) => ({ type: v.resourceType, id: v.id, index: v.index })),
+      false,
     );
   }
 
@@ -272,10 +248,11 @@ export class ResourceStore {
       `WITH history AS (
          INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9))
-       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients)
-       VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9)
+       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
+       VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9, $10, ${INDEX_VERSION})
        ON CONFLICT (project_id, resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,
-         last_updated = EXCLUDED.last_updated, deleted = EXCLUDED.deleted, content = EXCLUDED.content, patients = EXCLUDED.patients`,
+         last_updated = EXCLUDED.last_updated, deleted = EXCLUDED.deleted, content = EXCLUDED.content,
+         patients = EXCLUDED.patients, search_keys = EXCLUDED.search_keys, index_version = EXCLUDED.index_version`,
       [
         w.projectId,
         w.resourceType,
@@ -286,7 +263,14 @@ export class ResourceStore {
         w.method,
         json ?? null,
         w.patients,
+        deleted ? [] : w.index.keys,
       ],
+    );
+    await writeIndexRows(
+      q,
+      w.projectId,
+      [{ type: w.resourceType, id: w.id, index: deleted ? undefined : w.index }],
+      !w.fresh,
     );
     return {
       resourceType: w.resourceType,
@@ -299,4 +283,59 @@ export class ResourceStore {
       patients: w.patients,
     };
   }
+}
+
+/**
+ * Writes the side-table index rows (strings, dates, numbers) of resources in one statement,
+ * replacing what an earlier version wrote when `replace` is set. The only writer of these tables.
+ */
+export async function writeIndexRows(
+  q: SqlQueryable,
+  projectId: string,
+  entries: readonly { type: string; id: string; index: SearchIndex | undefined }[],
+  replace: boolean,
+): Promise<void> {
+  // Column arrays for unnest(): one multi-row INSERT per table.
+  const cols = <K extends string>(...names: K[]) =>
+    Object.fromEntries(names.map((k) => [k, [] as unknown[]])) as Record<K, unknown[]>;
+  const push = <K extends string>(c: Record<K, unknown[]>, row: Partial<Record<K, unknown>>) => {
+    for (const k of Object.keys(c) as K[]) c[k].push(row[k] ?? null);
+  };
+  const s = cols('type', 'id', 'code', 'norm', 'exact');
+  const d = cols('type', 'id', 'code', 'lo', 'hi', 'comp');
+  const n = cols('type', 'id', 'code', 'num', 'system', 'qcode', 'unit', 'comp');
+  for (const { type, id, index } of entries) {
+    for (const x of index?.strings ?? []) push(s, { type, id, ...x });
+    for (const x of index?.dates ?? []) push(d, { type, id, ...x });
+    for (const x of index?.numbers ?? []) push(n, { type, id, ...x });
+  }
+  const parts: string[] = [];
+  const params: unknown[] = [projectId];
+  const p = (v: unknown) => `$${params.push(v)}`;
+  if (replace) {
+    const types = p(entries.map((e) => e.type));
+    const ids = p(entries.map((e) => e.id));
+    for (const table of ['search_string', 'search_date', 'search_number'])
+      parts.push(
+        `del_${table} AS (DELETE FROM ${table} t USING unnest(${types}::text[], ${ids}::text[]) AS k(resource_type, id)
+          WHERE t.project_id = $1 AND t.resource_type = k.resource_type AND t.id = k.id)`,
+      );
+  }
+  if (s.id.length > 0)
+    parts.push(
+      `ins_string AS (INSERT INTO search_string (project_id, resource_type, id, code, norm, exact)
+        SELECT $1, * FROM unnest(${p(s.type)}::text[], ${p(s.id)}::text[], ${p(s.code)}::text[], ${p(s.norm)}::text[], ${p(s.exact)}::text[]))`,
+    );
+  if (d.id.length > 0)
+    parts.push(
+      `ins_date AS (INSERT INTO search_date (project_id, resource_type, id, code, lo, hi, comp)
+        SELECT $1, * FROM unnest(${p(d.type)}::text[], ${p(d.id)}::text[], ${p(d.code)}::text[], ${p(d.lo)}::timestamptz[], ${p(d.hi)}::timestamptz[], ${p(d.comp)}::text[]))`,
+    );
+  if (n.id.length > 0)
+    parts.push(
+      `ins_number AS (INSERT INTO search_number (project_id, resource_type, id, code, num, system, qcode, unit, comp)
+        SELECT $1, * FROM unnest(${p(n.type)}::text[], ${p(n.id)}::text[], ${p(n.code)}::text[], ${p(n.num)}::numeric[], ${p(n.system)}::text[], ${p(n.qcode)}::text[], ${p(n.unit)}::text[], ${p(n.comp)}::text[]))`,
+    );
+  if (parts.length === 0) return;
+  await q.query(`WITH ${parts.join(',\n')} SELECT 1`, params);
 }

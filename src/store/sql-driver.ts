@@ -21,13 +21,23 @@ export interface SqlDriver extends SqlQueryable {
   close(): Promise<void>;
 }
 
-export type DatabaseErrorKind = 'unique_violation' | 'serialization' | 'connection' | 'other';
+export type DatabaseErrorKind =
+  | 'unique_violation'
+  | 'serialization'
+  | 'connection'
+  /** SQLSTATE class 22: a value the query could not use (a bad cast, an overflow). */
+  | 'data_exception'
+  /** statement_timeout fired. */
+  | 'canceled'
+  | 'other';
 
 /** Classifies a driver error by SQLSTATE. Never look at (or log) its message or `detail`: they hold data. */
 export function classifyDatabaseError(e: unknown): DatabaseErrorKind {
   const code = (e as { code?: unknown } | null)?.code;
   if (code === '23505') return 'unique_violation';
   if (code === '40001' || code === '40P01') return 'serialization';
+  if (code === '57014') return 'canceled';
+  if (typeof code === 'string' && code.startsWith('22')) return 'data_exception';
   if (typeof code === 'string' && (code.startsWith('08') || code === '57P01' || code === 'ECONNREFUSED'))
     return 'connection';
   return 'other';
