@@ -24,6 +24,8 @@ import { AdminService } from './admin/admin-service.ts';
 import { registerAdminRoutes } from './admin/admin-routes.ts';
 import { readOrCreateKeyFile } from './kernel/key-file.ts';
 
+import { reindex, type ReindexResult } from './phi/reindex.ts';
+
 export const VERSION = '0.1.0';
 
 /** Files under the data directory. Keys live here, never in a database (DESIGN.md rule 5). */
@@ -47,6 +49,8 @@ export interface CustosCore {
   checkpoints: Checkpoints;
   clients: ClientRegistry;
   admin: AdminService;
+  /** `custos reindex`: rebuilds stale search indexes (all of them with `all`); resumable. */
+  reindex(opts: { all?: boolean; batch?: number; requestId?: string }): Promise<ReindexResult>;
   close(): Promise<void>;
 }
 
@@ -85,6 +89,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     checkpoints,
     clients,
     admin,
+    reindex: (opts) => reindex({ db: resourceDb, audit, baseUrl: `${config.publicUrl}/fhir/R4` }, opts),
     async close() {
       await resourceDb.close().catch(() => {});
       await auditDb.close().catch(() => {});
@@ -118,6 +123,7 @@ export async function buildApp(
     resourceTypes: RESOURCE_TYPES,
     fhirBaseUrl: `${config.publicUrl}/fhir/R4`,
     searchTimeoutMs: 10_000,
+    searchIndexing: config.searchIndexing,
   });
   // Loaded here, not at the top: CLI commands that do not serve need no authorization server
   // (and oidc-provider prints a runtime notice on Node 20 when it loads; see docs/adr/0002).

@@ -5,6 +5,13 @@ import type { AdminService, CreateClientRequest } from './admin-service.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { Checkpoints } from '../audit/checkpoints.ts';
 import { verifyAuditLog } from '../audit/audit-verify.ts';
+import type { ReindexResult } from '../phi/reindex.ts';
+
+type CustosCoreReindex = (opts: {
+  all?: boolean;
+  batch?: number;
+  requestId?: string;
+}) => Promise<ReindexResult>;
 
 /** The header carrying the admin token that the server writes to `<dataDir>/admin-token` (mode 0600). */
 export const ADMIN_TOKEN_HEADER = 'x-custos-admin-token';
@@ -17,7 +24,7 @@ export function registerAdminRoutes(
   app: FastifyInstance,
   admin: AdminService,
   adminToken: string,
-  core: { audit: AuditLog; checkpoints: Checkpoints },
+  core: { audit: AuditLog; checkpoints: Checkpoints; reindex: CustosCoreReindex },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
   const check = (req: FastifyRequest) => {
@@ -44,6 +51,15 @@ export function registerAdminRoutes(
     const proof = typeof seq === 'number' ? await core.checkpoints.prove(seq) : undefined;
     if (!proof) throw new CustosError('NOT_FOUND');
     return proof;
+  });
+  app.post('/admin/reindex', async (req) => {
+    check(req);
+    const b = (req.body ?? {}) as { all?: unknown; batch?: unknown };
+    return core.reindex({
+      all: b.all === true,
+      batch: typeof b.batch === 'number' ? b.batch : undefined,
+      requestId: req.id,
+    });
   });
   app.post('/admin/clients', async (req) => {
     check(req);

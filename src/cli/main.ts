@@ -1,3 +1,4 @@
+import type { ReindexResult } from '../phi/reindex.ts';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Command, CommanderError } from 'commander';
@@ -211,6 +212,29 @@ export function buildCli(): Command {
         print(opts.json === true, publicCredentials(r), `Client created:\n${credentialsText(r)}`);
       },
     );
+
+  program
+    .command('reindex')
+    .description('Rebuild stale search indexes (after an upgrade or a policy change); resumable')
+    .option('--all', 'mark every resource stale first (a changed extraction or protection policy)')
+    .option('--batch <n>', 'resources per committed batch', '500')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { all?: boolean; batch: string; json?: boolean }) => {
+      const cfg = config();
+      if (!/^\d{1,5}$/.test(opts.batch) || Number(opts.batch) < 1)
+        throw new ExitError(2, 'custos: --batch must be a whole number from 1 to 99999');
+      const req = { all: opts.all === true, batch: Number(opts.batch) };
+      const r = await withBackend<ReindexResult>(
+        cfg,
+        async (call) => (await call('/admin/reindex', req)) as ReindexResult,
+        (core) => core.reindex(req),
+      );
+      print(
+        opts.json === true,
+        r,
+        `Reindexed ${r.reindexed} resources (index version ${r.indexVersion}); ${r.remaining} stale left.`,
+      );
+    });
 
   const audit = program.command('audit').description('The audit log');
   audit

@@ -25,6 +25,12 @@ export interface Config {
   readonly auditCheckpointIntervalSeconds: number;
   /** A directory outside both databases where every signed checkpoint is also written. */
   readonly auditCheckpointDir: string | undefined;
+  /**
+   * Search index extraction on writes (default on). `off` exists to measure its write cost in
+   * bench/: resources written with it off are not found by search until `custos reindex`.
+   * Production refuses it.
+   */
+  readonly searchIndexing: boolean;
 }
 
 /** A configuration problem: the message names the variable and the reason, in one line. */
@@ -138,6 +144,8 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const checkpointDirText = str(env, 'CUSTOS_AUDIT_CHECKPOINT_DIR');
   const auditCheckpointDir = checkpointDirText ? path.resolve(cwd, checkpointDirText) : undefined;
 
+  const searchIndexing = oneOf(env, 'CUSTOS_SEARCH_INDEXING', ['on', 'off'] as const, 'on') === 'on';
+
   if (
     databaseUrl &&
     auditDatabaseUrl &&
@@ -175,6 +183,9 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     if (!publicUrl.startsWith('https:')) {
       throw new ConfigError('CUSTOS_PUBLIC_URL', 'must be https:// in production');
     }
+    if (!searchIndexing) {
+      throw new ConfigError('CUSTOS_SEARCH_INDEXING', 'production refuses off: searches would miss new data');
+    }
   }
   return Object.freeze({
     env: mode,
@@ -191,5 +202,6 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     logLevel,
     auditCheckpointIntervalSeconds,
     auditCheckpointDir,
+    searchIndexing,
   });
 }

@@ -132,7 +132,11 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   app.addContentTypeParser(
     'application/x-www-form-urlencoded',
     { parseAs: 'string', bodyLimit: BODY_LIMIT },
-    (_req, body, done) => done(null, new URLSearchParams(body as string)),
+    (req, body, done) => {
+      // Only the _search endpoints take form bodies; anywhere else it is the wrong media type.
+      if (!/\/_search(?:\?|$)/.test(req.url)) done(new CustosError('UNSUPPORTED_MEDIA_TYPE'), undefined);
+      else done(null, new URLSearchParams(body as string));
+    },
   );
 
   function sendError(err: unknown, req: FastifyRequest, reply: FastifyReply): void {

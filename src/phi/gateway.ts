@@ -66,6 +66,8 @@ export interface GatewayDeps {
   resourceTypes: Iterable<string>;
   /** The public FHIR base URL: absolute references to this server index as relative ones. */
   fhirBaseUrl?: string;
+  /** Index extraction on writes (default true; off only to measure its cost in bench/). */
+  searchIndexing?: boolean;
   /** Upper bound on one search's SQL statements (PostgreSQL only), in ms. */
   searchTimeoutMs?: number;
   now?: () => Date;
@@ -552,12 +554,14 @@ export class PhiSession {
     input: Omit<Parameters<ResourceStore['write']>[1], 'index'>,
   ): Promise<StoredVersion> {
     // The one place index rows are made (search issue): from the version about to be stored.
-    const index: SearchIndex = input.resource
-      ? extractSearchIndex(
-          { ...input.resource, resourceType: input.resourceType, id: input.id },
-          this.deps.fhirBaseUrl,
-        )
-      : EMPTY_INDEX;
+    const index: SearchIndex | undefined = !input.resource
+      ? EMPTY_INDEX
+      : this.deps.searchIndexing === false
+        ? undefined
+        : extractSearchIndex(
+            { ...input.resource, resourceType: input.resourceType, id: input.id },
+            this.deps.fhirBaseUrl,
+          );
     const w = { ...input, index };
     if (w.fresh && this.freshBuffer) {
       const v = this.deps.store.prepareFresh(w);

@@ -33,8 +33,11 @@ export interface WriteInput {
   /** The resource to store (meta is overwritten); undefined for a delete. */
   resource: Record<string, unknown> | undefined;
   patients: string[];
-  /** The search index of `resource` (empty for a delete): written with it, in the same transaction. */
-  index: SearchIndex;
+  /**
+   * The search index of `resource` (empty for a delete), written with it in the same transaction;
+   * undefined when extraction is off (the row is then stale for `custos reindex`).
+   */
+  index: SearchIndex | undefined;
   /** When set, the write fails with VERSION_CONFLICT unless the current version is this one. */
   expectedVersion?: number;
   lastUpdated: string;
@@ -193,8 +196,8 @@ export class ResourceStore {
     if (versions.length === 0) return;
     await q.query(
       `WITH fresh AS (
-         SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[])
-           AS f(resource_type, id, last_updated, content, patients, search_keys)
+         SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::int[])
+           AS f(resource_type, id, last_updated, content, patients, search_keys, index_version)
        ), history AS (
          INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
          SELECT $1, resource_type, id, 1, last_updated, false, 'create', content::jsonb,
@@ -202,7 +205,7 @@ export class ResourceStore {
        INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
        SELECT $1, resource_type, id, 1, last_updated, false, content::jsonb,
               ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)),
-              ARRAY(SELECT jsonb_array_elements_text(search_keys::jsonb)), ${INDEX_VERSION} FROM fresh`,
+              ARRAY(SELECT jsonb_array_elements_text(search_keys::jsonb)), index_version FROM fresh`,
       [
         projectId,
         versions.map((v) => v.resourceType),
@@ -211,6 +214,7 @@ export class ResourceStore {
         versions.map((v) => v.json ?? null),
         versions.map((v) => JSON.stringify(v.patients)),
         versions.map((v) => JSON.stringify(v.index?.keys ?? [])),
+        versions.map((v) => (v.index ? INDEX_VERSION : 0)),
       ],
     );
     await writeIndexRows(
@@ -249,7 +253,7 @@ export class ResourceStore {
          INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9))
        INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
-       VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9, $10, ${INDEX_VERSION})
+       VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9, $10, $11)
        ON CONFLICT (project_id, resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,
          last_updated = EXCLUDED.last_updated, deleted = EXCLUDED.deleted, content = EXCLUDED.content,
          patients = EXCLUDED.patients, search_keys = EXCLUDED.search_keys, index_version = EXCLUDED.index_version`,
@@ -263,7 +267,8 @@ export class ResourceStore {
         w.method,
         json ?? null,
         w.patients,
-        deleted ? [] : w.index.keys,
+        deleted ? [] : (w.index?.keys ?? []),
+        deleted || w.index ? INDEX_VERSION : 0,
       ],
     );
     await writeIndexRows(

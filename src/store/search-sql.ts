@@ -526,10 +526,25 @@ export async function runSearch(
   }
 }
 
+/**
+ * The query plan (EXPLAIN, text) of a search's page query, after its chain and _has pre-queries:
+ * what test/search-uscore.test.ts checks for index use.
+ */
+export async function explainSearch(
+  q: SqlQueryable,
+  req: SearchRequest,
+  access: SearchAccess,
+): Promise<string> {
+  const out = { plan: '' };
+  await runSearchUnchecked(q, { ...req, total: 'none' }, access, out);
+  return out.plan;
+}
+
 async function runSearchUnchecked(
   q: SqlQueryable,
   req: SearchRequest,
   access: SearchAccess,
+  explain?: { plan: string },
 ): Promise<SearchPage> {
   const warnings: IssueDetail[] = [];
   const types = req.types.filter((t) => access.canRead(t));
@@ -578,11 +593,14 @@ async function runSearchUnchecked(
     `r.resource_type ${backward ? 'DESC' : 'ASC'}`,
     `r.id ${backward ? 'DESC' : 'ASC'}`,
   ];
-  const rows = await q.query<DbRow>(
-    `SELECT ${ROW_COLS('r')}${sortExprs.map((e, i) => `, ${e.sql} AS s${i}, (${e.sql})::text AS t${i}`).join('')}
-       FROM resource r WHERE ${pageConds.join(' AND ')} ORDER BY ${order.join(', ')} LIMIT ${req.count + 1}`,
-    c.p.values,
-  );
+  const pageSql = `SELECT ${ROW_COLS('r')}${sortExprs.map((e, i) => `, ${e.sql} AS s${i}, (${e.sql})::text AS t${i}`).join('')}
+       FROM resource r WHERE ${pageConds.join(' AND ')} ORDER BY ${order.join(', ')} LIMIT ${req.count + 1}`;
+  if (explain) {
+    const plan = await q.query<{ 'QUERY PLAN': string }>(`EXPLAIN ${pageSql}`, c.p.values);
+    explain.plan = plan.rows.map((r) => r['QUERY PLAN']).join('\n');
+    return { matches: [], includes: [], warnings };
+  }
+  const rows = await q.query<DbRow>(pageSql, c.p.values);
   const more = rows.rows.length > req.count;
   const page = rows.rows.slice(0, req.count);
   if (backward) page.reverse();
