@@ -35,7 +35,7 @@ import { parseSearch } from '../src/fhir/search-request.ts';
 import { runSearch } from '../src/store/search-sql.ts';
 import type { SqlQueryable } from '../src/store/sql-driver.ts';
 import { dataPaths } from '../src/server.ts';
-import { HttpClient, prng, runLoad, type LoadResult, type Reply } from './load.ts';
+import { HttpClient, prng, runLoad, type LoadResult } from './load.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
@@ -441,7 +441,7 @@ async function openPglite(dir: string): Promise<Db> {
   return {
     query: async <R>(sql: string, params?: unknown[]) =>
       params === undefined
-        ? ((await db.exec(sql)).at(-1)?.rows ?? []) as R[]
+        ? (((await db.exec(sql)).at(-1)?.rows ?? []) as R[])
         : (await db.query<R>(sql, params)).rows,
     close: () => db.close(),
   };
@@ -547,7 +547,8 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
   const sourceRows: Record<string, number> = {};
   for (const tb of INDEXED_TABLES)
     sourceRows[tb] = Number(
-      (await db.query<{ n: string }>(`SELECT count(*) AS n FROM bench_src_${tb.replace('search_', '')}`))[0]!.n,
+      (await db.query<{ n: string }>(`SELECT count(*) AS n FROM bench_src_${tb.replace('search_', '')}`))[0]!
+        .n,
     );
   const familyRows = Number(
     (await db.query<{ n: string }>('SELECT count(*) AS n FROM bench_src_string WHERE fam'))[0]!.n,
@@ -583,7 +584,9 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
 
   t = performance.now();
   // Biggest first (the GIN index on search_keys), so the parallel builds finish together.
-  const order = [...indexes].sort((a, b) => Number(b.indexdef.includes('gin')) - Number(a.indexdef.includes('gin')));
+  const order = [...indexes].sort(
+    (a, b) => Number(b.indexdef.includes('gin')) - Number(a.indexdef.includes('gin')),
+  );
   const mem = kind === 'postgres' ? '1GB' : '256MB';
   for (const conn of dbs) await conn.query(`SET maintenance_work_mem = '${mem}'`);
   await parallel(dbs, order, async (conn, ix) => {
@@ -608,9 +611,7 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
   const sizes: Record<string, number> = {};
   for (const tb of [...INDEXED_TABLES, 'resource_version'])
     sizes[tb] = round(
-      Number(
-        (await db.query<{ b: string }>(`SELECT pg_total_relation_size('${tb}') AS b`))[0]!.b,
-      ) / 2 ** 20,
+      Number((await db.query<{ b: string }>(`SELECT pg_total_relation_size('${tb}') AS b`))[0]!.b) / 2 ** 20,
       0,
     );
   log(
@@ -819,7 +820,12 @@ async function verifySearches(s: Session, targets: Target[]) {
         entry?: { resource?: { id?: string }; search?: { mode?: string } }[];
       };
       const matches = (body.entry ?? []).filter((e) => e.search?.mode === 'match');
-      if (r.status !== 200 || body.resourceType !== 'Bundle' || body.type !== 'searchset' || matches.length < 1)
+      if (
+        r.status !== 200 ||
+        body.resourceType !== 'Bundle' ||
+        body.type !== 'searchset' ||
+        matches.length < 1
+      )
         throw new Error(
           `search '${name}' (${p}) answered ${r.status} with ${matches.length} matches: ${r.body.toString().slice(0, 500)}`,
         );
@@ -882,8 +888,10 @@ async function searchPhase(s: Session, targets: Target[], seconds: number) {
     });
   }
   const read = await measure(s, 'read Patient/{id} (baseline)', readPaths, seconds);
-  const searches: Record<string, Measured & { example: string; p50OverReadP50: number; readsPerSearch: number }> =
-    {};
+  const searches: Record<
+    string,
+    Measured & { example: string; p50OverReadP50: number; readsPerSearch: number }
+  > = {};
   for (const [name, type, params] of SEARCHES) {
     const paths = targets.map((t) => searchPath(type, params(t)));
     const m = await measure(s, name, paths, seconds);
@@ -914,7 +922,10 @@ function syntheticObservation(pid: string, i: number): string {
         ],
       },
     ],
-    code: { coding: [{ system: 'http://loinc.org', code: '8867-4', display: 'Heart rate' }], text: 'Heart rate' },
+    code: {
+      coding: [{ system: 'http://loinc.org', code: '8867-4', display: 'Heart rate' }],
+      text: 'Heart rate',
+    },
     subject: { reference: `Patient/${pid}` },
     effectiveDateTime: `${day}T10:00:00Z`,
     valueQuantity: {
@@ -996,7 +1007,8 @@ async function writePhase(sessions: Session[], env: NodeJS.ProcessEnv, logFile: 
   }
   const agg = (mode: 'on' | 'off') => {
     const rs = rounds.filter((r) => r.indexing === mode);
-    const mean = (f: (r: (typeof rs)[number]) => number) => round(rs.reduce((a, r) => a + f(r), 0) / rs.length, 2);
+    const mean = (f: (r: (typeof rs)[number]) => number) =>
+      round(rs.reduce((a, r) => a + f(r), 0) / rs.length, 2);
     return {
       perSecond: mean((r) => r.perSecond),
       p50: mean((r) => r.latencyMs.p50),
@@ -1010,16 +1022,16 @@ async function writePhase(sessions: Session[], env: NodeJS.ProcessEnv, logFile: 
   const on = agg('on');
   const off = agg('off');
   return {
-      what: 'POST /fhir/R4/Observation (synthetic, HTEST, one synthetic subject) at --concurrency; rounds alternate the default server (indexing on) and CUSTOS_SEARCH_INDEXING=off on the same data, each after a 2 s warm-up',
-      indexingOn: on,
-      indexingOff: off,
-      createsPerSecondOffOverOn: round(off.perSecond / on.perSecond, 2),
-      cpuMsPerCreateOnOverOff: round(
-        (on.cpuMsPerCreate.server + on.cpuMsPerCreate.postgres) /
-          (off.cpuMsPerCreate.server + off.cpuMsPerCreate.postgres),
-        2,
-      ),
-      rounds,
+    what: 'POST /fhir/R4/Observation (synthetic, HTEST, one synthetic subject) at --concurrency; rounds alternate the default server (indexing on) and CUSTOS_SEARCH_INDEXING=off on the same data, each after a 2 s warm-up',
+    indexingOn: on,
+    indexingOff: off,
+    createsPerSecondOffOverOn: round(off.perSecond / on.perSecond, 2),
+    cpuMsPerCreateOnOverOff: round(
+      (on.cpuMsPerCreate.server + on.cpuMsPerCreate.postgres) /
+        (off.cpuMsPerCreate.server + off.cpuMsPerCreate.postgres),
+      2,
+    ),
+    rounds,
   };
 }
 
@@ -1059,17 +1071,20 @@ async function explainSearches(db: Db, projectId: string, targets: Target[]) {
     await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
     const main = captured.find((c) => /ORDER BY/.test(c.sql)) ?? captured[0]!;
     await db.query(`EXPLAIN (ANALYZE) ${main.sql}`, main.params); // warm
-    const json = (await db.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${main.sql}`, main.params))[0]![
-      'QUERY PLAN'
-    ];
+    const json = (
+      await db.query<{ 'QUERY PLAN': unknown }>(
+        `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${main.sql}`,
+        main.params,
+      )
+    )[0]!['QUERY PLAN'];
     const plan = (typeof json === 'string' ? JSON.parse(json) : json) as {
       Plan: PlanNode;
       'Execution Time': number;
       'Planning Time': number;
     }[];
-    const text = (await db.query<{ 'QUERY PLAN': string }>(`EXPLAIN (ANALYZE, BUFFERS) ${main.sql}`, main.params)).map(
-      (r) => r['QUERY PLAN'],
-    );
+    const text = (
+      await db.query<{ 'QUERY PLAN': string }>(`EXPLAIN (ANALYZE, BUFFERS) ${main.sql}`, main.params)
+    ).map((r) => r['QUERY PLAN']);
     const scans = scansOf(plan[0]!.Plan);
     const seqScans = scans.filter((s) =>
       /^Seq Scan on (resource|search_string|search_date|search_number)$/.test(s),
@@ -1152,7 +1167,9 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
     log(`${kind}: searches (${seconds} s each, concurrency ${cfg.concurrency})`);
     Object.assign(out, await searchPhase(session, targets, seconds));
     if (cfg.writes) {
-      log(`${kind}: write cost of indexing (${cfg.writeRounds} rounds of on/off, ${cfg.writeDuration} s each)`);
+      log(
+        `${kind}: write cost of indexing (${cfg.writeRounds} rounds of on/off, ${cfg.writeDuration} s each)`,
+      );
       out.writeCost = await writePhase(sessions, serverEnv, logFile, creds);
     }
     const logText = fs.readFileSync(logFile, 'utf8');
@@ -1221,7 +1238,8 @@ function compactJson(value: unknown, indent = ''): string {
 
 async function main() {
   const t0 = performance.now();
-  if (!fs.existsSync(flags.synthea)) throw new Error(`${flags.synthea} is absent: the data set is built from it`);
+  if (!fs.existsSync(flags.synthea))
+    throw new Error(`${flags.synthea} is absent: the data set is built from it`);
   log(`preparing Synthea bundles from ${flags.synthea} (adding HTEST labels)`);
   const synthea = prepareSynthea(flags.synthea);
   const result: Json = {
@@ -1240,7 +1258,9 @@ async function main() {
   for (const kind of ['postgres', 'embedded'] as const) {
     if (kind === 'postgres' && (flags['skip-postgres'] || !pgAdminUrl)) {
       storages[kind] = {
-        skipped: flags['skip-postgres'] ? '--skip-postgres' : 'set CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL',
+        skipped: flags['skip-postgres']
+          ? '--skip-postgres'
+          : 'set CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL',
       };
       continue;
     }

@@ -341,6 +341,41 @@ describe('paging, sorting, totals, summaries', () => {
     assert.equal(r.gender, 'female');
     assert.equal(r.name, undefined);
     assert.ok(r.meta.tag.some((t: any) => t.code === 'SUBSETTED'));
+    const sum = await search(`/Observation?_id=${ids.hgb}&_summary=true`);
+    const o = sum.entry[0]!.resource;
+    assert.equal(o.code.coding[0].code, '718-7', 'code is a summary element');
+    assert.equal(o.category, undefined, 'Observation.category is not a summary element in R4');
+    const data = await search(`/Patient?_id=${ids.a}&_summary=data`);
+    assert.equal(data.entry[0]!.resource.gender, 'female');
+  });
+
+  test('_security, _tag and _profile are searchable', async () => {
+    const HT = 'http://terminology.hl7.org/CodeSystem/v3-ActReason|HTEST';
+    assert.deepEqual(
+      await matchIds(`/Patient?_security=${encodeURIComponent(HT)}&family=zzyzx`),
+      sorted('a', 'b'),
+    );
+    assert.deepEqual(await matchIds(`/Patient?_security:not=${encodeURIComponent(HT)}`), []);
+    const tagged = await create(
+      testPatient({
+        meta: {
+          security: [HTEST],
+          tag: [{ system: 'urn:test:tag', code: 'tagged' }],
+          profile: ['http://example.org/StructureDefinition/test-profile'],
+        },
+      }),
+    );
+    assert.deepEqual(await matchIds('/Patient?_tag=urn:test:tag|tagged'), [tagged]);
+    assert.deepEqual(
+      await matchIds('/Patient?_profile=http://example.org/StructureDefinition/test-profile'),
+      [tagged],
+    );
+    await h.fhir(`/Patient/${tagged}`, { method: 'DELETE' });
+    assert.deepEqual(
+      await matchIds('/Patient?_tag=urn:test:tag|tagged'),
+      [],
+      'a deleted resource is not found',
+    );
   });
 });
 
