@@ -26,7 +26,10 @@ async function found(query: string): Promise<number> {
 
 test('custos reindex rebuilds stale indexes, only those, and is audited', async () => {
   for (const family of ['Reindexa', 'Reindexb', 'Reindexc']) {
-    const res = await h.fhir('/Patient', { method: 'POST', body: JSON.stringify(testPatient({ name: [{ family }] })) });
+    const res = await h.fhir('/Patient', {
+      method: 'POST',
+      body: JSON.stringify(testPatient({ name: [{ family }] })),
+    });
     assert.equal(res.status, 201);
   }
   assert.equal(await found('/Patient?family=reindex'), 0, 'unindexed rows are not found');
