@@ -103,3 +103,62 @@ test('an update with a known id from another project creates nothing there', asy
   const own = await h.fhir(`/Patient/${patientId}`);
   assert.equal(own.headers.get('etag'), 'W/"1"', "project one's resource is untouched");
 });
+
+test('search never crosses projects: not by criteria, _include, _revinclude, chaining, _has or compartment', async () => {
+  // A third project, empty but for what this test writes (project two holds same-id look-alikes).
+  await h.server.core.resourceDb.query(
+    `INSERT INTO project (id, name, kind) VALUES ('project-three', 'Third sandbox', 'sandbox')`,
+  );
+  const third = await h.server.core.admin.createClient({
+    projectId: 'project-three',
+    scopes: ['system/*.cruds'],
+    purposes: ['TREAT'],
+  });
+  const tokenRes = await fetch(`${h.server.url}/oauth/token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({
+      grant_type: 'client_credentials',
+      scope: 'system/*.cruds',
+      client_id: third.clientId,
+      client_secret: third.clientSecret!,
+    }),
+  });
+  const t = ((await tokenRes.json()) as { access_token: string }).access_token;
+  const ids = async (path: string) => {
+    const res = await h.fhir(path, { token: t });
+    assert.equal(res.status, 200, path);
+    const b = (await res.json()) as { entry: { resource: { id: string; resourceType: string } }[] };
+    return b.entry.filter((e) => e.resource.resourceType !== 'OperationOutcome').map((e) => e.resource.id);
+  };
+  assert.deepEqual(await ids('/Patient?identifier=urn:test:mrn|MRN-PROJ-1'), []);
+  assert.deepEqual(await ids(`/Patient?_id=${patientId}`), []);
+  assert.deepEqual(await ids(`/Patient/${patientId}/Provenance`), []);
+  // Project three writes an Observation that points at project one's patient id.
+  const obs = await h.fhir('/Observation', {
+    token: t,
+    method: 'POST',
+    body: JSON.stringify({
+      resourceType: 'Observation',
+      meta: { security: [{ system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' }] },
+      status: 'final',
+      code: { coding: [{ system: 'http://loinc.org', code: '8302-2' }] },
+      subject: { reference: `Patient/${patientId}` },
+    }),
+  });
+  assert.equal(obs.status, 201);
+  const included = await ids(`/Observation?subject=Patient/${patientId}&_include=Observation:subject`);
+  assert.equal(
+    included.length,
+    1,
+    'only the Observation of project three; the patient of project one is not included',
+  );
+  assert.deepEqual(await ids('/Observation?subject:Patient.identifier=urn:test:mrn|MRN-PROJ-1'), []);
+  assert.deepEqual(await ids(`/Patient?_has:Observation:subject:code=8302-2`), []);
+  assert.deepEqual(await ids(`/Patient?_id=${patientId}&_revinclude=Provenance:target`), []);
+  // And project one does not see project three's Observation through its own patient.
+  const mine = (await (await h.fhir(`/Observation?subject=Patient/${patientId}`)).json()) as {
+    entry: unknown[];
+  };
+  assert.equal(mine.entry.length, 0);
+});
