@@ -187,6 +187,34 @@ describe('search parameter types', () => {
     assert.deepEqual(await matchIds(`/Observation?subject=Group/${ids.b}`), []);
   });
 
+  test('reference :identifier, uri :below and :above, date ap', async () => {
+    const logical = await create({
+      resourceType: 'Observation',
+      status: 'final',
+      code: { coding: [{ system: LOINC, code: '29463-7' }] },
+      subject: { identifier: { system: 'urn:test:mrn', value: 'MRN-LOGICAL-1' } },
+      effectiveDateTime: '2001-06-15',
+    });
+    assert.deepEqual(await matchIds('/Observation?subject:identifier=urn:test:mrn|MRN-LOGICAL-1'), [logical]);
+    assert.deepEqual(await matchIds('/Observation?subject:identifier=MRN-LOGICAL-1'), [logical]);
+    assert.deepEqual(await matchIds('/Observation?subject:identifier=urn:other|MRN-LOGICAL-1'), []);
+    assert.deepEqual(await matchIds('/Observation?date=ap2001-06-14&code=29463-7'), [logical]);
+    assert.deepEqual(await matchIds('/Observation?date=ap1990-01-01&code=29463-7'), []);
+    const vs = await create({
+      resourceType: 'ValueSet',
+      status: 'draft',
+      url: 'http://example.org/fhir/ValueSet/test-search-vs',
+    });
+    assert.deepEqual(await matchIds('/ValueSet?url=http://example.org/fhir/ValueSet/test-search-vs'), [vs]);
+    assert.deepEqual(await matchIds('/ValueSet?url:below=http://example.org/fhir'), [vs]);
+    assert.deepEqual(await matchIds('/ValueSet?url:below=http://example.org/other'), []);
+    assert.deepEqual(
+      await matchIds('/ValueSet?url:above=http://example.org/fhir/ValueSet/test-search-vs/extra/path'),
+      [vs],
+    );
+    assert.deepEqual(await matchIds('/ValueSet?url=http://example.org/fhir'), []);
+  });
+
   test('_id and _lastUpdated', async () => {
     assert.deepEqual(await matchIds(`/Patient?_id=${ids.a},${ids.c}`), sorted('a', 'c'));
     assert.deepEqual(await matchIds(`/Patient?_lastUpdated=gt2000-01-01&family=zzyzx`), sorted('a', 'b'));
