@@ -16,6 +16,12 @@ export const STORE_RULE = {
   message: 'Only the PHI gateway (src/phi) may import the resource store: ask the gateway instead.',
 };
 
+/** Rule 1 too: only the gateway reaches the crypto module (the composition root wires it). */
+export const CRYPTO_RULE = {
+  group: ['**/crypto/*'],
+  message: 'Only the PHI gateway (src/phi) may use src/crypto: ask the gateway instead.',
+};
+
 /** Outbound connections go through the egress port (src/egress) only. */
 const OUTBOUND_IMPORTS = [
   { name: 'undici', message: 'Outbound connections go through src/egress.' },
@@ -47,7 +53,7 @@ export default tseslint.config(
     files: ['src/**/*.ts'],
     rules: {
       'no-console': 'error',
-      'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [STORE_RULE] }],
+      'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [STORE_RULE, CRYPTO_RULE] }],
       'no-restricted-globals': [
         'error',
         { name: 'fetch', message: 'Outbound connections go through src/egress.' },
@@ -58,6 +64,11 @@ export default tseslint.config(
     // The gateway and the store itself may import the store.
     files: ['src/phi/**/*.ts', 'src/store/**/*.ts'],
     rules: { 'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS }] },
+  },
+  {
+    // The crypto module itself, and the composition root that wires the key provider into the gateway.
+    files: ['src/crypto/**/*.ts', 'src/server.ts'],
+    rules: { 'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [STORE_RULE] }] },
   },
   {
     files: ['src/egress/**/*.ts'],

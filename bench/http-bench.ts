@@ -852,7 +852,8 @@ async function auditSize(
       await c.connect();
       try {
         return Number(
-          (await c.query<{ n: string }>('SELECT next_seq AS n FROM audit_head WHERE id = 1')).rows[0]?.n ?? 0,
+          (await c.query<{ n: string }>('SELECT coalesce(max(seq) + 1, 0) AS n FROM audit_entry')).rows[0]
+            ?.n ?? 0,
         );
       } finally {
         await c.end();
@@ -861,7 +862,8 @@ async function auditSize(
     const db = new PGlite(path.join(dataDir, 'audit'));
     try {
       return Number(
-        (await db.query<{ n: string }>('SELECT next_seq AS n FROM audit_head WHERE id = 1')).rows[0]?.n ?? 0,
+        (await db.query<{ n: string }>('SELECT coalesce(max(seq) + 1, 0) AS n FROM audit_entry')).rows[0]
+          ?.n ?? 0,
       );
     } finally {
       await db.close();

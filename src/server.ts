@@ -9,7 +9,7 @@ import type { SqlDriver } from './store/sql-driver.ts';
 import { PgliteDriver } from './store/pglite/pglite-driver.ts';
 import { PgDriver } from './store/pg/pg-driver.ts';
 import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
-import { AUDIT_MIGRATIONS } from './audit/audit-migrations.ts';
+import { prepareAuditSchema } from './audit/audit-migrations.ts';
 import { AuditLog } from './audit/audit-log.ts';
 import { Checkpoints } from './audit/checkpoints.ts';
 import { PhiGateway } from './phi/gateway.ts';
@@ -23,8 +23,14 @@ import { createHttpApp } from './http/http-app.ts';
 import { AdminService } from './admin/admin-service.ts';
 import { registerAdminRoutes } from './admin/admin-routes.ts';
 import { readOrCreateKeyFile } from './kernel/key-file.ts';
+import { newId } from './kernel/ids.ts';
 
 import { reindex, type ReindexResult } from './phi/reindex.ts';
+import { searchParameters } from './fhir/search-parameters.ts';
+import { Envelope } from './crypto/envelope.ts';
+import type { KeyProvider } from './crypto/key-provider.ts';
+import { openLocalKeyring } from './crypto/local-keyring.ts';
+import { defaultPolicy, type PolicyRule } from './crypto/protection-policy.ts';
 
 export const VERSION = '0.1.0';
 
@@ -36,6 +42,8 @@ export function dataPaths(dataDir: string) {
     clientSecretKey: path.join(dataDir, 'keys', 'client-secret.key'),
     tokenSigningKeys: path.join(dataDir, 'keys', 'token-signing.jwks.json'),
     auditCheckpointKey: path.join(dataDir, 'keys', 'audit-checkpoint.skey'),
+    keyring: path.join(dataDir, 'keys', 'keyring.json'),
+    devKeyringPassphrase: path.join(dataDir, 'keys', 'dev-keyring-passphrase'),
     adminToken: path.join(dataDir, 'admin-token'),
     serverInfo: path.join(dataDir, 'server.json'),
   };
@@ -49,9 +57,72 @@ export interface CustosCore {
   checkpoints: Checkpoints;
   clients: ClientRegistry;
   admin: AdminService;
+  /** Field-level encryption (undefined when CUSTOS_ENCRYPTION=off). */
+  encryption: { envelope: Envelope; policy: readonly PolicyRule[] } | undefined;
   /** `custos reindex`: rebuilds stale search indexes (all of them with `all`); resumable. */
   reindex(opts: { all?: boolean; batch?: number; requestId?: string }): Promise<ReindexResult>;
   close(): Promise<void>;
+}
+
+/**
+ * The key provider and envelope encryption. The local keyring lives in `<data dir>/keys/keyring.json`
+ * under CUSTOS_KEYRING_PASSPHRASE, or in development under a generated passphrase kept in
+ * `<data dir>/keys/dev-keyring-passphrase` (production refuses that, see config.ts). Every unwrap
+ * of a key from the provider is an audit event (the key access log).
+ */
+async function openEncryption(
+  config: Config,
+  paths: ReturnType<typeof dataPaths>,
+  db: SqlDriver,
+  audit: AuditLog,
+): Promise<{ envelope: Envelope; policy: readonly PolicyRule[] }> {
+  let provider: KeyProvider;
+  if (config.pkcs11) {
+    const { openPkcs11Provider } = await import('./crypto/pkcs11-provider.ts');
+    provider = await openPkcs11Provider(config.pkcs11);
+  } else if (config.kms) {
+    const { openAwsKmsProvider } = await import('./crypto/aws-kms-provider.ts');
+    provider = await openAwsKmsProvider({
+      region: config.kms.region,
+      endpoint: config.kms.endpoint,
+      credentials: {
+        accessKeyId: config.kms.accessKeyId,
+        secretAccessKey: config.kms.secretAccessKey,
+        sessionToken: config.kms.sessionToken,
+      },
+    });
+  } else {
+    const dev = config.keyringPassphrase === undefined;
+    const passphrase =
+      config.keyringPassphrase ??
+      readOrCreateKeyFile(paths.devKeyringPassphrase, () => randomBytes(32).toString('base64url'));
+    provider = await openLocalKeyring(paths.keyring, passphrase, {
+      create: true,
+      // The generated development passphrase is random (256 bits): a cheaper KDF loses nothing.
+      scryptLog2N: dev ? 15 : 17,
+    });
+  }
+  const envelope = new Envelope({
+    db,
+    provider,
+    onUnwrap: async ({ projectId, epoch, kind }) => {
+      await audit.append({
+        v: 1,
+        id: newId(),
+        time: new Date().toISOString(),
+        phase: 'access',
+        action: 'key',
+        outcome: 'success',
+        code: kind === 'data' ? 'key.unwrap_data' : 'key.unwrap_blind',
+        requestId: newId(),
+        projectId,
+        actor: { roles: ['custos'] },
+        resource: { type: 'DataKey', id: `${kind}-${epoch}` },
+        source: {},
+      });
+    },
+  });
+  return { envelope, policy: defaultPolicy({ contact: config.protectContact }) };
 }
 
 /** Opens both databases (migrating them) and the services on top. */
@@ -70,8 +141,16 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     await resourceDb.close();
     throw e;
   }
-  await migrate(resourceDb, RESOURCE_MIGRATIONS, 'custos_migration', log);
-  await migrate(auditDb, AUDIT_MIGRATIONS, 'custos_audit_migration', log);
+  try {
+    await migrate(resourceDb, RESOURCE_MIGRATIONS, 'custos_migration', log);
+    // Embedded: migrated. A server: migrated only in development by a role that owns the audit
+    // schema; otherwise an older schema stops the start, naming `custos audit setup` (ADR 0006).
+    await prepareAuditSchema(auditDb, { production: config.env === 'production', log });
+  } catch (e) {
+    await resourceDb.close().catch(() => {});
+    await auditDb.close().catch(() => {});
+    throw e;
+  }
   const audit = new AuditLog(auditDb);
   // The checkpoint origin names this log: the public host plus a fixed path (C2SP tlog-checkpoint).
   const checkpoints = new Checkpoints({
@@ -82,6 +161,16 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
   });
   const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
   const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
+  let encryption: CustosCore['encryption'];
+  if (config.encryption) {
+    try {
+      encryption = await openEncryption(config, paths, resourceDb, audit);
+    } catch (e) {
+      await resourceDb.close().catch(() => {});
+      await auditDb.close().catch(() => {});
+      throw e;
+    }
+  }
   return {
     resourceDb,
     auditDb,
@@ -89,8 +178,11 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     checkpoints,
     clients,
     admin,
-    reindex: (opts) => reindex({ db: resourceDb, audit, baseUrl: `${config.publicUrl}/fhir/R4` }, opts),
+    encryption,
+    reindex: (opts) =>
+      reindex({ db: resourceDb, audit, baseUrl: `${config.publicUrl}/fhir/R4`, encryption }, opts),
     async close() {
+      await encryption?.envelope.provider.close().catch(() => {});
       await resourceDb.close().catch(() => {});
       await auditDb.close().catch(() => {});
     },
@@ -114,6 +206,7 @@ export async function buildApp(
 ): Promise<FastifyInstance> {
   const paths = dataPaths(config.dataDir);
   initValidator(); // loads the definitions now (~1 s), not on the first write
+  searchParameters(); // the same for the ~1,400 search parameter expressions
   const gateway = new PhiGateway({
     db: core.resourceDb,
     audit: core.audit,
@@ -124,6 +217,7 @@ export async function buildApp(
     fhirBaseUrl: `${config.publicUrl}/fhir/R4`,
     searchTimeoutMs: 10_000,
     searchIndexing: config.searchIndexing,
+    encryption: core.encryption,
   });
   // Loaded here, not at the top: CLI commands that do not serve need no authorization server
   // (and oidc-provider prints a runtime notice on Node 20 when it loads; see docs/adr/0002).

@@ -52,6 +52,13 @@ export function registerAdminRoutes(
     if (!proof) throw new CustosError('NOT_FOUND');
     return proof;
   });
+  // RFC 9162 consistency proof between two tree sizes ({from, to}; without `to`, to the current log,
+  // signing a checkpoint of it). Bad sizes are a 400 with the reason in the diagnostics.
+  app.post('/admin/audit/consistency', async (req) => {
+    check(req);
+    const b = (req.body ?? {}) as { from?: unknown; to?: unknown };
+    return core.checkpoints.consistency(b.from, b.to ?? undefined);
+  });
   app.post('/admin/reindex', async (req) => {
     check(req);
     const b = (req.body ?? {}) as { all?: unknown; batch?: unknown };

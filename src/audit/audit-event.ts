@@ -47,7 +47,9 @@ export type AuditAction =
   | 'batch'
   | 'transaction'
   | 'authenticate'
-  | 'admin';
+  | 'admin'
+  /** Key access log: every unwrap of a data key from the key provider (issue 5). */
+  | 'key';
 
 /** Deterministic JSON: object keys sorted, no whitespace, undefined dropped. */
 export function canonicalJson(value: unknown): string {

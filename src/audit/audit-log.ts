@@ -11,10 +11,24 @@ interface Pending {
 }
 
 /**
+ * The advisory lock that orders appends across every process sharing one audit database. A
+ * transaction-scoped advisory lock needs no table privilege (the application role has INSERT and
+ * SELECT only: docs/adr/0006-audit-app-role.md) and is released by COMMIT, ROLLBACK or a lost
+ * connection. Advisory locks are per database, so the key cannot collide with the resource database's.
+ */
+const SEQUENCE_LOCK = "pg_advisory_xact_lock(hashtextextended('custos-audit-sequence', 0))";
+
+/**
  * Appends audit events durably, in sequence order, with group commit: events arriving while a
  * batch is being committed wait for the next batch, which takes one transaction for all of them.
- * The sequence comes from the row-locked `audit_head`, so sequence numbers stay gapless and
- * correct when several Custos processes share one audit database.
+ *
+ * Sequencing needs only INSERT and SELECT. Each batch's transaction takes the sequence lock, then
+ * inserts its rows numbered from `max(seq) + 1` (one backward step of the primary key index). The
+ * lock is held until COMMIT, and a transaction becomes visible before its locks are released, so
+ * the next holder sees every earlier batch: sequence numbers stay gapless and in commit order
+ * with several Custos processes on one database. A rolled-back batch consumes no numbers (unlike a
+ * SEQUENCE). Should anything insert without the lock, the primary key refuses the duplicate and
+ * the batch fails: never a fork in the log. PGlite has one connection and serializes anyway.
  *
  * `append` resolves only after the COMMIT: callers rely on that for fail-closed audit.
  */
@@ -47,23 +61,27 @@ export class AuditLog {
         const batch = this.queue.splice(0, AuditLog.MAX_BATCH);
         try {
           const first = await this.db.transaction(async (tx) => {
-            const head = await tx.query<{ next_seq: number }>(
-              'UPDATE audit_head SET next_seq = next_seq + $1 WHERE id = 1 RETURNING next_seq',
-              [batch.length],
-            );
-            const start = Number(head.rows[0]!.next_seq) - batch.length;
-            await tx.query(
-              `INSERT INTO audit_entry (seq, entry, leaf_hash, request_id, phase)
-               SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::text[], $5::text[])`,
+            // Each statement must see what committed before the lock was granted, whatever the
+            // database's default isolation (REPEATABLE READ would keep the snapshot of the lock call).
+            await tx.query('SET TRANSACTION ISOLATION LEVEL READ COMMITTED');
+            await tx.query(`SELECT ${SEQUENCE_LOCK}`);
+            const r = await tx.query<{ start: number }>(
+              `WITH ins AS (
+                 INSERT INTO audit_entry (seq, entry, leaf_hash, request_id, phase)
+                 SELECT (SELECT coalesce(max(seq) + 1, 0) FROM audit_entry) + u.ord - 1,
+                        u.entry, u.leaf_hash, u.request_id, u.phase
+                   FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[])
+                        WITH ORDINALITY AS u(entry, leaf_hash, request_id, phase, ord)
+                 RETURNING seq)
+               SELECT min(seq) AS start FROM ins`,
               [
-                batch.map((_, i) => start + i),
                 batch.map((p) => p.entry),
                 batch.map((p) => p.hash),
                 batch.map((p) => p.requestId),
                 batch.map((p) => p.phase),
               ],
             );
-            return start;
+            return Number(r.rows[0]!.start);
           });
           batch.forEach((p, i) => p.resolve(first + i));
         } catch (e) {
@@ -75,9 +93,16 @@ export class AuditLog {
     }
   }
 
+  /**
+   * The number of entries as the sequence sees it: the next sequence number. The head is derived
+   * from the entries, so a log truncated by someone able to bypass the triggers looks whole here;
+   * signed checkpoints (stored and exported) are what catch it (checkpoints.ts).
+   */
   async size(): Promise<number> {
-    const r = await this.db.query<{ next_seq: number }>('SELECT next_seq FROM audit_head WHERE id = 1');
-    return Number(r.rows[0]?.next_seq ?? 0);
+    const r = await this.db.query<{ size: number }>(
+      'SELECT coalesce(max(seq) + 1, 0) AS size FROM audit_entry',
+    );
+    return Number(r.rows[0]?.size ?? 0);
   }
 
   /** Entries in sequence order from `fromSeq`, at most `limit`. */

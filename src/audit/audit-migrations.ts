@@ -1,6 +1,15 @@
+import { ConfigError } from '../config/config.ts';
+import type { Logger } from '../log/logger.ts';
+import { migrate } from '../store/migrations.ts';
+import type { SqlDriver } from '../store/sql-driver.ts';
+
 /**
- * Schema of the audit database, which is never the resource database. The audit issue moves these
- * into `custos audit setup` with an INSERT/SELECT-only role; the triggers already refuse changes.
+ * Schema of the audit database, which is never the resource database. Never edit a migration that
+ * has shipped: add the next one (and, for a new table, a line in `AUDIT_APP_GRANTS`).
+ *
+ * On a PostgreSQL server the schema is created and migrated by `custos audit setup` (audit-setup.ts)
+ * with an administrative role; Custos itself then runs as an application role that may only INSERT
+ * and SELECT (docs/adr/0006-audit-app-role.md). Embedded PGlite is migrated at start.
  */
 export const AUDIT_MIGRATIONS: readonly { version: number; name: string; sql: string }[] = [
   {
@@ -48,4 +57,140 @@ CREATE TRIGGER audit_checkpoint_no_update BEFORE UPDATE OR DELETE ON audit_check
   FOR EACH ROW EXECUTE FUNCTION audit_entry_refuse_change();
 `,
   },
+  {
+    version: 3,
+    name: 'insert-only sequencer, truncate-proof checkpoints',
+    sql: `
+-- The next sequence number is now max(seq) + 1 read under a transaction-scoped advisory lock
+-- (audit-log.ts): the head row needed an UPDATE, which the append-only application role lacks.
+DROP TABLE audit_head;
+CREATE TRIGGER audit_checkpoint_no_truncate BEFORE TRUNCATE ON audit_checkpoint
+  FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_refuse_change();
+`,
+  },
 ];
+
+/** The table that records applied audit migrations (one row per version). */
+export const AUDIT_VERSION_TABLE = 'custos_audit_migration';
+
+/** The schema version this code needs: every migration above applied. */
+export const AUDIT_SCHEMA_VERSION = Math.max(...AUDIT_MIGRATIONS.map((m) => m.version));
+
+/**
+ * What the application role may do, table by table: read and append, nothing else. `custos audit
+ * setup` revokes everything else on these tables and grants exactly this.
+ */
+export const AUDIT_APP_GRANTS: readonly { table: string; privileges: readonly ('SELECT' | 'INSERT')[] }[] = [
+  { table: 'audit_entry', privileges: ['SELECT', 'INSERT'] },
+  { table: 'audit_checkpoint', privileges: ['SELECT', 'INSERT'] },
+  { table: AUDIT_VERSION_TABLE, privileges: ['SELECT'] },
+];
+
+/** Tables whose rows are the evidence: no role Custos runs as may change or remove them. */
+export const AUDIT_APPEND_ONLY_TABLES = ['audit_entry', 'audit_checkpoint'] as const;
+
+interface SchemaState {
+  /** Applied versions (empty when the version table does not exist). */
+  applied: Set<number>;
+  versionTableExists: boolean;
+  superuser: boolean;
+  /** The connected role is (a member of) the owner of the version table. */
+  ownsSchema: boolean;
+  /** The connected role may create tables in its current schema. */
+  mayCreate: boolean;
+}
+
+async function schemaState(db: SqlDriver): Promise<SchemaState> {
+  const r = await db.query<{
+    exists: boolean;
+    superuser: boolean;
+    owns: boolean;
+    may_create: boolean | null;
+  }>(
+    `SELECT to_regclass($1) IS NOT NULL AS exists,
+            coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) AS superuser,
+            coalesce((SELECT pg_has_role(current_user, tableowner, 'MEMBER') FROM pg_tables
+                       WHERE schemaname = current_schema() AND tablename = $1), false) AS owns,
+            has_schema_privilege(current_schema(), 'CREATE') AS may_create`,
+    [AUDIT_VERSION_TABLE],
+  );
+  const s = r.rows[0]!;
+  const applied = new Set<number>();
+  if (s.exists) {
+    const v = await db.query<{ version: number }>(`SELECT version FROM ${AUDIT_VERSION_TABLE}`);
+    for (const row of v.rows) applied.add(Number(row.version));
+  }
+  return {
+    applied,
+    versionTableExists: s.exists,
+    superuser: s.superuser,
+    ownsSchema: s.owns,
+    mayCreate: s.may_create === true,
+  };
+}
+
+/**
+ * Roles that could rewrite the evidence: a superuser, a member of an audit table's owner (it may
+ * disable the triggers), or one holding UPDATE, DELETE or TRUNCATE on an audit table.
+ */
+async function mayBypassAppendOnly(db: SqlDriver): Promise<boolean> {
+  const r = await db.query<{ bypass: boolean }>(
+    `SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false)
+         OR EXISTS (SELECT 1 FROM pg_tables
+                     WHERE schemaname = current_schema() AND tablename = ANY($1::text[])
+                       AND (pg_has_role(current_user, tableowner, 'MEMBER')
+                            OR has_table_privilege(format('%I.%I', schemaname, tablename),
+                                                   'UPDATE, DELETE, TRUNCATE'))) AS bypass`,
+    [[...AUDIT_APPEND_ONLY_TABLES]],
+  );
+  return r.rows[0]?.bypass === true;
+}
+
+const SETUP_HINT =
+  'run `custos audit setup --admin-url <URL of an administrative role>` and set CUSTOS_AUDIT_DATABASE_URL to the appDatabaseUrl it prints';
+
+/**
+ * Brings the audit schema to `AUDIT_SCHEMA_VERSION` where Custos may, and refuses to start where it
+ * may not (docs/adr/0006-audit-app-role.md):
+ * - embedded PGlite: migrated (the process owns it; there are no roles to separate);
+ * - a PostgreSQL server in development: migrated when the configured role owns the audit schema
+ *   (or the database is empty and it may create tables), as a superuser or the database owner
+ *   does on a developer's machine; otherwise refused;
+ * - a PostgreSQL server in production: never migrated here (schema changes go through
+ *   `custos audit setup`, which also grants the application role its privileges on new tables),
+ *   and refused when the configured role could rewrite the log.
+ *
+ * Throws a `ConfigError` naming CUSTOS_AUDIT_DATABASE_URL and `custos audit setup`.
+ */
+export async function prepareAuditSchema(
+  db: SqlDriver,
+  opts: { production: boolean; log?: Logger },
+): Promise<void> {
+  if (db.kind === 'embedded') {
+    await migrate(db, AUDIT_MIGRATIONS, AUDIT_VERSION_TABLE, opts.log);
+    return;
+  }
+  const state = await schemaState(db);
+  const missing = AUDIT_MIGRATIONS.filter((m) => !state.applied.has(m.version));
+  if (missing.length > 0) {
+    const mayMigrate = state.superuser || state.ownsSchema || (!state.versionTableExists && state.mayCreate);
+    if (opts.production || !mayMigrate) {
+      const at = state.versionTableExists
+        ? `is at schema version ${missing[0]!.version - 1}`
+        : 'has no Custos audit schema';
+      throw new ConfigError(
+        'CUSTOS_AUDIT_DATABASE_URL',
+        `the audit database ${at}, this Custos needs version ${AUDIT_SCHEMA_VERSION} and ` +
+          `${opts.production ? 'does not migrate it in production' : 'the configured role may not migrate it'}: ${SETUP_HINT}`,
+      );
+    }
+    await migrate(db, AUDIT_MIGRATIONS, AUDIT_VERSION_TABLE, opts.log);
+  }
+  if (opts.production && (await mayBypassAppendOnly(db))) {
+    throw new ConfigError(
+      'CUSTOS_AUDIT_DATABASE_URL',
+      'production refuses an audit database role that could rewrite the log (a superuser, an owner of ' +
+        `the audit tables, or one with UPDATE, DELETE or TRUNCATE on them): ${SETUP_HINT}`,
+    );
+  }
+}

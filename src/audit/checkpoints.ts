@@ -1,9 +1,17 @@
 import { generateKeyPairSync } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { CustosError } from '../kernel/errors.ts';
 import { readOrCreateKeyFile } from '../kernel/key-file.ts';
 import type { AuditLog } from './audit-log.ts';
-import { HASH_SIZE, inclusionProof, MerkleAccumulator, treeHead, verifyInclusion } from './merkle-proof.ts';
+import {
+  consistencyProof,
+  HASH_SIZE,
+  inclusionProof,
+  treeHead,
+  verifyConsistency,
+  verifyInclusion,
+} from './merkle-proof.ts';
 import {
   formatCheckpoint,
   formatVerifierKey,
@@ -14,6 +22,7 @@ import {
   verifyNote,
   type SignerKey,
 } from './signed-note.ts';
+import { Tiles } from './tiles.ts';
 
 /** A signed tree head as `custos audit checkpoint` prints it. */
 export interface SignedCheckpoint {
@@ -40,6 +49,24 @@ export interface InclusionProof {
   verifierKey: string;
 }
 
+/** A tree head in a consistency proof: signed when a checkpoint of that size was stored. */
+export interface TreeHead {
+  treeSize: number;
+  /** Hex. */
+  rootHash: string;
+  /** The signed checkpoint note of this size, if one was signed. */
+  checkpoint?: string;
+}
+
+/** An RFC 9162 consistency proof: the log of size `to` extends the log of size `from`. */
+export interface ConsistencyProof {
+  from: TreeHead;
+  to: TreeHead;
+  /** Hex node hashes (RFC 9162 §2.1.4 order); empty when the sizes are equal. */
+  proof: string[];
+  verifierKey: string;
+}
+
 export interface CheckpointReport {
   checked: number;
   /** Of those, how many came from the external checkpoint directory. */
@@ -48,16 +75,28 @@ export interface CheckpointReport {
   firstBadTreeSize: number | undefined;
 }
 
+/** A checkpoint as stored (database) or exported (directory), before it is checked. */
+export interface StoredCheckpoint {
+  treeSize: number;
+  note: string;
+  external: boolean;
+}
+
+function badRequest(diagnostics: string): CustosError {
+  return new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'value', diagnostics }]);
+}
+
 /**
- * Signed checkpoints of the audit log (C2SP tlog-checkpoint, Ed25519 signed notes) and inclusion
- * proofs against them. The signing key lives in a key file beside, never inside, the audit and
- * resource databases. Proofs and heads are computed from the stored leaf hashes; storing interior
- * hashes (C2SP tlog-tiles) so that a proof costs O(log n) reads is the audit issue's next step.
+ * Signed checkpoints of the audit log (C2SP tlog-checkpoint, Ed25519 signed notes), and inclusion
+ * and consistency proofs against them. The signing key lives in a key file beside, never inside, the
+ * audit and resource databases. Tree heads and proofs come from the stored tiles (tiles.ts, C2SP
+ * tlog-tiles), which each checkpoint extends: O(log n) reads. Every proof is checked against the
+ * signed root before it is handed out.
  */
 export class Checkpoints {
   private signerKey: SignerKey | undefined;
-  private readonly accumulator = new MerkleAccumulator();
-  private accumulatedSize = 0;
+  /** The tiles of the log's Merkle tree, written as checkpoints are signed. */
+  readonly tiles: Tiles;
 
   constructor(
     private readonly opts: {
@@ -68,7 +107,9 @@ export class Checkpoints {
        * truncated log and truncated checkpoint table are still caught by verify. */
       exportDir?: string;
     },
-  ) {}
+  ) {
+    this.tiles = new Tiles(opts.audit.database, opts.audit);
+  }
 
   private signer(): SignerKey {
     this.signerKey ??= parseSignerKey(
@@ -82,11 +123,15 @@ export class Checkpoints {
     return formatVerifierKey(s.name, s.publicKeyRaw);
   }
 
-  /** Signs the current tree head and stores it (idempotent for an unchanged size). */
+  /**
+   * Signs the current tree head and stores it (idempotent for an unchanged size). First stores the
+   * tiles the log has completed since the last one, so the head and later proofs read tiles.
+   */
   async checkpoint(): Promise<SignedCheckpoint> {
     const audit = this.opts.audit;
     const size = await audit.size();
-    const root = await this.headAt(size);
+    await this.tiles.extend(size);
+    const root = await treeHead(this.tiles.source(), size);
     const s = this.signer();
     const note = signNote(formatCheckpoint(this.opts.origin, size, root), s.name, s.privateKey);
     await audit.database.query(
@@ -117,23 +162,6 @@ export class Checkpoints {
     );
   }
 
-  /**
-   * The tree head at `size`, reading only the leaves added since the last call: the accumulator
-   * keeps the perfect-subtree roots it has seen, so a checkpoint every minute costs O(new entries).
-   */
-  private async headAt(size: number): Promise<Buffer> {
-    if (size < this.accumulatedSize) return treeHead(this.opts.audit, size);
-    for (let at = this.accumulatedSize; at < size;) {
-      const end = Math.min(size, at + 4096);
-      const leaves = await this.opts.audit.leafHashes(at, end);
-      if (leaves.length !== end - at) throw new Error('audit log has a gap: no checkpoint signed');
-      for (const leaf of leaves) this.accumulator.add(leaf);
-      at = end;
-    }
-    this.accumulatedSize = size;
-    return this.accumulator.root();
-  }
-
   private async at(size: number): Promise<SignedCheckpoint | undefined> {
     const r = await this.opts.audit.database.query<{ note: string }>(
       'SELECT note FROM audit_checkpoint WHERE tree_size = $1',
@@ -162,10 +190,12 @@ export class Checkpoints {
     const covering = r.rows[0]?.tree_size;
     const cp = covering ? await this.at(Number(covering)) : await this.checkpoint();
     if (!cp) return undefined;
+    await this.tiles.extend(cp.treeSize);
     const [leaf] = await audit.leafHashes(seq, seq + 1);
-    const proof = await inclusionProof(audit, seq, cp.treeSize);
+    const proof = await inclusionProof(this.tiles.source(), seq, cp.treeSize);
     const root = Buffer.from(cp.rootHash, 'hex');
-    // Never hand out a proof that does not verify: that would mean the log changed under the checkpoint.
+    // Never hand out a proof that does not verify: that would mean the log or its tiles changed
+    // under the checkpoint (custos audit verify says which).
     if (!leaf || !verifyInclusion(seq, cp.treeSize, leaf, proof, root)) {
       throw new Error('inclusion proof does not verify against the signed checkpoint');
     }
@@ -181,20 +211,75 @@ export class Checkpoints {
   }
 
   /**
-   * Every checkpoint, stored and exported: its signature verifies and its root is the tree head of
-   * the log now at its size. A checkpoint larger than the log means the log was truncated.
+   * RFC 9162 consistency proof from tree size `from` to tree size `to` (default: the log's current
+   * size, for which a checkpoint is signed). Each head carries its signed checkpoint when one of that
+   * size was stored. Throws BAD_REQUEST for sizes that are not whole numbers, `from` of 0
+   * (consistency with the empty tree is not defined), `from > to`, or sizes beyond the log.
    */
-  async verifyAll(): Promise<CheckpointReport> {
-    const audit = this.opts.audit;
-    const rows = await audit.database.query<{ tree_size: number; note: string }>(
+  async consistency(from: unknown, to?: unknown): Promise<ConsistencyProof> {
+    const whole = (v: unknown) => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+    if (!whole(from)) throw badRequest('from must be a tree size: a whole number of at least 1');
+    if (to !== undefined && !whole(to))
+      throw badRequest('to must be a tree size: a whole number of at least 1');
+    const size = await this.opts.audit.size();
+    const oldSize = from as number;
+    const newSize = to === undefined ? (await this.checkpoint()).treeSize : (to as number);
+    if (oldSize === 0)
+      throw badRequest('from must be at least 1: no consistency proof starts at the empty tree');
+    if (oldSize > newSize) throw badRequest(`from (${oldSize}) is larger than to (${newSize})`);
+    if (newSize > size) throw badRequest(`to (${newSize}) is beyond the log (${size} entries)`);
+    await this.tiles.extend(newSize);
+    const src = this.tiles.source();
+    const [root1, root2, proof] = [
+      await treeHead(src, oldSize),
+      await treeHead(src, newSize),
+      await consistencyProof(src, oldSize, newSize),
+    ];
+    const head = async (treeSize: number, root: Buffer): Promise<TreeHead> => {
+      const cp = await this.at(treeSize);
+      if (cp && cp.rootHash !== root.toString('hex')) {
+        throw new Error(`the signed checkpoint of tree size ${treeSize} does not match the log`);
+      }
+      return { treeSize, rootHash: root.toString('hex'), ...(cp ? { checkpoint: cp.note } : {}) };
+    };
+    const result = {
+      from: await head(oldSize, root1),
+      to: await head(newSize, root2),
+      proof: proof.map((h) => h.toString('hex')),
+      verifierKey: this.verifierKey(),
+    };
+    if (!verifyConsistency(oldSize, newSize, proof, root1, root2)) {
+      throw new Error('consistency proof does not verify');
+    }
+    return result;
+  }
+
+  /** Every checkpoint, stored and exported, unchecked, in tree-size order. */
+  async list(): Promise<StoredCheckpoint[]> {
+    const rows = await this.opts.audit.database.query<{ tree_size: number; note: string }>(
       'SELECT tree_size, note FROM audit_checkpoint ORDER BY tree_size',
     );
-    const external = this.exported();
-    const all = [
-      ...rows.rows.map((r) => ({ treeSize: Number(r.tree_size), note: r.note })),
-      ...external,
+    return [
+      ...rows.rows.map((r) => ({ treeSize: Number(r.tree_size), note: r.note, external: false })),
+      ...this.exported(),
     ].sort((a, b) => a.treeSize - b.treeSize);
-    const size = await audit.size();
+  }
+
+  /**
+   * Every checkpoint (default: {@link list}): its signature verifies and its root is the tree head of
+   * the log at its size. `heads` are those heads as verify recomputed them from the entries, and
+   * `logSize` the entries it read; without them the heads are computed from the stored leaf hashes.
+   * A checkpoint larger than the log means the log was truncated.
+   */
+  async verifyAll(
+    checkpoints?: readonly StoredCheckpoint[],
+    heads?: ReadonlyMap<number, Buffer>,
+    logSize?: number,
+  ): Promise<CheckpointReport> {
+    const audit = this.opts.audit;
+    const all = checkpoints ?? (await this.list());
+    const size = logSize ?? (await audit.size());
+    const external = all.filter((c) => c.external).length;
     const vkey = this.verifierKey();
     for (const row of all) {
       const treeSize = row.treeSize;
@@ -202,23 +287,28 @@ export class Checkpoints {
         const cp = parseCheckpoint(verifyNote(row.note, [vkey]).text);
         if (cp.size !== treeSize || cp.size > size || cp.rootHash.length !== HASH_SIZE)
           throw new Error('size');
-        if (!(await treeHead(audit, cp.size)).equals(cp.rootHash)) throw new Error('root');
+        const head = heads ? heads.get(cp.size) : await treeHead(audit, cp.size);
+        if (!head?.equals(cp.rootHash)) throw new Error('root');
       } catch {
-        return { checked: all.length, external: external.length, firstBadTreeSize: treeSize };
+        return { checked: all.length, external, firstBadTreeSize: treeSize };
       }
     }
-    return { checked: all.length, external: external.length, firstBadTreeSize: undefined };
+    return { checked: all.length, external, firstBadTreeSize: undefined };
   }
 
   /** Checkpoints in the export directory (size from the file name; the note is checked by verifyAll). */
-  private exported(): { treeSize: number; note: string }[] {
+  private exported(): StoredCheckpoint[] {
     const dir = this.opts.exportDir;
     if (!dir || !fs.existsSync(dir)) return [];
     return fs
       .readdirSync(dir)
       .map((f) => /^checkpoint-(\d{12})\.note$/.exec(f))
       .filter((m): m is RegExpExecArray => m !== null)
-      .map((m) => ({ treeSize: Number(m[1]), note: fs.readFileSync(path.join(dir, m[0]), 'utf8') }));
+      .map((m) => ({
+        treeSize: Number(m[1]),
+        note: fs.readFileSync(path.join(dir, m[0]), 'utf8'),
+        external: true,
+      }));
   }
 }
 

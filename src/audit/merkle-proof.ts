@@ -6,17 +6,18 @@
  * SHA-256 (node:crypto) as the RFC prescribes; it introduces no new cryptography.
  *
  * Verification is pure and synchronous and never throws: any malformed input yields `false`.
- * Generation reads leaf hashes from an abstract {@link LeafHashSource} and recomputes the subtree
- * hashes MTH(D[a:b]) it needs by streaming over leaf ranges with a stack of perfect subtrees, so memory
- * stays O(log n) but each proof costs O(n) leaf reads and hashes.
- *
- * TODO(audit issue): persist interior hashes (C2SP tlog-tiles, https://c2sp.org/tlog-tiles) so that
- * proofs cost O(log n) reads instead of re-hashing whole leaf ranges.
+ * Generation first lists the subtrees MTH(D[a:b]) a proof needs ({@link inclusionRanges},
+ * {@link consistencyRanges}), then asks a source for their hashes:
+ * - a {@link NodeHashSource} answers with the hashes of perfect, aligned subtrees, which every proof
+ *   subtree decomposes into; the tiles of `tiles.ts` (C2SP tlog-tiles) are one, so a proof costs a
+ *   few reads per 256-fold level of the tree, O(log n);
+ * - a {@link LeafHashSource} (an array, or any leaf list) is streamed with a stack of perfect
+ *   subtrees: O(log n) memory, but O(n) leaf reads and hashes.
  *
  * @see https://www.rfc-editor.org/rfc/rfc9162#section-2.1
  * @module
  */
-import { createHash } from 'node:crypto';
+import { createHash, hash } from 'node:crypto';
 
 /** Size in bytes of every hash handled here (SHA-256). */
 export const HASH_SIZE = 32;
@@ -24,13 +25,49 @@ export const HASH_SIZE = 32;
 /** How many leaf hashes to request from a {@link LeafHashSource} at a time while streaming. */
 const READ_CHUNK = 4096;
 
-/** RFC 9162 §2.1.1 interior node hash: SHA-256(0x01 || left || right). */
+/** SHA-256("") : the head of the empty tree. */
+export function emptyRoot(): Buffer {
+  return createHash('sha256').digest();
+}
+
+const nodeInput = Buffer.alloc(1 + 2 * HASH_SIZE);
+
+/**
+ * RFC 9162 §2.1.1 interior node hash: SHA-256(0x01 || left || right). One-shot `crypto.hash` over
+ * a reused 65-byte buffer: about half the cost of a `createHash` chain, and it is most of the
+ * work of building a tree.
+ */
 export function nodeHash(left: Buffer, right: Buffer): Buffer {
-  return createHash('sha256')
-    .update(Buffer.from([1]))
-    .update(left)
-    .update(right)
-    .digest();
+  if (left.length !== HASH_SIZE || right.length !== HASH_SIZE) {
+    return createHash('sha256')
+      .update(Buffer.from([1]))
+      .update(left)
+      .update(right)
+      .digest();
+  }
+  nodeInput[0] = 1;
+  left.copy(nodeInput, 1);
+  right.copy(nodeInput, 1 + HASH_SIZE);
+  return hash('sha256', nodeInput, 'buffer');
+}
+
+/**
+ * MTH of `count` consecutive hashes in `hashes` (32 bytes each, from byte `offset`), `count` a power
+ * of two: the root of a perfect subtree whose bottom row is those hashes. Works on a copy.
+ */
+export function perfectRoot(hashes: Buffer, count: number, offset = 0): Buffer {
+  if (count < 1 || (count & (count - 1)) !== 0) throw new RangeError(`not a power of two: ${count}`);
+  if (count === 1) return Buffer.from(hashes.subarray(offset, offset + HASH_SIZE));
+  const row = Buffer.from(hashes.subarray(offset, offset + count * HASH_SIZE));
+  const input = Buffer.alloc(1 + 2 * HASH_SIZE);
+  input[0] = 1;
+  for (let width = count; width > 1; width >>= 1) {
+    for (let j = 0; j < width >> 1; j++) {
+      row.copy(input, 1, 2 * j * HASH_SIZE, (2 * j + 2) * HASH_SIZE);
+      hash('sha256', input, 'buffer').copy(row, j * HASH_SIZE);
+    }
+  }
+  return row.subarray(0, HASH_SIZE);
 }
 
 function isHash(b: unknown): b is Buffer {
@@ -167,6 +204,14 @@ export interface LeafHashSource {
  */
 export class MerkleAccumulator {
   private stack: { size: number; hash: Buffer }[] = [];
+  /** Leaves (or entries) added so far. */
+  get size(): number {
+    return this.stack.reduce((n, s) => n + s.size, 0);
+  }
+  /** The perfect-subtree roots, left to right: the binary decomposition of the leaves added. */
+  roots(): Buffer[] {
+    return this.stack.map((s) => s.hash);
+  }
   add(leaf: Buffer): void {
     let node = { size: 1, hash: leaf };
     while (this.stack.length > 0 && this.stack[this.stack.length - 1]!.size === node.size) {
@@ -176,11 +221,90 @@ export class MerkleAccumulator {
     this.stack.push(node);
   }
   root(): Buffer {
-    if (this.stack.length === 0) return createHash('sha256').digest();
-    let acc = this.stack[this.stack.length - 1]!.hash;
-    for (let i = this.stack.length - 2; i >= 0; i--) acc = nodeHash(this.stack[i]!.hash, acc);
-    return acc;
+    return foldRoots(this.roots());
   }
+}
+
+/**
+ * MTH of a sequence of perfect subtrees given left to right, each smaller than the one before it (a
+ * binary decomposition): right to left, node(left, acc). The empty sequence is the empty tree.
+ */
+export function foldRoots(roots: readonly Buffer[]): Buffer {
+  if (roots.length === 0) return emptyRoot();
+  let acc = roots[roots.length - 1]!;
+  for (let i = roots.length - 2; i >= 0; i--) acc = nodeHash(roots[i]!, acc);
+  return acc;
+}
+
+/** A perfect, aligned subtree: node (height, index) = MTH(D[index * 2^height : (index + 1) * 2^height]). */
+export interface PerfectNode {
+  height: number;
+  index: number;
+}
+
+/**
+ * A source of perfect-subtree hashes: for every node asked, MTH of its 2^height leaves. Every node asked
+ * lies wholly inside the log. The tiles (tiles.ts) are one: the whole proof is one call.
+ */
+export interface NodeHashSource {
+  /** Current number of leaves. */
+  size(): Promise<number>;
+  nodeHashes(nodes: readonly PerfectNode[]): Promise<Buffer[]>;
+}
+
+/**
+ * The perfect subtrees MTH(D[a:b]) is made of, left to right. Defined for the subtrees that proofs and
+ * tree heads use: `a` a multiple of the largest power of two below `b - a` (so always for a = 0), which
+ * makes each piece aligned. Each piece is a bit of `b - a`, largest first.
+ */
+export function perfectPieces(a: number, b: number): PerfectNode[] {
+  if (!isSize(a) || !isSize(b) || b <= a) throw new RangeError(`invalid range [${a}, ${b})`);
+  const pieces: PerfectNode[] = [];
+  let at = a;
+  let rest = b - a;
+  while (rest > 0) {
+    let height = 0;
+    while (2 ** (height + 1) <= rest) height++;
+    const width = 2 ** height;
+    if (at % width !== 0) throw new RangeError(`range [${a}, ${b}) is not a node of an RFC 9162 tree`);
+    pieces.push({ height, index: at / width });
+    at += width;
+    rest -= width;
+  }
+  return pieces;
+}
+
+/** MTH(D[a:b]) for each range, from the perfect-subtree hashes of a {@link NodeHashSource}, in one call. */
+async function rangeHashes(
+  src: NodeHashSource,
+  ranges: readonly (readonly [number, number])[],
+): Promise<Buffer[]> {
+  const split = ranges.map(([a, b]) => perfectPieces(a, b));
+  const hashes = await src.nodeHashes(split.flat());
+  if (hashes.length !== split.reduce((n, p) => n + p.length, 0) || !hashes.every(isHash)) {
+    throw new Error('node hash source returned the wrong number or size of hashes');
+  }
+  let at = 0;
+  return split.map((pieces) => {
+    const mine = hashes.slice(at, at + pieces.length);
+    at += pieces.length;
+    return foldRoots(mine);
+  });
+}
+
+function isNodeSource(src: LeafHashSource | NodeHashSource): src is NodeHashSource {
+  return typeof (src as NodeHashSource).nodeHashes === 'function';
+}
+
+/** MTH(D[a:b]) of each range from either kind of source. */
+async function hashesOf(
+  src: LeafHashSource | NodeHashSource,
+  ranges: readonly (readonly [number, number])[],
+): Promise<Buffer[]> {
+  if (isNodeSource(src)) return rangeHashes(src, ranges);
+  const out: Buffer[] = [];
+  for (const [a, b] of ranges) out.push(await subtreeHash(src, a, b));
+  return out;
 }
 
 /** MTH(D[from:to]) by streaming the leaf hashes of [from, to) from the source. */
@@ -201,7 +325,7 @@ async function subtreeHash(src: LeafHashSource, from: number, to: number): Promi
   return acc.root();
 }
 
-async function checkTreeSize(src: LeafHashSource, treeSize: number): Promise<void> {
+async function checkTreeSize(src: LeafHashSource | NodeHashSource, treeSize: number): Promise<void> {
   if (!isSize(treeSize)) throw new RangeError(`invalid tree size ${treeSize}`);
   const available = await src.size();
   if (treeSize > available) throw new RangeError(`tree size ${treeSize} exceeds log size ${available}`);
@@ -214,9 +338,10 @@ async function checkTreeSize(src: LeafHashSource, treeSize: number): Promise<voi
  * @throws RangeError if `size` is not a non-negative safe integer or exceeds the source's size.
  * @see https://www.rfc-editor.org/rfc/rfc9162#section-2.1.1
  */
-export async function treeHead(src: LeafHashSource, size: number): Promise<Buffer> {
+export async function treeHead(src: LeafHashSource | NodeHashSource, size: number): Promise<Buffer> {
   await checkTreeSize(src, size);
-  return subtreeHash(src, 0, size);
+  if (size === 0) return emptyRoot();
+  return (await hashesOf(src, [[0, size]]))[0]!;
 }
 
 /**
@@ -227,7 +352,7 @@ export async function treeHead(src: LeafHashSource, size: number): Promise<Buffe
  * @see https://www.rfc-editor.org/rfc/rfc9162#section-2.1.3.1
  */
 export async function inclusionProof(
-  src: LeafHashSource,
+  src: LeafHashSource | NodeHashSource,
   leafIndex: number,
   treeSize: number,
 ): Promise<Buffer[]> {
@@ -235,19 +360,29 @@ export async function inclusionProof(
   if (!isSize(leafIndex) || leafIndex >= treeSize) {
     throw new RangeError(`leaf index ${leafIndex} out of range for tree size ${treeSize}`);
   }
-  // PATH(m, D[a:b]): for n = b - a > 1 with split k, PATH(m, D[a:a+k]) : MTH(D[a+k:b]) when m < k,
-  // else PATH(m - k, D[a+k:b]) : MTH(D[a:a+k]). Collected top-down, returned bottom-up.
-  const topDown: Buffer[] = [];
+  return hashesOf(src, inclusionRanges(leafIndex, treeSize));
+}
+
+/**
+ * The subtrees [a, b) whose hashes make up PATH(leafIndex, D[0:treeSize]), leaf's sibling first.
+ * PATH(m, D[a:b]): for n = b - a > 1 with split k, PATH(m, D[a:a+k]) : MTH(D[a+k:b]) when m < k,
+ * else PATH(m - k, D[a+k:b]) : MTH(D[a:a+k]).
+ */
+export function inclusionRanges(leafIndex: number, treeSize: number): [number, number][] {
+  if (!isSize(leafIndex) || !isSize(treeSize) || leafIndex >= treeSize) {
+    throw new RangeError(`leaf index ${leafIndex} out of range for tree size ${treeSize}`);
+  }
+  const topDown: [number, number][] = [];
   let a = 0;
   let b = treeSize;
   let m = leafIndex;
   while (b - a > 1) {
     const k = splitPoint(b - a);
     if (m < k) {
-      topDown.push(await subtreeHash(src, a + k, b));
+      topDown.push([a + k, b]);
       b = a + k;
     } else {
-      topDown.push(await subtreeHash(src, a, a + k));
+      topDown.push([a, a + k]);
       a = a + k;
       m -= k;
     }
@@ -263,14 +398,29 @@ export async function inclusionProof(
  *   or `size2` exceeds the source's size.
  * @see https://www.rfc-editor.org/rfc/rfc9162#section-2.1.4.1
  */
-export async function consistencyProof(src: LeafHashSource, size1: number, size2: number): Promise<Buffer[]> {
+export async function consistencyProof(
+  src: LeafHashSource | NodeHashSource,
+  size1: number,
+  size2: number,
+): Promise<Buffer[]> {
   await checkTreeSize(src, size2);
   if (!isSize(size1) || size1 === 0 || size1 > size2) {
     throw new RangeError(`invalid consistency proof sizes ${size1} -> ${size2}`);
   }
-  // SUBPROOF(m, D[a:b], start): if m == n, [] when start else [MTH(D[a:b])]; otherwise with split k,
-  // m <= k: SUBPROOF(m, D[a:a+k], start) : MTH(D[a+k:b]); m > k: SUBPROOF(m - k, D[a+k:b], false) : MTH(D[a:a+k]).
-  const topDown: Buffer[] = [];
+  return hashesOf(src, consistencyRanges(size1, size2));
+}
+
+/**
+ * The subtrees [a, b) whose hashes make up PROOF(size1, D[0:size2]), in proof order (empty when the
+ * sizes are equal). SUBPROOF(m, D[a:b], start): if m == n, [] when start else [MTH(D[a:b])]; otherwise
+ * with split k, m <= k: SUBPROOF(m, D[a:a+k], start) : MTH(D[a+k:b]); m > k: SUBPROOF(m - k, D[a+k:b],
+ * false) : MTH(D[a:a+k]).
+ */
+export function consistencyRanges(size1: number, size2: number): [number, number][] {
+  if (!isSize(size1) || !isSize(size2) || size1 === 0 || size1 > size2) {
+    throw new RangeError(`invalid consistency proof sizes ${size1} -> ${size2}`);
+  }
+  const topDown: [number, number][] = [];
   let a = 0;
   let b = size2;
   let m = size1;
@@ -278,16 +428,16 @@ export async function consistencyProof(src: LeafHashSource, size1: number, size2
   while (m !== b - a) {
     const k = splitPoint(b - a);
     if (m <= k) {
-      topDown.push(await subtreeHash(src, a + k, b));
+      topDown.push([a + k, b]);
       b = a + k;
     } else {
-      topDown.push(await subtreeHash(src, a, a + k));
+      topDown.push([a, a + k]);
       a = a + k;
       m -= k;
       start = false;
     }
   }
-  if (!start) topDown.push(await subtreeHash(src, a, b));
+  if (!start) topDown.push([a, b]);
   return topDown.reverse();
 }
 

@@ -7,7 +7,8 @@ import { createLogger, silentLogger, type Logger } from '../log/logger.ts';
 import { isCustosError } from '../kernel/errors.ts';
 import { dataPaths, openCore, runningServer, startServer, VERSION, type CustosCore } from '../server.ts';
 import { verifyAuditLog, type AuditVerifyReport } from '../audit/audit-verify.ts';
-import type { InclusionProof, SignedCheckpoint } from '../audit/checkpoints.ts';
+import type { ConsistencyProof, InclusionProof, SignedCheckpoint } from '../audit/checkpoints.ts';
+import { AuditSetupError, DEFAULT_AUDIT_APP_ROLE, setupAuditDatabase } from '../audit/audit-setup.ts';
 import type { ClientCredentials, InitResult } from '../admin/admin-service.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
 import { egressFetch } from '../egress/egress.ts';
@@ -238,6 +239,56 @@ export function buildCli(): Command {
 
   const audit = program.command('audit').description('The audit log');
   audit
+    .command('setup')
+    .description(
+      'Prepare a PostgreSQL audit database with an administrative role: create or migrate the audit ' +
+        'schema and an application role that may only INSERT and SELECT; prints the URL Custos then uses',
+    )
+    .requiredOption(
+      '--admin-url <url>',
+      'postgres://ADMIN@host:port/AUDIT_DB of a role that may create roles and owns (or may create) the ' +
+        'audit schema; leave the password out of the URL and set PGPASSWORD to keep it out of ps',
+    )
+    .option('--app-role <name>', 'name of the application role', DEFAULT_AUDIT_APP_ROLE)
+    .option(
+      '--new-password',
+      'set a new password for an existing application role (running servers need the new URL); by default it is kept and the URL carries none',
+    )
+    .option('--json', 'print one JSON document: { "appDatabaseUrl" }')
+    .addHelpText(
+      'after',
+      '\nIdempotent; one transaction: on any error nothing is changed. Exit 2 when the URL, credentials,\n' +
+        'privileges or role must change (or it is not PostgreSQL), 1 when the server cannot be reached.',
+    )
+    .action(async (opts: { adminUrl: string; appRole: string; newPassword?: boolean; json?: boolean }) => {
+      let r;
+      try {
+        r = await setupAuditDatabase({
+          adminUrl: opts.adminUrl,
+          appRole: opts.appRole,
+          newPassword: opts.newPassword === true,
+        });
+      } catch (e) {
+        if (e instanceof AuditSetupError)
+          throw new ExitError(e.exitCode, `custos: audit setup: ${e.message}`);
+        throw e;
+      }
+      const applied = r.migrationsApplied.length
+        ? `migrations ${r.migrationsApplied.join(', ')} applied`
+        : 'already current';
+      const role = r.roleCreated
+        ? `role ${r.appRole} created`
+        : r.passwordSet
+          ? `role ${r.appRole} given a new password`
+          : `role ${r.appRole} kept, password unchanged and not shown (--new-password sets one)`;
+      print(
+        opts.json === true,
+        { appDatabaseUrl: r.appDatabaseUrl },
+        `audit database ready: schema version ${r.schemaVersion} (${applied}); ${role}, INSERT and SELECT only; ` +
+          `set CUSTOS_AUDIT_DATABASE_URL=${r.appDatabaseUrl}`,
+      );
+    });
+  audit
     .command('verify')
     .description('Recompute every leaf hash and the Merkle tree head; list write attempts without outcome')
     .option('--json', 'print one JSON document')
@@ -254,7 +305,9 @@ export function buildCli(): Command {
           ? `audit log BROKEN at sequence number ${r.firstBadSeq} (${r.problem})`
           : cps?.firstBadTreeSize !== undefined
             ? `audit log BROKEN: the signed checkpoint of tree size ${cps.firstBadTreeSize} does not match the log`
-            : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s) verified`;
+            : r.tiles?.firstBad
+              ? `audit log BROKEN: stored tile ${r.tiles.firstBad.level}/${r.tiles.firstBad.index} does not match the entries`
+              : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s) and ${r.tiles?.checked ?? 0} stored tile(s) verified`;
       const pending = r.attemptsWithoutOutcome.length
         ? `\n${r.attemptsWithoutOutcome.length} write attempt(s) without outcome: ${r.attemptsWithoutOutcome.join(', ')}`
         : '';
@@ -277,14 +330,51 @@ export function buildCli(): Command {
 
   audit
     .command('prove')
-    .description('Print an RFC 9162 inclusion proof of one audit entry in a signed checkpoint')
-    .requiredOption('--seq <n>', 'sequence number of the entry')
+    .description(
+      'Print an RFC 9162 proof: inclusion of one entry in a signed checkpoint (--seq), or consistency ' +
+        'between two tree sizes (--from, --to)',
+    )
+    .option('--seq <n>', 'sequence number of the entry (inclusion proof)')
+    .option('--from <size>', 'older tree size (consistency proof), at least 1')
+    .option(
+      '--to <size>',
+      'newer tree size (consistency proof; default: the current log, signing a checkpoint)',
+    )
     .option('--json', 'print one JSON document')
-    .action(async (opts: { seq: string; json?: boolean }) => {
+    .action(async (opts: { seq?: string; from?: string; to?: string; json?: boolean }) => {
       const cfg = config();
-      if (!/^\d{1,15}$/.test(opts.seq))
-        throw new ExitError(2, 'custos: --seq must be a non-negative integer');
-      const seq = Number(opts.seq);
+      const whole = (flag: string, v: string) => {
+        if (!/^\d{1,15}$/.test(v)) throw new ExitError(2, `custos: ${flag} must be a non-negative integer`);
+        return Number(v);
+      };
+      if ((opts.seq === undefined) === (opts.from === undefined))
+        throw new ExitError(2, 'custos: audit prove needs either --seq N or --from OLD [--to NEW]');
+      if (opts.from !== undefined) {
+        if (opts.seq !== undefined) throw new ExitError(2, 'custos: --seq cannot be combined with --from');
+        const from = whole('--from', opts.from);
+        const to = opts.to === undefined ? undefined : whole('--to', opts.to);
+        const c = await withBackend<ConsistencyProof>(
+          cfg,
+          async (call) => (await call('/admin/audit/consistency', { from, to })) as ConsistencyProof,
+          (core) => core.checkpoints.consistency(from, to),
+        );
+        const head = (h: ConsistencyProof['from']) =>
+          h.checkpoint ? h.checkpoint.trimEnd() : `(no signed checkpoint of tree size ${h.treeSize})`;
+        const human = [
+          `the tree of size ${c.from.treeSize} (root ${c.from.rootHash}) is a prefix of the tree of size ${c.to.treeSize} (root ${c.to.rootHash})`,
+          'proof:',
+          ...c.proof.map((h) => `  ${h}`),
+          `tree size ${c.from.treeSize}:`,
+          head(c.from),
+          `tree size ${c.to.treeSize}:`,
+          head(c.to),
+          `verifier key: ${c.verifierKey}`,
+        ].join('\n');
+        print(opts.json === true, c, human);
+        return;
+      }
+      if (opts.to !== undefined) throw new ExitError(2, 'custos: --to needs --from');
+      const seq = whole('--seq', opts.seq!);
       const proof = await withBackend<InclusionProof | undefined>(
         cfg,
         async (call) => (await call('/admin/audit/prove', { seq })) as InclusionProof,
@@ -311,6 +401,11 @@ export async function runCli(argv: string[]): Promise<number> {
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (e) {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
+    if (e instanceof ConfigError) {
+      // Found when storage was opened (e.g. an audit schema older than this code).
+      process.stderr.write(`custos: configuration: ${e.message}\n`);
+      return 2;
+    }
     if (e instanceof ExitError) {
       process.stderr.write(`${e.message}\n`);
       return e.exitCode;

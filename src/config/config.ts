@@ -31,6 +31,22 @@ export interface Config {
    * Production refuses it.
    */
   readonly searchIndexing: boolean;
+  /** Field-level encryption of protected elements (default on; `off` only for bench/; production refuses it). */
+  readonly encryption: boolean;
+  /** Also protect Patient.address and telecom (the opt-in `contact` class). */
+  readonly protectContact: boolean;
+  /** CUSTOS_KEY_PROVIDER=pkcs11: the HSM (docs/keys.md). */
+  readonly pkcs11: { module: string; tokenLabel: string; pin: string } | undefined;
+  /** CUSTOS_KEY_PROVIDER=aws-kms: the KMS region, endpoint and credentials (docs/keys.md). */
+  readonly kms:
+    | {
+        region: string;
+        endpoint: string | undefined;
+        accessKeyId: string;
+        secretAccessKey: string;
+        sessionToken: string | undefined;
+      }
+    | undefined;
 }
 
 /** A configuration problem: the message names the variable and the reason, in one line. */
@@ -132,6 +148,32 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   }
   const keyProvider = oneOf(env, 'CUSTOS_KEY_PROVIDER', ['local', 'pkcs11', 'aws-kms'] as const, 'local');
   const keyringPassphrase = str(env, 'CUSTOS_KEYRING_PASSPHRASE');
+  const required = (name: string, why: string): string => {
+    const v = str(env, name);
+    if (!v) throw new ConfigError(name, `is required ${why}`);
+    return v;
+  };
+  const pkcs11 =
+    keyProvider === 'pkcs11'
+      ? {
+          module: required(
+            'CUSTOS_PKCS11_MODULE',
+            'with CUSTOS_KEY_PROVIDER=pkcs11 (the PKCS#11 library path)',
+          ),
+          tokenLabel: required('CUSTOS_PKCS11_TOKEN_LABEL', 'with CUSTOS_KEY_PROVIDER=pkcs11'),
+          pin: required('CUSTOS_PKCS11_PIN', 'with CUSTOS_KEY_PROVIDER=pkcs11 (the user PIN)'),
+        }
+      : undefined;
+  const kms =
+    keyProvider === 'aws-kms'
+      ? {
+          region: required('CUSTOS_KMS_REGION', 'with CUSTOS_KEY_PROVIDER=aws-kms'),
+          endpoint: str(env, 'CUSTOS_KMS_ENDPOINT'),
+          accessKeyId: required('CUSTOS_KMS_ACCESS_KEY_ID', 'with CUSTOS_KEY_PROVIDER=aws-kms'),
+          secretAccessKey: required('CUSTOS_KMS_SECRET_ACCESS_KEY', 'with CUSTOS_KEY_PROVIDER=aws-kms'),
+          sessionToken: str(env, 'CUSTOS_KMS_SESSION_TOKEN'),
+        }
+      : undefined;
   const logLevel = oneOf(env, 'CUSTOS_LOG_LEVEL', ['debug', 'info', 'warn', 'error'] as const, 'info');
   const intervalText = str(env, 'CUSTOS_AUDIT_CHECKPOINT_INTERVAL') ?? '60';
   if (!/^\d{1,6}$/.test(intervalText)) {
@@ -145,6 +187,8 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const auditCheckpointDir = checkpointDirText ? path.resolve(cwd, checkpointDirText) : undefined;
 
   const searchIndexing = oneOf(env, 'CUSTOS_SEARCH_INDEXING', ['on', 'off'] as const, 'on') === 'on';
+  const encryption = oneOf(env, 'CUSTOS_ENCRYPTION', ['on', 'off'] as const, 'on') === 'on';
+  const protectContact = oneOf(env, 'CUSTOS_PROTECT_CONTACT', ['on', 'off'] as const, 'off') === 'on';
 
   if (
     databaseUrl &&
@@ -186,6 +230,12 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     if (!searchIndexing) {
       throw new ConfigError('CUSTOS_SEARCH_INDEXING', 'production refuses off: searches would miss new data');
     }
+    if (!encryption) {
+      throw new ConfigError(
+        'CUSTOS_ENCRYPTION',
+        'production refuses off: protected elements would be stored in clear',
+      );
+    }
   }
   return Object.freeze({
     env: mode,
@@ -203,5 +253,9 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     auditCheckpointIntervalSeconds,
     auditCheckpointDir,
     searchIndexing,
+    encryption,
+    protectContact,
+    pkcs11: pkcs11 && Object.freeze(pkcs11),
+    kms: kms && Object.freeze(kms),
   });
 }

@@ -144,6 +144,31 @@ export const ERROR_CATALOG = {
     ack: 'AR',
     message: 'The search exceeds a limit on chaining, _has, includes or total work; narrow it.',
   },
+  KEY_UNAVAILABLE: {
+    status: 503,
+    issue: 'transient',
+    ack: 'AE',
+    message: 'The key provider is unavailable; no protected data was returned or changed.',
+  },
+  KEY_DESTROYED: {
+    status: 410,
+    issue: 'deleted',
+    ack: 'AE',
+    message: 'The keys protecting this data were destroyed (crypto-shredding); it cannot be recovered.',
+  },
+  SEALED_DATA_INVALID: {
+    status: 500,
+    issue: 'exception',
+    ack: 'AE',
+    message: 'Stored protected data failed its integrity check; nothing was returned.',
+  },
+  SEARCH_PROTECTED: {
+    status: 400,
+    issue: 'not-supported',
+    ack: 'AR',
+    message:
+      'This search would need the plaintext of protected (encrypted) elements; only exact token matches are possible.',
+  },
   ADMIN_TOKEN_INVALID: { status: 401, issue: 'login', ack: 'AR', message: 'Invalid admin token.' },
   CONFIG_INVALID: { status: 500, issue: 'exception', ack: 'AE', message: 'Invalid configuration.' },
   INTERNAL: {

@@ -21,8 +21,25 @@ import { BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from './purpose-of-use.ts';
 import { TtlCache } from '../kernel/ttl-cache.ts';
 import { extractSearchIndex, type SearchIndex } from '../fhir/search-index.ts';
 import { parseSearch, type SearchRequest } from '../fhir/search-request.ts';
-import { runSearch, searchIds, type SearchAccess, type SearchRow } from '../store/search-sql.ts';
+import {
+  runSearch,
+  searchIds,
+  type BlindCheck,
+  type SearchAccess,
+  type SearchRow,
+} from '../store/search-sql.ts';
 import { selectElements, summarize, unknownElements } from '../fhir/summary.ts';
+import { blindIndexKey, Envelope } from '../crypto/envelope.ts';
+import {
+  ALL_CLASSES,
+  labelMasked,
+  restoreProtected,
+  splitProtected,
+  type PolicyRule,
+  type ProtectedElement,
+  type SensitivityClass as ProtectedClass,
+} from '../crypto/protection-policy.ts';
+import { ProtectedParams, visibleClasses } from './minimum-necessary.ts';
 
 /** The SMART interactions a scope grants: create, read, update, delete, search. */
 export type Interaction = 'c' | 'r' | 'u' | 'd' | 's';
@@ -66,6 +83,11 @@ export interface GatewayDeps {
   resourceTypes: Iterable<string>;
   /** The public FHIR base URL: absolute references to this server index as relative ones. */
   fhirBaseUrl?: string;
+  /**
+   * Field-level encryption (issue 5): protected elements are sealed under the project's data key
+   * and replaced by placeholders; absent means encryption is off (bench/ only; production refuses).
+   */
+  encryption?: { envelope: Envelope; policy: readonly PolicyRule[] };
   /** Index extraction on writes (default true; off only to measure its cost in bench/). */
   searchIndexing?: boolean;
   /** Upper bound on one search's SQL statements (PostgreSQL only), in ms. */
@@ -76,6 +98,7 @@ export interface GatewayDeps {
 type SessionDeps = Omit<GatewayDeps, 'db'> & {
   store: ResourceStore;
   loadProject: (id: string) => Promise<Project | undefined>;
+  protectedParams: ProtectedParams | undefined;
 };
 
 /** How long a project record (kind, provenance setting) is reused before it is read again. */
@@ -126,7 +149,8 @@ export class PhiGateway {
       if (project) projects.set(id, project, Date.now() + PROJECT_CACHE_MS);
       return project;
     };
-    this.deps = { ...deps, store, loadProject };
+    const protectedParams = deps.encryption ? new ProtectedParams(deps.encryption.policy) : undefined;
+    this.deps = { ...deps, store, loadProject, protectedParams };
   }
 
   session(principal: Principal, facts: RequestFacts): PhiSession {
@@ -167,6 +191,8 @@ export class PhiSession {
   private project: Project | undefined;
   /** While a transaction bundle runs: fresh versions waiting to be inserted in one statement. */
   private freshBuffer: StoredVersion[] | undefined;
+  /** The data and blind-index keys of this project's current epoch, loaded before a write transaction. */
+  private keys: { epoch: number; dek: Buffer; blindKey: Buffer } | undefined;
 
   constructor(
     private readonly deps: SessionDeps,
@@ -216,6 +242,57 @@ export class PhiSession {
       this.deps.log.error('audit.append_failed', { requestId: e.requestId, ...errorFields(err) });
       throw new CustosError('AUDIT_UNAVAILABLE');
     }
+  }
+
+  /**
+   * Opens the sealed classes of a stored version that the purpose of use reveals and puts them
+   * back; withheld classes stay as data-absent-reason placeholders and the MASKED label is added.
+   * `q`: the open transaction, when called inside one (PGlite has a single connection).
+   */
+  private async reveal<
+    T extends {
+      resourceType: string;
+      id: string;
+      versionId: number;
+      json?: string;
+      sealed?: Record<string, string>;
+    },
+  >(v: T, q?: SqlQueryable): Promise<T> {
+    const enc = this.deps.encryption;
+    if (!v.sealed || !v.json || !enc) return v;
+    const visible = visibleClasses(this.purpose);
+    const resource = JSON.parse(v.json) as Record<string, unknown>;
+    let masked = false;
+    for (const [cls, blob] of Object.entries(v.sealed)) {
+      if (!visible.has(cls)) {
+        masked = true;
+        continue;
+      }
+      const ctx = {
+        projectId: this.principal.projectId,
+        type: v.resourceType,
+        id: v.id,
+        version: v.versionId,
+      };
+      const plain = await enc.envelope.open({ ...ctx, cls: cls as ProtectedClass }, blob, q);
+      restoreProtected(resource, JSON.parse(plain.toString('utf8')) as ProtectedElement[]);
+    }
+    if (masked) labelMasked(resource);
+    return { ...v, json: JSON.stringify(resource), sealed: undefined };
+  }
+
+  private async revealAll<
+    T extends {
+      resourceType: string;
+      id: string;
+      versionId: number;
+      json?: string;
+      sealed?: Record<string, string>;
+    },
+  >(rows: T[]): Promise<T[]> {
+    const out: T[] = [];
+    for (const r of rows) out.push(await this.reveal(r));
+    return out;
   }
 
   /** Purpose and scope checks; a refusal is audited before it is thrown. */
@@ -272,8 +349,26 @@ export class PhiSession {
     action: 'read' | 'vread',
     type: string,
     id: string,
-    v: StoredVersion | undefined,
+    found: StoredVersion | undefined,
   ): Promise<InteractionResult> {
+    let v = found;
+    try {
+      if (v && !v.deleted) v = await this.reveal(v);
+    } catch (e) {
+      // A missing key or a ciphertext that fails its check: audited as a failed read, nothing returned.
+      const code: ErrorCode = isCustosError(e) ? e.code : 'INTERNAL';
+      await this.audit(
+        this.event({
+          phase: 'access',
+          action,
+          outcome: 'failed',
+          code,
+          resource: { type, id },
+          patients: v?.patients,
+        }),
+      );
+      throw e;
+    }
     await this.audit(
       this.event({
         phase: 'access',
@@ -310,7 +405,7 @@ export class PhiSession {
       count: count + 1,
       before,
     });
-    const page = versions.slice(0, count);
+    const page = await this.revealAll(versions.slice(0, count));
     const patients = [...new Set(page.flatMap((v) => v.patients))].sort();
     await this.audit(
       this.event({
@@ -386,11 +481,42 @@ export class PhiSession {
     const elementIssues = req.elements && types.length === 1 ? unknownElements(types[0]!, req.elements) : [];
     const db = this.deps.store.db;
     const timeout = this.deps.searchTimeoutMs;
-    const page = await db.transaction(async (q) => {
+    const access = this.searchAccess(opts.patient);
+    const enc = this.deps.encryption;
+    if (enc) {
+      const blindKey = await enc.envelope.blindKey(this.principal.projectId);
+      const bits = enc.envelope.blindBits;
+      access.protection = {
+        classOf: (t, c) => this.deps.protectedParams?.classOf(t, c),
+        blind: (k) => (blindKey ? blindIndexKey(blindKey, bits, k) : k),
+      };
+    }
+    const raw = await db.transaction(async (q) => {
       if (db.kind === 'postgres' && timeout)
         await q.query(`SET LOCAL statement_timeout = ${Math.floor(timeout)}`);
-      return runSearch(q, req, this.searchAccess(opts.patient));
+      return runSearch(q, req, access);
     });
+    const visible = visibleClasses(this.purpose);
+    if (raw.blindChecks.some((c) => !visible.has(c.cls))) {
+      // Searching by what the purpose of use may not see would reveal it through the matches.
+      await this.audit(
+        this.event({
+          phase: 'access',
+          action: 'search',
+          outcome: 'refused',
+          code: 'SEARCH_PROTECTED',
+          resource: opts.type ? { type: opts.type } : undefined,
+        }),
+      );
+      throw new CustosError('SEARCH_PROTECTED');
+    }
+    const page = {
+      ...raw,
+      matches: (await this.revealAll(raw.matches)).filter((row) =>
+        passesBlindChecks(row, raw.blindChecks, this.deps.fhirBaseUrl),
+      ),
+      includes: await this.revealAll(raw.includes),
+    };
     const rows = [...page.matches, ...page.includes];
     const patients = [...new Set(rows.flatMap((r) => r.patients))].sort();
     await this.audit(
@@ -440,6 +566,8 @@ export class PhiSession {
     // Resolved before any transaction opens: PGlite has one connection, so a query outside the
     // transaction while it is open would wait for it forever.
     await this.getProject();
+    if (this.deps.encryption && !this.keys)
+      this.keys = await this.deps.encryption.envelope.prepareWrite(this.principal.projectId);
     await this.audit(this.event({ phase: 'attempt', action, outcome: 'pending', resource }, requestId));
     let result: T;
     try {
@@ -554,15 +682,46 @@ export class PhiSession {
     input: Omit<Parameters<ResourceStore['write']>[1], 'index'>,
   ): Promise<StoredVersion> {
     // The one place index rows are made (search issue): from the version about to be stored.
-    const index: SearchIndex | undefined = !input.resource
-      ? EMPTY_INDEX
-      : this.deps.searchIndexing === false
-        ? undefined
-        : extractSearchIndex(
-            { ...input.resource, resourceType: input.resourceType, id: input.id },
-            this.deps.fhirBaseUrl,
+    // With encryption, protected elements are sealed and replaced by placeholders first; they
+    // contribute blind-index keys only, never plaintext index rows.
+    let index: SearchIndex | undefined = EMPTY_INDEX;
+    let resource = input.resource;
+    let seal: ((versionId: number) => Record<string, string> | undefined) | undefined;
+    if (resource) {
+      const full = { ...resource, resourceType: input.resourceType, id: input.id };
+      const split = this.deps.encryption ? splitProtected(full, this.deps.encryption.policy) : undefined;
+      if (split && split.byClass.size > 0) {
+        const keys = this.keys;
+        if (!keys) throw new CustosError('KEY_UNAVAILABLE');
+        const ctx = { projectId: input.projectId, type: input.resourceType, id: input.id };
+        resource = split.redacted;
+        seal = (version) =>
+          Object.fromEntries(
+            [...split.byClass].map(([cls, els]) => [
+              cls,
+              Envelope.seal(
+                keys.dek,
+                keys.epoch,
+                { ...ctx, version, cls },
+                Buffer.from(JSON.stringify(els), 'utf8'),
+              ),
+            ]),
           );
-    const w = { ...input, index };
+      }
+      if (this.deps.searchIndexing === false) index = undefined;
+      else {
+        index = extractSearchIndex(split?.byClass.size ? split.redacted : full, this.deps.fhirBaseUrl);
+        if (split?.projection && this.keys) {
+          const blind = extractSearchIndex(split.projection, this.deps.fhirBaseUrl);
+          const bits = this.deps.encryption!.envelope.blindBits;
+          const keys = new Set(index.keys);
+          for (const k of blind.keys)
+            keys.add(k.endsWith('?') ? k : blindIndexKey(this.keys.blindKey, bits, k));
+          index = { ...index, keys: [...keys] };
+        }
+      }
+    }
+    const w = { ...input, resource, index, seal };
     if (w.fresh && this.freshBuffer) {
       const v = this.deps.store.prepareFresh(w);
       this.freshBuffer.push(v);
@@ -597,6 +756,18 @@ export class PhiSession {
     };
   }
 
+  /**
+   * An update replaces the whole resource. A caller whose purpose of use does not reveal a class
+   * the current version holds would overwrite values it has only seen as placeholders: refused.
+   */
+  private async assertMayReplace(q: SqlQueryable, type: string, id: string): Promise<void> {
+    if (!this.deps.encryption) return;
+    const visible = visibleClasses(this.purpose);
+    if (visible.size === ALL_CLASSES.length) return;
+    const cur = await this.deps.store.read(this.principal.projectId, type, id, q);
+    if (Object.keys(cur?.sealed ?? {}).some((c) => !visible.has(c))) throw new CustosError('FORBIDDEN_SCOPE');
+  }
+
   private async updateIn(
     q: SqlQueryable,
     type: string,
@@ -604,6 +775,7 @@ export class PhiSession {
     resource: Record<string, unknown>,
     ifMatch?: number,
   ): Promise<StepResult> {
+    await this.assertMayReplace(q, type, id);
     const versions = await this.writeVersion(q, {
       type,
       id,
@@ -627,6 +799,7 @@ export class PhiSession {
     if (ids[0] && resource.id !== undefined && resource.id !== ids[0]) throw new CustosError('ID_MISMATCH');
     const id = ids[0] ?? (typeof resource.id === 'string' ? resource.id : newId());
     if (!isFhirId(id)) throw new CustosError('INVALID_ID');
+    if (ids[0]) await this.assertMayReplace(q, type, id);
     const versions = await this.writeVersion(q, { type, id, method: ids[0] ? 'update' : 'create', resource });
     return { status: ids[0] ? 200 : 201, versions };
   }
@@ -643,13 +816,15 @@ export class PhiSession {
     if (!cur) throw new CustosError('NOT_FOUND');
     if (cur.deleted || !cur.json) throw new CustosError('GONE');
     if (ifMatch !== undefined && ifMatch !== cur.versionId) throw new CustosError('VERSION_CONFLICT');
+    // A patch applies to the whole resource: one the caller's purpose cannot fully see is refused.
+    const visible = visibleClasses(this.purpose);
+    if (Object.keys(cur.sealed ?? {}).some((c) => !visible.has(c))) throw new CustosError('FORBIDDEN_SCOPE');
+    const full = await this.reveal(cur, q);
     let patched: Record<string, unknown>;
     try {
       // validate: true checks each operation; prototype modifications are refused by default.
-      patched = applyPatch(JSON.parse(cur.json), operations as Operation[], true, true).newDocument as Record<
-        string,
-        unknown
-      >;
+      patched = applyPatch(JSON.parse(full.json!), operations as Operation[], true, true)
+        .newDocument as Record<string, unknown>;
     } catch {
       throw new CustosError('INVALID_PATCH');
     }
@@ -701,7 +876,30 @@ export class PhiSession {
       throw e;
     }
     if (req.filters.length === 0) throw new CustosError('UNSUPPORTED_CONDITION');
-    return searchIds(q, req, this.searchAccess(), 2);
+    const access = this.searchAccess();
+    const enc = this.deps.encryption;
+    const keys = this.keys;
+    if (enc && keys)
+      access.protection = {
+        classOf: (t, c) => this.deps.protectedParams?.classOf(t, c),
+        blind: (k) => blindIndexKey(keys.blindKey, enc.envelope.blindBits, k),
+      };
+    const checks: BlindCheck[] = [];
+    // With blind-index criteria, a few more candidates than needed, each verified after decryption.
+    const ids = await searchIds(q, req, access, 10, checks);
+    if (checks.length === 0) return ids.slice(0, 2);
+    const visible = visibleClasses(this.purpose);
+    if (checks.some((c) => !visible.has(c.cls))) throw new CustosError('SEARCH_PROTECTED');
+    const confirmed: string[] = [];
+    for (const id of ids) {
+      const v = await this.deps.store.read(this.principal.projectId, type, id, q);
+      if (!v?.json) continue;
+      const full = await this.reveal(v, q);
+      if (passesBlindChecks({ ...full, json: full.json!, keys: [] }, checks, this.deps.fhirBaseUrl))
+        confirmed.push(id);
+      if (confirmed.length === 2) break;
+    }
+    return confirmed;
   }
 
   /** The advisory-lock key of a condition: concurrent identical conditional writes serialize on it. */
@@ -716,6 +914,11 @@ export class PhiSession {
     return { status: step.status, version: step.versions[0], existing: step.existing };
   }
 
+  /** The result of a committed write step, its resource revealed for the caller. */
+  private async revealed(r: InteractionResult): Promise<InteractionResult> {
+    return r.version ? { ...r, version: await this.reveal(r.version) } : r;
+  }
+
   async create(type: string, body: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
     await this.guard('create', type, 'c');
     const resource = await this.checkBody(type, body, undefined);
@@ -723,7 +926,7 @@ export class PhiSession {
     const step = await this.audited('create', { type }, () =>
       this.deps.store.db.transaction((q) => this.createIn(q, type, resource, criteria)),
     );
-    return PhiSession.result(step);
+    return this.revealed(PhiSession.result(step));
   }
 
   async update(type: string, id: string, body: unknown, opts: WriteOptions = {}): Promise<InteractionResult> {
@@ -733,7 +936,7 @@ export class PhiSession {
     const step = await this.audited('update', { type, id }, () =>
       this.deps.store.db.transaction((q) => this.updateIn(q, type, id, resource, opts.ifMatch)),
     );
-    return PhiSession.result(step);
+    return this.revealed(PhiSession.result(step));
   }
 
   async conditionalUpdate(type: string, query: string, body: unknown): Promise<InteractionResult> {
@@ -743,7 +946,7 @@ export class PhiSession {
     const step = await this.audited('update', { type }, () =>
       this.deps.store.db.transaction((q) => this.conditionalUpdateIn(q, type, criteria, resource)),
     );
-    return PhiSession.result(step);
+    return this.revealed(PhiSession.result(step));
   }
 
   async patch(
@@ -757,7 +960,7 @@ export class PhiSession {
     const step = await this.audited('patch', { type, id }, () =>
       this.deps.store.db.transaction((q) => this.patchIn(q, type, id, operations, opts.ifMatch)),
     );
-    return PhiSession.result(step);
+    return this.revealed(PhiSession.result(step));
   }
 
   async delete(type: string, id: string): Promise<InteractionResult> {
@@ -765,7 +968,7 @@ export class PhiSession {
     const step = await this.audited('delete', { type, id }, () =>
       this.deps.store.db.transaction((q) => this.deleteIn(q, type, id)),
     );
-    return PhiSession.result(step);
+    return this.revealed(PhiSession.result(step));
   }
 
   // ---- batch and transaction --------------------------------------------------------------
@@ -958,6 +1161,7 @@ export class PhiSession {
         results.push({ index: r.index, result: { status: e.status } });
       }
     }
+    for (const r of results) r.result = await this.revealed(r.result);
     results.sort((a, b) => a.index - b.index);
     const body = `{"resourceType":"Bundle","type":"transaction-response","entry":[${results.map((r) => entryResponse(baseUrl, r.result)).join(',')}]}`;
     return { status: 200, body };
@@ -1118,6 +1322,21 @@ function entryResponse(baseUrl: string, r: InteractionResult): string {
   });
   const resource = v.json && r.status !== 204 ? `"resource":${v.json},` : '';
   return `{"fullUrl":${JSON.stringify(`${baseUrl}/${v.resourceType}/${v.id}`)},${resource}"response":${response}}`;
+}
+
+/**
+ * Blind-index matches can be false positives (the index is truncated on purpose): a decrypted
+ * match must carry one of the plain keys of each such criterion (or none, for `:not`).
+ */
+function passesBlindChecks(
+  row: SearchRow,
+  checks: readonly BlindCheck[],
+  baseUrl: string | undefined,
+): boolean {
+  const mine = checks.filter((c) => c.resourceType === row.resourceType);
+  if (mine.length === 0) return true;
+  const keys = new Set(extractSearchIndex(JSON.parse(row.json) as Record<string, unknown>, baseUrl).keys);
+  return mine.every((c) => c.keys.some((k) => keys.has(k)) !== c.negate);
 }
 
 /** The searchset Bundle of a page, built as text around the stored JSON of each resource. */

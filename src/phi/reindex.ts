@@ -4,6 +4,14 @@ import { extractSearchIndex } from '../fhir/search-index.ts';
 import { INDEX_VERSION } from '../fhir/search-parameters.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { writeIndexRows } from '../store/resource-store.ts';
+import { blindIndexKey, type Envelope } from '../crypto/envelope.ts';
+import {
+  restoreProtected,
+  splitProtected,
+  type PolicyRule,
+  type ProtectedElement,
+  type SensitivityClass,
+} from '../crypto/protection-policy.ts';
 
 export interface ReindexResult {
   /** Resources whose index was rebuilt by this run. */
@@ -21,7 +29,13 @@ export interface ReindexResult {
  * administrative action (start and end); it reads resources but returns none.
  */
 export async function reindex(
-  deps: { db: SqlDriver; audit: AuditLog; baseUrl: string },
+  deps: {
+    db: SqlDriver;
+    audit: AuditLog;
+    baseUrl: string;
+    /** With encryption: sealed elements are opened to rebuild their blind-index keys (never plaintext rows). */
+    encryption?: { envelope: Envelope; policy: readonly PolicyRule[] };
+  },
   opts: { all?: boolean; batch?: number; requestId?: string } = {},
 ): Promise<ReindexResult> {
   const batch = Math.min(Math.max(opts.batch ?? 500, 1), 10_000);
@@ -49,9 +63,11 @@ export async function reindex(
         project_id: string;
         resource_type: string;
         id: string;
+        version_id: number;
         json: string | null;
+        sealed: Record<string, string> | null;
       }>(
-        `SELECT project_id, resource_type, id, content::text AS json FROM resource
+        `SELECT project_id, resource_type, id, version_id, content::text AS json, sealed FROM resource
           WHERE index_version < $1 ORDER BY project_id, resource_type, id LIMIT $2 FOR UPDATE SKIP LOCKED`,
         [INDEX_VERSION, batch],
       );
@@ -60,12 +76,7 @@ export async function reindex(
         { type: string; id: string; index: ReturnType<typeof extractSearchIndex> }[]
       >();
       for (const r of rows.rows) {
-        const index = r.json
-          ? extractSearchIndex(
-              { ...(JSON.parse(r.json) as Record<string, unknown>), resourceType: r.resource_type, id: r.id },
-              deps.baseUrl,
-            )
-          : { keys: [], strings: [], dates: [], numbers: [] };
+        const index = r.json ? await indexOf(deps, q, r) : { keys: [], strings: [], dates: [], numbers: [] };
         const list = byProject.get(r.project_id) ?? [];
         list.push({ type: r.resource_type, id: r.id, index });
         byProject.set(r.project_id, list);
@@ -97,4 +108,49 @@ export async function reindex(
   );
   await event('search.reindex_finished', reindexed);
   return { reindexed, remaining: Number(left.rows[0]?.n ?? 0), indexVersion: INDEX_VERSION };
+}
+
+/** The index of a stored row: plaintext rows from its clear part, blind keys from its sealed part. */
+async function indexOf(
+  deps: Parameters<typeof reindex>[0],
+  q: Parameters<Parameters<SqlDriver['transaction']>[0]>[0],
+  r: {
+    project_id: string;
+    resource_type: string;
+    id: string;
+    version_id: number;
+    json: string | null;
+    sealed: Record<string, string> | null;
+  },
+): Promise<ReturnType<typeof extractSearchIndex>> {
+  const stored = {
+    ...(JSON.parse(r.json!) as Record<string, unknown>),
+    resourceType: r.resource_type,
+    id: r.id,
+  };
+  const enc = deps.encryption;
+  if (!enc || !r.sealed) return extractSearchIndex(stored, deps.baseUrl);
+  for (const [cls, blob] of Object.entries(r.sealed)) {
+    const ctx = {
+      projectId: r.project_id,
+      type: r.resource_type,
+      id: r.id,
+      version: Number(r.version_id),
+      cls: cls as SensitivityClass,
+    };
+    restoreProtected(
+      stored,
+      JSON.parse((await enc.envelope.open(ctx, blob, q)).toString('utf8')) as ProtectedElement[],
+    );
+  }
+  const split = splitProtected(stored, enc.policy);
+  const index = extractSearchIndex(split.redacted, deps.baseUrl);
+  const blindKey = await enc.envelope.blindKeyIn(r.project_id, q);
+  if (split.projection && blindKey) {
+    const keys = new Set(index.keys);
+    for (const k of extractSearchIndex(split.projection, deps.baseUrl).keys)
+      keys.add(k.endsWith('?') ? k : blindIndexKey(blindKey, enc.envelope.blindBits, k));
+    index.keys = [...keys];
+  }
+  return index;
 }

@@ -157,6 +157,29 @@ CREATE INDEX search_number_value ON search_number (project_id, resource_type, co
 CREATE INDEX search_number_resource ON search_number (project_id, resource_type, id, code);
 `,
   },
+  {
+    version: 4,
+    name: 'field-level encryption: wrapped data keys, sealed elements',
+    sql: `
+-- Data keys (kind data, per epoch) and the blind-index key (kind blind, epoch 0) of each project,
+-- only ever stored wrapped by the key provider's KEK (src/crypto/envelope.ts). No KEK is here.
+CREATE TABLE data_key (
+  project_id text NOT NULL REFERENCES project(id),
+  kind text NOT NULL CHECK (kind IN ('data', 'blind')),
+  epoch integer NOT NULL,
+  provider text NOT NULL,
+  kek_handle text NOT NULL,
+  wrapped bytea NOT NULL,
+  state text NOT NULL CHECK (state IN ('active', 'destroyed')),
+  created_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (project_id, kind, epoch)
+);
+-- Sealed protected elements per class: { class: "v1.<epoch>.<nonce>.<ciphertext>" }. The content
+-- column holds the resource with those elements replaced by a data-absent-reason placeholder.
+ALTER TABLE resource ADD COLUMN sealed jsonb;
+ALTER TABLE resource_version ADD COLUMN sealed jsonb;
+`,
+  },
 ];
 
 /** Applies pending migrations; safe to call at every start and from several processes. */

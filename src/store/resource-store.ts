@@ -16,6 +16,8 @@ export interface StoredVersion {
   patients: string[];
   /** Set on versions about to be written (prepareFresh); not read back from the database. */
   index?: SearchIndex;
+  /** Sealed protected elements per class (src/crypto/envelope.ts); `json` then holds placeholders. */
+  sealed?: Record<string, string>;
 }
 
 export interface Project {
@@ -38,6 +40,11 @@ export interface WriteInput {
    * undefined when extraction is off (the row is then stale for `custos reindex`).
    */
   index: SearchIndex | undefined;
+  /**
+   * Seals the protected elements for the version number the store assigns (the ciphertexts bind
+   * it); `resource` is then the redacted form, stored as is.
+   */
+  seal?: (versionId: number) => Record<string, string> | undefined;
   /** When set, the write fails with VERSION_CONFLICT unless the current version is this one. */
   expectedVersion?: number;
   lastUpdated: string;
@@ -52,6 +59,7 @@ interface Row {
   method?: string;
   json: string | null;
   patients: string[];
+  sealed?: Record<string, string> | null;
 }
 
 function toVersion(r: Row): StoredVersion {
@@ -65,6 +73,7 @@ function toVersion(r: Row): StoredVersion {
     method: r.method ?? (r.deleted ? 'delete' : 'update'),
     json: r.json ?? undefined,
     patients: r.patients ?? [],
+    sealed: r.sealed ?? undefined,
   };
 }
 
@@ -86,7 +95,7 @@ function resourceJson(
   return JSON.stringify({ resourceType: type, id, meta, ...rest });
 }
 
-const COLS = 'resource_type, id, version_id, last_updated, deleted, content::text AS json, patients';
+const COLS = 'resource_type, id, version_id, last_updated, deleted, content::text AS json, patients, sealed';
 
 /**
  * The resource store. Only the PHI gateway may import it (DESIGN.md rule 1; enforced by
@@ -188,6 +197,7 @@ export class ResourceStore {
       json: w.resource ? resourceJson(w.resourceType, w.id, 1, w.lastUpdated, w.resource) : undefined,
       patients: w.patients,
       index: w.index,
+      sealed: w.seal?.(1),
     };
   }
 
@@ -196,16 +206,16 @@ export class ResourceStore {
     if (versions.length === 0) return;
     await q.query(
       `WITH fresh AS (
-         SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::int[])
-           AS f(resource_type, id, last_updated, content, patients, search_keys, index_version)
+         SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::int[], $9::text[])
+           AS f(resource_type, id, last_updated, content, patients, search_keys, index_version, sealed)
        ), history AS (
-         INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
+         INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients, sealed)
          SELECT $1, resource_type, id, 1, last_updated, false, 'create', content::jsonb,
-                ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)) FROM fresh)
-       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
+                ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)), sealed::jsonb FROM fresh)
+       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version, sealed)
        SELECT $1, resource_type, id, 1, last_updated, false, content::jsonb,
               ARRAY(SELECT jsonb_array_elements_text(patients::jsonb)),
-              ARRAY(SELECT jsonb_array_elements_text(search_keys::jsonb)), index_version FROM fresh`,
+              ARRAY(SELECT jsonb_array_elements_text(search_keys::jsonb)), index_version, sealed::jsonb FROM fresh`,
       [
         projectId,
         versions.map((v) => v.resourceType),
@@ -215,6 +225,7 @@ export class ResourceStore {
         versions.map((v) => JSON.stringify(v.patients)),
         versions.map((v) => JSON.stringify(v.index?.keys ?? [])),
         versions.map((v) => (v.index ? INDEX_VERSION : 0)),
+        versions.map((v) => (v.sealed ? JSON.stringify(v.sealed) : null)),
       ],
     );
     await writeIndexRows(
@@ -247,16 +258,19 @@ export class ResourceStore {
       ? resourceJson(w.resourceType, w.id, versionId, w.lastUpdated, w.resource)
       : undefined;
     const deleted = w.resource === undefined;
+    const sealed = deleted ? undefined : w.seal?.(versionId);
+    const sealedJson = sealed ? JSON.stringify(sealed) : null;
     // One statement writes the history row and the current row.
     await q.query(
       `WITH history AS (
-         INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9))
-       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
-       VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9, $10, $11)
+         INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method, content, patients, sealed)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $12::jsonb))
+       INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version, sealed)
+       VALUES ($1, $2, $3, $4, $5, $6, $8::jsonb, $9, $10, $11, $12::jsonb)
        ON CONFLICT (project_id, resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,
          last_updated = EXCLUDED.last_updated, deleted = EXCLUDED.deleted, content = EXCLUDED.content,
-         patients = EXCLUDED.patients, search_keys = EXCLUDED.search_keys, index_version = EXCLUDED.index_version`,
+         patients = EXCLUDED.patients, search_keys = EXCLUDED.search_keys, index_version = EXCLUDED.index_version,
+         sealed = EXCLUDED.sealed`,
       [
         w.projectId,
         w.resourceType,
@@ -269,6 +283,7 @@ export class ResourceStore {
         w.patients,
         deleted ? [] : (w.index?.keys ?? []),
         deleted || w.index ? INDEX_VERSION : 0,
+        sealedJson,
       ],
     );
     await writeIndexRows(
@@ -286,6 +301,7 @@ export class ResourceStore {
       method: w.method,
       json,
       patients: w.patients,
+      sealed,
     };
   }
 }

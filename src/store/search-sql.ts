@@ -39,6 +39,23 @@ export interface SearchAccess {
   /** The server's FHIR base URL: absolute references to it match relative ones. */
   baseUrl: string;
   now?: Date;
+  /**
+   * Field-level encryption: the sensitivity class of a parameter that may hold protected values
+   * (exact criteria on it also match blind-index keys), and the blind form of an index key.
+   */
+  protection?: {
+    classOf: (type: string, code: string) => string | undefined;
+    blind: (key: string) => string;
+  };
+}
+
+/** A criterion matched partly through blind indexes: the gateway re-checks it on decrypted rows. */
+export interface BlindCheck {
+  resourceType: string;
+  cls: string;
+  /** Plain index keys, any of which must be present in the decrypted resource's index. */
+  keys: string[];
+  negate: boolean;
 }
 
 export interface SearchRow {
@@ -49,6 +66,7 @@ export interface SearchRow {
   json: string;
   patients: string[];
   keys: string[];
+  sealed?: Record<string, string>;
 }
 
 export interface SearchPage {
@@ -58,6 +76,8 @@ export interface SearchPage {
   next?: string;
   previous?: string;
   warnings: IssueDetail[];
+  /** Criteria the gateway must re-check after decryption (blind-index matches can be false positives). */
+  blindChecks: BlindCheck[];
 }
 
 interface Cursor {
@@ -123,6 +143,7 @@ function parsed<T>(param: string, what: string, f: () => T): T {
 
 class Compiler {
   readonly p = new Params();
+  readonly blindChecks: BlindCheck[] = [];
   constructor(
     private readonly q: SqlQueryable,
     private readonly access: SearchAccess,
@@ -169,6 +190,38 @@ class Compiler {
       );
     }
     const sp = param as SearchParam;
+    const cls = this.access.protection?.classOf(f.resourceType, code);
+    if (cls && (sp.type === 'token' || sp.type === 'reference' || sp.type === 'composite')) {
+      if (modifier === 'text')
+        throw new CustosError('SEARCH_PROTECTED', [
+          {
+            severity: 'error',
+            code: 'not-supported',
+            diagnostics: `Parameter '${code}:${modifier}' would need the plaintext of protected elements.`,
+          },
+        ]);
+      const plain =
+        sp.type === 'token' && modifier === 'of-type'
+          ? values.map((v) => {
+              const parts = splitEscaped(v, '|');
+              if (parts.length !== 3) invalid(`Parameter '${code}:of-type' needs system|code|value.`);
+              return indexKey(`${code}:of-type`, parts.join('|'));
+            })
+          : sp.type === 'token'
+            ? values.map((v) => indexKey(code, tokenKeySuffix(v)))
+            : sp.type === 'reference'
+              ? values.flatMap((v) => this.referenceKeys(sp, modifier, v))
+              : values.map((v) => {
+                  const parts = splitEscaped(v, '$');
+                  if (parts.length !== 2 || sp.components![1]!.param.type !== 'token')
+                    throw new CustosError('SEARCH_PROTECTED');
+                  return indexKey(code, `${tokenKeySuffix(parts[0]!)}$${tokenKeySuffix(parts[1]!)}`);
+                });
+      const keys = [...plain, ...plain.map((k) => this.access.protection!.blind(k))];
+      const negate = modifier === 'not';
+      if (r === 'r') this.blindChecks.push({ resourceType: f.resourceType, cls, keys: plain, negate });
+      return negate ? `NOT (${this.keysAny(r, keys)})` : this.keysAny(r, keys);
+    }
     switch (sp.type) {
       case 'token': {
         if (modifier === 'text') return this.stringExists(r, `${code}:text`, values, 'prefix');
@@ -485,7 +538,7 @@ function keysetCondition(
 }
 
 const ROW_COLS = (r: string) =>
-  `${r}.resource_type, ${r}.id, ${r}.version_id, ${r}.last_updated, ${r}.content::text AS json, ${r}.patients, ${r}.search_keys`;
+  `${r}.resource_type, ${r}.id, ${r}.version_id, ${r}.last_updated, ${r}.content::text AS json, ${r}.patients, ${r}.search_keys, ${r}.sealed`;
 
 interface DbRow {
   resource_type: string;
@@ -495,6 +548,7 @@ interface DbRow {
   json: string;
   patients: string[];
   search_keys: string[];
+  sealed: Record<string, string> | null;
   [k: string]: unknown;
 }
 function toRow(x: DbRow): SearchRow {
@@ -506,6 +560,7 @@ function toRow(x: DbRow): SearchRow {
     json: x.json,
     patients: x.patients ?? [],
     keys: x.search_keys ?? [],
+    sealed: x.sealed ?? undefined,
   };
 }
 
@@ -580,7 +635,8 @@ async function runSearchUnchecked(
     }[];
     total = Math.round(parsedPlan[0]?.Plan['Plan Rows'] ?? 0);
   }
-  if (req.summary === 'count' || req.count === 0) return { matches: [], includes: [], total, warnings };
+  if (req.summary === 'count' || req.count === 0)
+    return { matches: [], includes: [], total, warnings, blindChecks: c.blindChecks };
 
   const cursor = req.cursor === undefined ? undefined : decodeCursor(req.cursor, sortExprs.length);
   const pageConds = cursor ? [where, keysetCondition(sortExprs, cursor, 'r', c.p)] : [where];
@@ -598,7 +654,7 @@ async function runSearchUnchecked(
   if (explain) {
     const plan = await q.query<{ 'QUERY PLAN': string }>(`EXPLAIN ${pageSql}`, c.p.values);
     explain.plan = plan.rows.map((r) => r['QUERY PLAN']).join('\n');
-    return { matches: [], includes: [], warnings };
+    return { matches: [], includes: [], warnings, blindChecks: [] };
   }
   const rows = await q.query<DbRow>(pageSql, c.p.values);
   const more = rows.rows.length > req.count;
@@ -619,7 +675,7 @@ async function runSearchUnchecked(
 
   const matches = page.map(toRow);
   const includes = await fetchIncludes(q, req, access, matches, warnings);
-  return { matches, includes, total, next, previous, warnings };
+  return { matches, includes, total, next, previous, warnings, blindChecks: c.blindChecks };
 }
 
 /** _include and _revinclude (with :iterate), bounded, and only of types the caller may read. */
@@ -722,6 +778,7 @@ export async function searchIds(
   req: SearchRequest,
   access: SearchAccess,
   limit: number,
+  checks: BlindCheck[] = [],
 ): Promise<string[]> {
   const c = new Compiler(q, access);
   const conds = [
@@ -735,6 +792,7 @@ export async function searchIds(
       `SELECT r.id FROM resource r WHERE ${conds.join(' AND ')} LIMIT ${limit}`,
       c.p.values,
     );
+    checks.push(...c.blindChecks);
     return rows.rows.map((x) => x.id);
   } catch (e) {
     if (classifyDatabaseError(e) === 'data_exception') invalid('A value could not be used in the condition.');

@@ -18,6 +18,12 @@ export interface SqlDriver extends SqlQueryable {
    * conditional create/update on a server with many connections).
    */
   lockedTransaction<T>(key: string, fn: (tx: SqlQueryable) => Promise<T>): Promise<T>;
+  /**
+   * PostgreSQL server only: streams `COPY (<query>) TO STDOUT (FORMAT binary)` on one connection, for
+   * bulk reads where row-by-row results cost too much (`custos audit verify` reads the whole log).
+   * `query` takes no parameters. Stopping early closes that connection.
+   */
+  copyOut?(query: string): AsyncIterable<Buffer>;
   close(): Promise<void>;
 }
 

@@ -1,4 +1,5 @@
 import pg from 'pg';
+import { to as copyTo } from 'pg-copy-streams';
 import type { SqlDriver, SqlQueryable } from '../sql-driver.ts';
 
 // bigint (int8) columns come back as JS numbers: our sequence numbers and versions stay far below 2^53.
@@ -50,6 +51,20 @@ export class PgDriver implements SqlDriver {
       throw e;
     } finally {
       client.release();
+    }
+  }
+
+  async *copyOut(query: string): AsyncIterable<Buffer> {
+    const client = await this.pool.connect();
+    let done = false;
+    try {
+      for await (const chunk of client.query(copyTo(`COPY (${query}) TO STDOUT (FORMAT binary)`))) {
+        yield chunk as Buffer;
+      }
+      done = true;
+    } finally {
+      // A COPY left half-read would leave the connection unusable: drop it instead.
+      client.release(done ? undefined : true);
     }
   }
 

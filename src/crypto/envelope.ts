@@ -1,0 +1,252 @@
+import { createCipheriv, createDecipheriv, createHmac, hkdfSync, randomBytes } from 'node:crypto';
+import { CustosError } from '../kernel/errors.ts';
+import type { SqlDriver, SqlQueryable } from '../store/sql-driver.ts';
+import { KeyProviderError, type KeyProvider } from './key-provider.ts';
+import type { SensitivityClass } from './protection-policy.ts';
+
+/**
+ * Envelope encryption of protected elements (issue 5).
+ *
+ * - A data key (DEK, 32 random bytes) per project and key epoch, stored only wrapped by the key
+ *   provider's key-encryption key (KEK) in `data_key`; the KEK never leaves the provider.
+ * - One AEAD operation per sensitivity class per resource version: AES-256-GCM (node:crypto) under
+ *   a subkey HKDF-SHA-256(DEK, info = project|type|id|version|class), with a random 96-bit nonce.
+ *   The per-record subkey keeps every key far below GCM's 2^32 random-nonce limit whatever the
+ *   volume, and the associated data binds project, type, id, version and class, so a ciphertext
+ *   moved to another record, version or class fails to open.
+ * - Blind indexes: HMAC-SHA-256 under a separate per-project key, truncated (see `blindBits`).
+ * - Unwrapped keys are cached in memory for at most `maxAgeMs` and `maxUses` operations; every
+ *   unwrap (cache miss) is reported to `onUnwrap` (the key access log in the audit trail).
+ */
+export interface SealContext {
+  projectId: string;
+  type: string;
+  id: string;
+  version: number;
+  cls: SensitivityClass;
+}
+
+interface CachedKey {
+  key: Buffer;
+  expires: number;
+  uses: number;
+}
+
+export interface EnvelopeOptions {
+  db: SqlDriver;
+  provider: KeyProvider;
+  /** Called after every unwrap from the provider; a failure to record it fails the operation. */
+  onUnwrap: (e: { projectId: string; epoch: number; kind: 'data' | 'blind' }) => Promise<void>;
+  maxAgeMs?: number;
+  maxUses?: number;
+  /** Output size of blind indexes in bits (16–64); see docs/encryption.md. */
+  blindBits?: number;
+}
+
+const AAD_PREFIX = 'custos:seal:v1';
+export const DEFAULT_CACHE = { maxAgeMs: 5 * 60_000, maxUses: 1_000_000 };
+
+function aad(ctx: SealContext): Buffer {
+  return Buffer.from(
+    `${AAD_PREFIX}|${ctx.projectId}|${ctx.type}|${ctx.id}|${ctx.version}|${ctx.cls}`,
+    'utf8',
+  );
+}
+function wrapAad(projectId: string, epoch: number, kind: 'data' | 'blind'): Buffer {
+  return Buffer.from(`custos:dek:v1|${kind}|${projectId}|${epoch}`, 'utf8');
+}
+
+export class Envelope {
+  private readonly cache = new Map<string, CachedKey>();
+  private readonly maxAgeMs: number;
+  private readonly maxUses: number;
+  readonly blindBits: number;
+
+  constructor(private readonly o: EnvelopeOptions) {
+    this.maxAgeMs = o.maxAgeMs ?? DEFAULT_CACHE.maxAgeMs;
+    this.maxUses = o.maxUses ?? DEFAULT_CACHE.maxUses;
+    this.blindBits = Math.min(Math.max(o.blindBits ?? 32, 16), 64);
+  }
+
+  get provider(): KeyProvider {
+    return this.o.provider;
+  }
+
+  /** The epoch new writes of a project use, creating the project's first keys when needed. */
+  async currentEpoch(projectId: string): Promise<number> {
+    const r = await this.o.db.query<{ epoch: number }>(
+      `SELECT max(epoch) AS epoch FROM data_key WHERE project_id = $1 AND kind = 'data' AND state = 'active'`,
+      [projectId],
+    );
+    const epoch = r.rows[0]?.epoch;
+    if (epoch !== null && epoch !== undefined) return Number(epoch);
+    return this.rotate(projectId);
+  }
+
+  /**
+   * A new key epoch: a new KEK in the provider and a new data key wrapped by it (and, the first
+   * time, the project's blind-index key). New writes use it at once; older epochs stay readable.
+   */
+  async rotate(projectId: string): Promise<number> {
+    return this.o.db.lockedTransaction(`custos-keys-${projectId}`, async (q) => {
+      const r = await q.query<{ epoch: number | null }>(
+        `SELECT max(epoch) AS epoch FROM data_key WHERE project_id = $1 AND kind = 'data'`,
+        [projectId],
+      );
+      const epoch = Number(r.rows[0]?.epoch ?? 0) + 1;
+      const handle = await this.o.provider.createKek(`custos-${projectId}-${epoch}`);
+      await this.storeNewKey(q, projectId, epoch, 'data', handle);
+      const blind = await q.query(`SELECT 1 FROM data_key WHERE project_id = $1 AND kind = 'blind'`, [
+        projectId,
+      ]);
+      if (blind.rows.length === 0) await this.storeNewKey(q, projectId, 0, 'blind', handle);
+      return epoch;
+    });
+  }
+
+  private async storeNewKey(
+    q: SqlQueryable,
+    projectId: string,
+    epoch: number,
+    kind: 'data' | 'blind',
+    handle: string,
+  ): Promise<void> {
+    const key = randomBytes(32);
+    const wrapped = await this.o.provider.wrap(handle, key, wrapAad(projectId, epoch, kind));
+    await q.query(
+      `INSERT INTO data_key (project_id, kind, epoch, provider, kek_handle, wrapped, state) VALUES ($1, $2, $3, $4, $5, $6, 'active')`,
+      [projectId, kind, epoch, this.o.provider.kind, handle, wrapped],
+    );
+    key.fill(0);
+  }
+
+  private async key(
+    projectId: string,
+    epoch: number,
+    kind: 'data' | 'blind',
+    q: SqlQueryable = this.o.db,
+  ): Promise<Buffer> {
+    const id = `${kind}|${projectId}|${epoch}`;
+    const now = Date.now();
+    const hit = this.cache.get(id);
+    if (hit && hit.expires > now && hit.uses < this.maxUses) {
+      hit.uses++;
+      return hit.key;
+    }
+    if (hit) {
+      hit.key.fill(0);
+      this.cache.delete(id);
+    }
+    const r = await q.query<{ kek_handle: string; wrapped: Uint8Array; state: string }>(
+      'SELECT kek_handle, wrapped, state FROM data_key WHERE project_id = $1 AND kind = $2 AND epoch = $3',
+      [projectId, kind, epoch],
+    );
+    const row = r.rows[0];
+    if (!row) throw new CustosError('KEY_UNAVAILABLE');
+    if (row.state === 'destroyed') throw new CustosError('KEY_DESTROYED');
+    let key: Buffer;
+    try {
+      key = await this.o.provider.unwrap(
+        row.kek_handle,
+        Buffer.from(row.wrapped),
+        wrapAad(projectId, epoch, kind),
+      );
+    } catch (e) {
+      if (e instanceof KeyProviderError) {
+        throw new CustosError(
+          e.code === 'destroyed' || e.code === 'unknown_key' ? 'KEY_DESTROYED' : 'KEY_UNAVAILABLE',
+        );
+      }
+      throw e;
+    }
+    await this.o.onUnwrap({ projectId, epoch, kind });
+    this.cache.set(id, { key, expires: now + this.maxAgeMs, uses: 1 });
+    return key;
+  }
+
+  /** Loads (and caches) what a write needs before its transaction opens. */
+  async prepareWrite(projectId: string): Promise<{ epoch: number; dek: Buffer; blindKey: Buffer }> {
+    const epoch = await this.currentEpoch(projectId);
+    return {
+      epoch,
+      dek: await this.key(projectId, epoch, 'data'),
+      blindKey: await this.key(projectId, 0, 'blind'),
+    };
+  }
+
+  /** The blind-index key, read through `q` (inside a transaction). */
+  async blindKeyIn(projectId: string, q: SqlQueryable): Promise<Buffer | undefined> {
+    const r = await q.query(`SELECT 1 FROM data_key WHERE project_id = $1 AND kind = 'blind'`, [projectId]);
+    return r.rows.length === 0 ? undefined : this.key(projectId, 0, 'blind', q);
+  }
+
+  async blindKey(projectId: string): Promise<Buffer | undefined> {
+    const r = await this.o.db.query(`SELECT 1 FROM data_key WHERE project_id = $1 AND kind = 'blind'`, [
+      projectId,
+    ]);
+    return r.rows.length === 0 ? undefined : this.key(projectId, 0, 'blind');
+  }
+
+  /** Seals one class of one version: `v1.<epoch>.<nonce>.<ciphertext+tag>` (base64url parts). */
+  static seal(dek: Buffer, epoch: number, ctx: SealContext, plaintext: Buffer): string {
+    const info = aad(ctx);
+    const subkey = Buffer.from(hkdfSync('sha256', dek, Buffer.alloc(0), info, 32));
+    const nonce = randomBytes(12);
+    const cipher = createCipheriv('aes-256-gcm', subkey, nonce);
+    cipher.setAAD(info);
+    const ct = Buffer.concat([cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
+    subkey.fill(0);
+    return `v1.${epoch}.${nonce.toString('base64url')}.${ct.toString('base64url')}`;
+  }
+
+  /** Opens a sealed class; a moved, altered or truncated ciphertext fails with SEALED_DATA_INVALID. */
+  async open(ctx: SealContext, blob: string, q?: SqlQueryable): Promise<Buffer> {
+    const m = /^v1\.(\d{1,9})\.([A-Za-z0-9_-]{16})\.([A-Za-z0-9_-]{22,})$/.exec(blob);
+    if (!m) throw new CustosError('SEALED_DATA_INVALID');
+    const dek = await this.key(ctx.projectId, Number(m[1]), 'data', q);
+    const info = aad(ctx);
+    const subkey = Buffer.from(hkdfSync('sha256', dek, Buffer.alloc(0), info, 32));
+    const body = Buffer.from(m[3]!, 'base64url');
+    try {
+      const decipher = createDecipheriv('aes-256-gcm', subkey, Buffer.from(m[2]!, 'base64url'));
+      decipher.setAAD(info);
+      decipher.setAuthTag(body.subarray(body.length - 16));
+      return Buffer.concat([decipher.update(body.subarray(0, body.length - 16)), decipher.final()]);
+    } catch {
+      throw new CustosError('SEALED_DATA_INVALID');
+    } finally {
+      subkey.fill(0);
+    }
+  }
+
+  /**
+   * A blind index of an exact-match key: HMAC-SHA-256 under the project's blind-index key,
+   * truncated to `blindBits`. Truncation is the point: a leaked index maps each value to a bucket
+   * shared with many other possible values, so it cannot be reversed by enumeration alone; the
+   * search verifies candidates after decryption.
+   */
+  static blind(blindKey: Buffer, bits: number, key: string): string {
+    const mac = createHmac('sha256', blindKey).update(key, 'utf8').digest();
+    const bytes = Math.ceil(bits / 8);
+    const out = Buffer.from(mac.subarray(0, bytes));
+    const extra = bytes * 8 - bits;
+    if (extra > 0) out[bytes - 1]! &= (0xff << extra) & 0xff;
+    return out.toString('base64url');
+  }
+
+  /** Forgets cached keys (tests; after destroying a KEK). */
+  clearCache(): void {
+    for (const k of this.cache.values()) k.key.fill(0);
+    this.cache.clear();
+  }
+}
+
+/**
+ * The blind form of an exact-match index key `code=value`: `code=#b:<truncated HMAC>`. Writes
+ * store it for protected values; searches compute it for every exact criterion on a parameter
+ * that may hold protected values.
+ */
+export function blindIndexKey(blindKey: Buffer, bits: number, key: string): string {
+  const eq = key.indexOf('=');
+  return `${key.slice(0, eq)}=#b:${Envelope.blind(blindKey, bits, key)}`;
+}
