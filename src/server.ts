@@ -26,6 +26,7 @@ import { readOrCreateKeyFile } from './kernel/key-file.ts';
 import { newId } from './kernel/ids.ts';
 
 import { reindex, type ReindexResult } from './phi/reindex.ts';
+import type { KeyAdminDeps } from './phi/key-admin.ts';
 import { searchParameters } from './fhir/search-parameters.ts';
 import { Envelope } from './crypto/envelope.ts';
 import type { KeyProvider } from './crypto/key-provider.ts';
@@ -59,6 +60,8 @@ export interface CustosCore {
   admin: AdminService;
   /** Field-level encryption (undefined when CUSTOS_ENCRYPTION=off). */
   encryption: { envelope: Envelope; policy: readonly PolicyRule[] } | undefined;
+  /** Key administration (undefined when encryption is off): rotate, rewrap, destroy under dual control. */
+  keys: KeyAdminDeps | undefined;
   /** `custos reindex`: rebuilds stale search indexes (all of them with `all`); resumable. */
   reindex(opts: { all?: boolean; batch?: number; requestId?: string }): Promise<ReindexResult>;
   close(): Promise<void>;
@@ -179,6 +182,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     clients,
     admin,
     encryption,
+    keys: encryption && { db: resourceDb, audit, envelope: encryption.envelope },
     reindex: (opts) =>
       reindex({ db: resourceDb, audit, baseUrl: `${config.publicUrl}/fhir/R4`, encryption }, opts),
     async close() {

@@ -6,6 +6,13 @@ import type { AuditLog } from '../audit/audit-log.ts';
 import type { Checkpoints } from '../audit/checkpoints.ts';
 import { verifyAuditLog } from '../audit/audit-verify.ts';
 import type { ReindexResult } from '../phi/reindex.ts';
+import {
+  approveKeyDestruction,
+  requestKeyDestruction,
+  rewrapKeys,
+  rotateKeys,
+  type KeyAdminDeps,
+} from '../phi/key-admin.ts';
 
 type CustosCoreReindex = (opts: {
   all?: boolean;
@@ -24,7 +31,12 @@ export function registerAdminRoutes(
   app: FastifyInstance,
   admin: AdminService,
   adminToken: string,
-  core: { audit: AuditLog; checkpoints: Checkpoints; reindex: CustosCoreReindex },
+  core: {
+    audit: AuditLog;
+    checkpoints: Checkpoints;
+    reindex: CustosCoreReindex;
+    keys: KeyAdminDeps | undefined;
+  },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
   const check = (req: FastifyRequest) => {
@@ -58,6 +70,32 @@ export function registerAdminRoutes(
     check(req);
     const b = (req.body ?? {}) as { from?: unknown; to?: unknown };
     return core.checkpoints.consistency(b.from, b.to ?? undefined);
+  });
+  // Key administration (docs/keys.md). Absent keys (encryption off) is a configuration error.
+  const keys = (): KeyAdminDeps => {
+    if (!core.keys) throw new CustosError('CONFIG_INVALID');
+    return core.keys;
+  };
+  const str = (v: unknown) => (typeof v === 'string' && v !== '' ? v : undefined);
+  app.post('/admin/keys/rotate', async (req) => {
+    check(req);
+    return rotateKeys(keys(), { projectId: str((req.body as { projectId?: unknown } | null)?.projectId) });
+  });
+  app.post('/admin/keys/rewrap', async (req) => {
+    check(req);
+    const b = (req.body ?? {}) as { projectId?: unknown; reencrypt?: unknown };
+    return rewrapKeys(keys(), { projectId: str(b.projectId), reencrypt: b.reencrypt === true });
+  });
+  app.post('/admin/keys/destroy', async (req) => {
+    check(req);
+    const b = (req.body ?? {}) as { projectId?: unknown; approve?: unknown; adminUserId?: unknown };
+    const admin = str(b.adminUserId);
+    if (!admin) throw new CustosError('BAD_REQUEST');
+    const approve = str(b.approve);
+    if (approve) return approveKeyDestruction(keys(), { requestId: approve, adminUserId: admin });
+    const projectId = str(b.projectId);
+    if (!projectId) throw new CustosError('BAD_REQUEST');
+    return requestKeyDestruction(keys(), { projectId, adminUserId: admin });
   });
   app.post('/admin/reindex', async (req) => {
     check(req);

@@ -1,3 +1,12 @@
+import {
+  approveKeyDestruction,
+  requestKeyDestruction,
+  rewrapKeys,
+  rotateKeys,
+  type DestroyRequest,
+  type RewrapResult,
+  type RotateResult,
+} from '../phi/key-admin.ts';
 import type { ReindexResult } from '../phi/reindex.ts';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -234,6 +243,81 @@ export function buildCli(): Command {
         opts.json === true,
         r,
         `Reindexed ${r.reindexed} resources (index version ${r.indexVersion}); ${r.remaining} stale left.`,
+      );
+    });
+
+  const keysCmd = program.command('keys').description('Encryption keys (docs/keys.md)');
+  const keyDeps = (core: CustosCore) => {
+    if (!core.keys)
+      throw new ExitError(2, 'custos: encryption is off (CUSTOS_ENCRYPTION=off): no keys to manage');
+    return core.keys;
+  };
+  keysCmd
+    .command('rotate')
+    .description('A new key-encryption key and data-key epoch; new writes use it at once')
+    .option('--project <id>', 'only this project (default: every project)')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { project?: string; json?: boolean }) => {
+      const cfg = config();
+      const r = await withBackend<RotateResult>(
+        cfg,
+        async (call) => (await call('/admin/keys/rotate', { projectId: opts.project })) as RotateResult,
+        (core) => rotateKeys(keyDeps(core), { projectId: opts.project }),
+      );
+      print(
+        opts.json === true,
+        r,
+        r.projects.map((p) => `project ${p.projectId}: key epoch ${p.epoch}`).join('\n') || 'No projects.',
+      );
+    });
+  keysCmd
+    .command('rewrap')
+    .description("Re-wrap stored data keys under each project's newest key (resumable)")
+    .option('--project <id>', 'only this project (default: every project)')
+    .option('--reencrypt', 're-seal every stored version under the newest data key too')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { project?: string; reencrypt?: boolean; json?: boolean }) => {
+      const cfg = config();
+      const req = { projectId: opts.project, reencrypt: opts.reencrypt === true };
+      const r = await withBackend<RewrapResult>(
+        cfg,
+        async (call) => (await call('/admin/keys/rewrap', req)) as RewrapResult,
+        (core) => rewrapKeys(keyDeps(core), req),
+      );
+      print(
+        opts.json === true,
+        r,
+        `Re-wrapped ${r.rewrapped} data keys; re-encrypted ${r.reencrypted} versions.`,
+      );
+    });
+  keysCmd
+    .command('destroy')
+    .description(
+      "Crypto-shred a project's keys under dual control: one administrator requests, another approves",
+    )
+    .requiredOption('--admin <userId>', 'the administrator (app user id) acting')
+    .option('--project <id>', "request destruction of this project's keys")
+    .option('--approve <requestId>', 'approve a pending request (a different administrator)')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { admin: string; project?: string; approve?: string; json?: boolean }) => {
+      const cfg = config();
+      if (!opts.project === !opts.approve)
+        throw new ExitError(2, 'custos: give either --project (request) or --approve REQUEST_ID (approve)');
+      const body = { adminUserId: opts.admin, projectId: opts.project, approve: opts.approve };
+      const r = await withBackend<DestroyRequest>(
+        cfg,
+        async (call) => (await call('/admin/keys/destroy', body)) as DestroyRequest,
+        (core) =>
+          opts.approve
+            ? approveKeyDestruction(keyDeps(core), { requestId: opts.approve, adminUserId: opts.admin })
+            : requestKeyDestruction(keyDeps(core), { projectId: opts.project!, adminUserId: opts.admin }),
+      );
+      print(
+        opts.json === true,
+        r,
+        r.state === 'pending'
+          ? `Destruction of project ${r.projectId}'s keys requested (${r.requestId}); another administrator must approve it.`
+          : `Project ${r.projectId}'s keys are destroyed; its protected elements can no longer be opened.`,
       );
     });
 

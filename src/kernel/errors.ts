@@ -162,6 +162,13 @@ export const ERROR_CATALOG = {
     ack: 'AE',
     message: 'Stored protected data failed its integrity check; nothing was returned.',
   },
+  DUAL_CONTROL_REQUIRED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AR',
+    message:
+      'Destroying keys needs two different administrators of the project: one requests, another approves.',
+  },
   SEARCH_PROTECTED: {
     status: 400,
     issue: 'not-supported',

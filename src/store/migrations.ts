@@ -180,6 +180,22 @@ ALTER TABLE resource ADD COLUMN sealed jsonb;
 ALTER TABLE resource_version ADD COLUMN sealed jsonb;
 `,
   },
+  {
+    version: 5,
+    name: 'crypto-shredding requests (dual control)',
+    sql: `
+CREATE TABLE key_destruction (
+  id text PRIMARY KEY,
+  project_id text NOT NULL REFERENCES project(id),
+  requested_by text NOT NULL REFERENCES app_user(id),
+  requested_at timestamptz NOT NULL DEFAULT now(),
+  approved_by text REFERENCES app_user(id),
+  approved_at timestamptz,
+  state text NOT NULL CHECK (state IN ('pending', 'done')),
+  CHECK (approved_by IS NULL OR approved_by <> requested_by)
+);
+`,
+  },
 ];
 
 /** Applies pending migrations; safe to call at every start and from several processes. */
