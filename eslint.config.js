@@ -61,9 +61,14 @@ export default tseslint.config(
     },
   },
   {
-    // The gateway and the store itself may import the store.
-    files: ['src/phi/**/*.ts', 'src/store/**/*.ts'],
+    // The gateway may import the store and the crypto module.
+    files: ['src/phi/**/*.ts'],
     rules: { 'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS }] },
+  },
+  {
+    // The store may import itself, but not the crypto module.
+    files: ['src/store/**/*.ts'],
+    rules: { 'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [CRYPTO_RULE] }] },
   },
   {
     // The crypto module itself, and the composition root that wires the key provider into the gateway.

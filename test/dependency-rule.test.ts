@@ -49,3 +49,11 @@ test('outbound connections only through the egress port', async () => {
 test('server code logs only through the logger', async () => {
   assert.ok((await ruleIds('src/phi/offender.ts', "console.log('x');\n")).includes('no-console'));
 });
+
+test('only the PHI gateway (and the composition root) may use the crypto module', async () => {
+  const code = "import { Envelope } from '../crypto/envelope.ts';\nexport const e = Envelope;\n";
+  assert.ok((await ruleIds('src/http/offender.ts', code)).includes('no-restricted-imports'));
+  assert.ok((await ruleIds('src/store/offender.ts', code)).includes('no-restricted-imports'));
+  assert.ok((await ruleIds('src/audit/offender.ts', code)).includes('no-restricted-imports'));
+  assert.deepEqual(await ruleIds('src/phi/allowed.ts', code), []);
+});
