@@ -154,7 +154,9 @@ export class Envelope {
     } catch (e) {
       if (e instanceof KeyProviderError) {
         throw new CustosError(
-          e.code === 'destroyed' || e.code === 'unknown_key' ? 'KEY_DESTROYED' : 'KEY_UNAVAILABLE',
+          // An unknown key is most often a keyring or HSM other than the one this data was written
+          // with (a restore without its keys): unavailable, not destroyed.
+          e.code === 'destroyed' ? 'KEY_DESTROYED' : 'KEY_UNAVAILABLE',
         );
       }
       throw e;
