@@ -2,8 +2,8 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { startHarness, testPatient, HTEST, type Harness } from './support/harness.ts';
+import { SYNTHEA_DIR } from './support/synthea.ts';
 
 // Field-level envelope encryption through the whole stack: what is stored, what each purpose of
 // use sees, search through blind indexes, tampering, and a dump of every table after a Synthea load.
@@ -183,14 +183,7 @@ describe('field-level encryption', () => {
   });
 });
 
-const syntheaDir = path.resolve(
-  path.dirname(fileURLToPath(import.meta.url)),
-  '..',
-  '..',
-  'shared',
-  'data',
-  'synthea-r4',
-);
+const syntheaDir = SYNTHEA_DIR;
 const SYNTHEA = [
   'Buster_Hoeger_ad2e3fc5-2b5d-4cb9-8d03-9ea0f4ac8423.json',
   'Ned_Hintz_e4b9259d-0f54-48d1-a35d-b526729a4dfe.json',

@@ -2,22 +2,15 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { startHarness, HTEST, type Harness } from './support/harness.ts';
+import { startHarness, type Harness } from './support/harness.ts';
+import { labelled, SYNTHEA_DIR } from './support/synthea.ts';
 import { parseSearch } from '../src/fhir/search-request.ts';
 import { explainSearch } from '../src/store/search-sql.ts';
 
 // US Core's required search combinations on real Synthea patients. The expected results are
 // computed here from the source bundles with plain JavaScript (an oracle independent of the
 // index), and every search must return exactly them.
-const dir = path.resolve(
-  path.dirname(fileURLToPath(import.meta.url)),
-  '..',
-  '..',
-  'shared',
-  'data',
-  'synthea-r4',
-);
+const dir = SYNTHEA_DIR;
 const FILES = [
   'Buster_Hoeger_ad2e3fc5-2b5d-4cb9-8d03-9ea0f4ac8423.json',
   'Chet_Hoeger_5c6db3d0-c0fc-4eb7-8eae-dbc7847be741.json',
@@ -35,12 +28,7 @@ before(async () => {
   if (!present) return;
   h = await startHarness();
   for (const f of FILES) {
-    const bundle = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')) as R;
-    for (const e of bundle.entry as R[])
-      e.resource.meta = {
-        ...(e.resource.meta ?? {}),
-        security: [...(e.resource.meta?.security ?? []), HTEST],
-      };
+    const bundle = labelled(JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')) as { entry: any[] });
     const res = await h.fhir('', { method: 'POST', body: JSON.stringify(bundle) });
     assert.equal(res.status, 200, f);
     const out = (await res.json()) as R;

@@ -2,19 +2,12 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { startHarness, HTEST, type Harness } from './support/harness.ts';
+import { startHarness, type Harness } from './support/harness.ts';
+import { labelled, SYNTHEA_DIR } from './support/synthea.ts';
 
 // Real transaction bundles (Synthea, synthetic people) imported the way our importers do it:
 // every entry labelled HTEST, since the project is a sandbox.
-const dir = path.resolve(
-  path.dirname(fileURLToPath(import.meta.url)),
-  '..',
-  '..',
-  'shared',
-  'data',
-  'synthea-r4',
-);
+const dir = SYNTHEA_DIR;
 const files = fs.existsSync(dir)
   ? fs
       .readdirSync(dir)
@@ -24,13 +17,6 @@ const files = fs.existsSync(dir)
   : [];
 
 type R = Record<string, any>;
-
-function labelled(bundle: R): R {
-  for (const e of bundle.entry as R[]) {
-    e.resource.meta = { ...(e.resource.meta ?? {}), security: [...(e.resource.meta?.security ?? []), HTEST] };
-  }
-  return bundle;
-}
 
 let h: Harness;
 before(async () => {
@@ -45,7 +31,7 @@ test(
   { skip: files.length ? false : 'shared/data/synthea-r4 absent' },
   async () => {
     for (const f of files) {
-      const bundle = labelled(JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')) as R);
+      const bundle = labelled(JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')) as R & { entry: R[] });
       const res = await h.fhir('', { method: 'POST', body: JSON.stringify(bundle) });
       assert.equal(res.status, 200, f);
       const out = (await res.json()) as R;

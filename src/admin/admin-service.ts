@@ -2,6 +2,7 @@ import { newId } from '../kernel/ids.ts';
 import { CustosError } from '../kernel/errors.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
+import { adminEvent } from '../audit/audit-event.ts';
 import type { ClientRegistry } from '../auth/client-registry.ts';
 import { allOrdinaryPurposes, BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from '../phi/purpose-of-use.ts';
 
@@ -45,20 +46,13 @@ export class AdminService {
   }
 
   private async auditAdmin(requestId: string, what: string, id: string, projectId: string): Promise<void> {
-    await this.deps.audit.append({
-      v: 1,
-      id: newId(),
-      time: new Date().toISOString(),
-      phase: 'access',
-      action: 'admin',
-      outcome: 'success',
-      code: what,
-      requestId,
-      projectId,
-      actor: { roles: ['installation-admin'] },
-      resource: { type: what.startsWith('client') ? 'Client' : 'Project', id },
-      source: {},
-    });
+    await this.deps.audit.append(
+      adminEvent(what, {
+        requestId,
+        projectId,
+        resource: { type: what.startsWith('client') ? 'Client' : 'Project', id },
+      }),
+    );
   }
 
   /**

@@ -1,11 +1,11 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 
 /**
  * The audit event model, version 1 (IHE BALP in spirit: who, what record, why, outcome).
  *
  * An event names records by identifiers, never by content. Fields that could carry PHI (a search
- * query, a break-glass reason, a user agent) are not in v1: the audit issue adds them encrypted
- * under an auditor key. The stored bytes are `encodeAuditEvent(event)`, and the Merkle leaf hash
+ * query, a break-glass reason, a user agent) are only ever stored sealed, in `sealed`, under the
+ * audit field key that auditors' reads open (audit-sealer.ts, docs/audit.md). The stored bytes are `encodeAuditEvent(event)`, and the Merkle leaf hash
  * is computed over exactly those bytes (RFC 6962 §2.1: SHA-256(0x00 || entry)).
  */
 export interface AuditEvent {
@@ -33,6 +33,12 @@ export interface AuditEvent {
   /** Count of entries returned (history, batch). */
   count?: number;
   source: { ip?: string };
+  /**
+   * What an auditor needs that could hold PHI (search query, break-glass reason, user agent),
+   * AES-256-GCM under the audit field key with the event id as associated data:
+   * `v1.<nonce>.<ciphertext and tag>` (base64url). Never present in clear. See audit-sealer.ts.
+   */
+  sealed?: string;
 }
 
 export type AuditAction =
@@ -49,7 +55,40 @@ export type AuditAction =
   | 'authenticate'
   | 'admin'
   /** Key access log: every unwrap of a data key from the key provider (issue 5). */
-  | 'key';
+  | 'key'
+  /** A read of the audit log itself: an AuditEvent search or read, a report (docs/audit.md). */
+  | 'audit-read';
+
+/**
+ * A successful administrative action (`action: admin`): what the CLI and admin API do to clients,
+ * projects, keys and indexes. `code` names the action (`client.created`, `key.rotated`, …).
+ */
+export function adminEvent(
+  code: string,
+  opts: {
+    requestId: string;
+    projectId?: string;
+    userId?: string;
+    resource?: { type: string; id?: string };
+    count?: number;
+  },
+): AuditEvent {
+  return {
+    v: 1,
+    id: randomUUID(),
+    time: new Date().toISOString(),
+    phase: 'access',
+    action: 'admin',
+    outcome: 'success',
+    code,
+    requestId: opts.requestId,
+    projectId: opts.projectId,
+    actor: { userId: opts.userId, roles: ['installation-admin'] },
+    resource: opts.resource,
+    count: opts.count,
+    source: {},
+  };
+}
 
 /** Deterministic JSON: object keys sorted, no whitespace, undefined dropped. */
 export function canonicalJson(value: unknown): string {

@@ -1,4 +1,5 @@
 import type { AuditLog } from '../audit/audit-log.ts';
+import { adminEvent } from '../audit/audit-event.ts';
 import { CustosError } from '../kernel/errors.ts';
 import { newId } from '../kernel/ids.ts';
 import { Envelope } from '../crypto/envelope.ts';
@@ -30,27 +31,21 @@ export interface DestroyRequest {
   state: 'pending' | 'done';
 }
 
-async function adminEvent(
+async function audited(
   deps: KeyAdminDeps,
   code: string,
   projectId: string | undefined,
   extra: { userId?: string; count?: number; id?: string } = {},
 ): Promise<void> {
-  await deps.audit.append({
-    v: 1,
-    id: newId(),
-    time: new Date().toISOString(),
-    phase: 'access',
-    action: 'admin',
-    outcome: 'success',
-    code,
-    requestId: newId(),
-    projectId,
-    actor: { userId: extra.userId, roles: ['installation-admin'] },
-    resource: { type: 'DataKey', id: extra.id },
-    count: extra.count,
-    source: {},
-  });
+  await deps.audit.append(
+    adminEvent(code, {
+      requestId: newId(),
+      projectId,
+      userId: extra.userId,
+      resource: { type: 'DataKey', id: extra.id },
+      count: extra.count,
+    }),
+  );
 }
 
 async function projectsOf(deps: KeyAdminDeps, projectId?: string): Promise<string[]> {
@@ -70,7 +65,7 @@ export async function rotateKeys(
   const out: RotateResult = { projects: [] };
   for (const projectId of await projectsOf(deps, opts.projectId)) {
     const epoch = await deps.envelope.rotate(projectId);
-    await adminEvent(deps, 'key.rotated', projectId, { id: `data-${epoch}`, count: epoch });
+    await audited(deps, 'key.rotated', projectId, { id: `data-${epoch}`, count: epoch });
     out.projects.push({ projectId, epoch });
   }
   deps.envelope.clearCache();
@@ -116,7 +111,7 @@ export async function rewrapKeys(
         `UPDATE data_key SET kek_handle = $4, wrapped = $5 WHERE project_id = $1 AND kind = $2 AND epoch = $3 AND kek_handle = $6`,
         [projectId, row.kind, row.epoch, head.kek_handle, wrapped, row.kek_handle],
       );
-      await adminEvent(deps, 'key.rewrapped', projectId, { id: `${row.kind}-${row.epoch}` });
+      await audited(deps, 'key.rewrapped', projectId, { id: `${row.kind}-${row.epoch}` });
       result.rewrapped++;
     }
     if (!opts.reencrypt) continue;
@@ -163,7 +158,7 @@ export async function rewrapKeys(
         if (done < batch) break;
       }
     }
-    await adminEvent(deps, 'key.reencrypted', projectId, { count: result.reencrypted });
+    await audited(deps, 'key.reencrypted', projectId, { count: result.reencrypted });
   }
   return result;
 }
@@ -182,7 +177,7 @@ export async function requestKeyDestruction(
     `INSERT INTO key_destruction (id, project_id, requested_by, state) VALUES ($1, $2, $3, 'pending')`,
     [requestId, opts.projectId, opts.adminUserId],
   );
-  await adminEvent(deps, 'key.destruction_requested', opts.projectId, {
+  await audited(deps, 'key.destruction_requested', opts.projectId, {
     userId: opts.adminUserId,
     id: requestId,
   });
@@ -219,7 +214,7 @@ export async function approveKeyDestruction(
     );
   });
   deps.envelope.clearCache();
-  await adminEvent(deps, 'key.destroyed', req.project_id, {
+  await audited(deps, 'key.destroyed', req.project_id, {
     userId: opts.adminUserId,
     id: opts.requestId,
     count: handles.rows.length,

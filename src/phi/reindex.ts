@@ -1,4 +1,5 @@
 import type { AuditLog } from '../audit/audit-log.ts';
+import { adminEvent } from '../audit/audit-event.ts';
 import { newId } from '../kernel/ids.ts';
 import { extractSearchIndex } from '../fhir/search-index.ts';
 import { INDEX_VERSION } from '../fhir/search-parameters.ts';
@@ -40,20 +41,7 @@ export async function reindex(
 ): Promise<ReindexResult> {
   const batch = Math.min(Math.max(opts.batch ?? 500, 1), 10_000);
   const requestId = opts.requestId ?? newId();
-  const event = (code: string, count?: number) =>
-    deps.audit.append({
-      v: 1,
-      id: newId(),
-      time: new Date().toISOString(),
-      phase: 'access',
-      action: 'admin',
-      outcome: 'success',
-      code,
-      requestId,
-      actor: { roles: ['installation-admin'] },
-      count,
-      source: {},
-    });
+  const event = (code: string, count?: number) => deps.audit.append(adminEvent(code, { requestId, count }));
   await event('search.reindex_started');
   if (opts.all) await deps.db.query('UPDATE resource SET index_version = 0 WHERE index_version <> 0');
   let reindexed = 0;
