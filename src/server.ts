@@ -12,6 +12,9 @@ import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
 import { prepareAuditSchema } from './audit/audit-migrations.ts';
 import { AuditLog } from './audit/audit-log.ts';
 import { Checkpoints } from './audit/checkpoints.ts';
+import { AuditSealer } from './audit/audit-sealer.ts';
+import type { AuditQueryDeps } from './audit/audit-query.ts';
+import { AuditReports } from './audit/audit-report.ts';
 import { PhiGateway } from './phi/gateway.ts';
 import { ClientRegistry } from './auth/client-registry.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
@@ -28,7 +31,7 @@ import { newId } from './kernel/ids.ts';
 import { reindex, type ReindexResult } from './phi/reindex.ts';
 import type { KeyAdminDeps } from './phi/key-admin.ts';
 import { searchParameters } from './fhir/search-parameters.ts';
-import { Envelope } from './crypto/envelope.ts';
+import { Envelope, planBlindBits } from './crypto/envelope.ts';
 import type { KeyProvider } from './crypto/key-provider.ts';
 import { openLocalKeyring } from './crypto/local-keyring.ts';
 import { defaultPolicy, type PolicyRule } from './crypto/protection-policy.ts';
@@ -43,6 +46,8 @@ export function dataPaths(dataDir: string) {
     clientSecretKey: path.join(dataDir, 'keys', 'client-secret.key'),
     tokenSigningKeys: path.join(dataDir, 'keys', 'token-signing.jwks.json'),
     auditCheckpointKey: path.join(dataDir, 'keys', 'audit-checkpoint.skey'),
+    /** AES-256-GCM key of the sealed fields of audit events (audit-sealer.ts). */
+    auditFieldKey: path.join(dataDir, 'keys', 'audit-field.key'),
     keyring: path.join(dataDir, 'keys', 'keyring.json'),
     devKeyringPassphrase: path.join(dataDir, 'keys', 'dev-keyring-passphrase'),
     adminToken: path.join(dataDir, 'admin-token'),
@@ -64,6 +69,9 @@ export interface CustosCore {
   keys: KeyAdminDeps | undefined;
   /** `custos reindex`: rebuilds stale search indexes (all of them with `all`); resumable. */
   reindex(opts: { all?: boolean; batch?: number; requestId?: string }): Promise<ReindexResult>;
+  /** The audit log as AuditEvent resources (GET /fhir/R4/AuditEvent), and its reports (docs/audit.md). */
+  auditQuery: AuditQueryDeps;
+  reports: AuditReports;
   close(): Promise<void>;
 }
 
@@ -108,6 +116,7 @@ async function openEncryption(
   const envelope = new Envelope({
     db,
     provider,
+    blindBits: planBlindBits(config.blindIndexPopulation),
     onUnwrap: async ({ projectId, epoch, kind }) => {
       await audit.append({
         v: 1,
@@ -132,6 +141,8 @@ async function openEncryption(
 export async function openCore(config: Config, log: Logger): Promise<CustosCore> {
   fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const paths = dataPaths(config.dataDir);
+  // Before any database is opened: a key file with loose permissions stops the start here.
+  const sealer = AuditSealer.fromKeyFile(paths.auditFieldKey);
   const resourceDb = config.databaseUrl
     ? await PgDriver.open(config.databaseUrl)
     : await PgliteDriver.open(paths.resources);
@@ -154,7 +165,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     await auditDb.close().catch(() => {});
     throw e;
   }
-  const audit = new AuditLog(auditDb);
+  const audit = new AuditLog(auditDb, { sealer });
   // The checkpoint origin names this log: the public host plus a fixed path (C2SP tlog-checkpoint).
   const checkpoints = new Checkpoints({
     audit,
@@ -164,6 +175,12 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
   });
   const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
   const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
+  const auditQuery: AuditQueryDeps = {
+    audit,
+    fhirBaseUrl: `${config.publicUrl}/fhir/R4`,
+    clientName: async (id) => (await clients.find(id))?.name,
+    log,
+  };
   let encryption: CustosCore['encryption'];
   if (config.encryption) {
     try {
@@ -185,6 +202,8 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     keys: encryption && { db: resourceDb, audit, envelope: encryption.envelope },
     reindex: (opts) =>
       reindex({ db: resourceDb, audit, baseUrl: `${config.publicUrl}/fhir/R4`, encryption }, opts),
+    auditQuery,
+    reports: new AuditReports(auditQuery),
     async close() {
       await encryption?.envelope.provider.close().catch(() => {});
       await resourceDb.close().catch(() => {});
@@ -245,6 +264,7 @@ export async function buildApp(
       capabilityStatement({ publicUrl: config.publicUrl, resourceTypes: RESOURCE_TYPES, version: VERSION }),
     smartConfiguration: () => smartConfiguration(config.publicUrl),
     registerAdmin: (app) => registerAdminRoutes(app, core.admin, adminToken, core),
+    auditQuery: core.auditQuery,
   });
 }
 

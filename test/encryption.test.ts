@@ -133,6 +133,31 @@ describe('field-level encryption', () => {
     assert.equal(((await again.json()) as { id: string }).id, ids.patient);
   });
 
+  test('blind-index collisions never reach the caller: matches are re-checked after decryption', async () => {
+    const other = await create(testPatient({ identifier: [{ system: SSN_SYSTEM, value: '999-01-5555' }] }));
+    // Simulate a truncation collision: the other patient's index now also carries this SSN's blind key.
+    await h.server.core.resourceDb.query(
+      `UPDATE resource SET search_keys = search_keys || (SELECT search_keys FROM resource WHERE id = $1) WHERE id = $2`,
+      [ids.patient, other],
+    );
+    const found = (await read(`/Patient?identifier=${encodeURIComponent(`${SSN_SYSTEM}|${SSN}`)}`)).body;
+    assert.deepEqual(
+      found.entry.map((e: any) => e.resource.id),
+      [ids.patient],
+    );
+  });
+
+  test('the blind-index size follows the CipherSweet planning rule', async () => {
+    const { planBlindBits } = await import('../src/crypto/envelope.ts');
+    assert.equal(planBlindBits(1_000_000), 18);
+    assert.equal(planBlindBits(100), 16);
+    assert.equal(planBlindBits(1e12), 32);
+    for (const rows of [1e6, 1e7, 1e8]) {
+      const c = rows / 2 ** planBlindBits(rows);
+      assert.ok(c >= 2 && c < Math.sqrt(rows), `${rows}: ${c} coincidences per value`);
+    }
+  });
+
   test('a caller who cannot see a class cannot overwrite it', async () => {
     const res = await h.fhir(`/Patient/${ids.patient}`, {
       method: 'PUT',

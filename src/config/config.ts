@@ -35,6 +35,8 @@ export interface Config {
   readonly encryption: boolean;
   /** Also protect Patient.address and telecom (the opt-in `contact` class). */
   readonly protectContact: boolean;
+  /** Expected rows per blind-indexed parameter, for planning the blind-index size (docs/encryption.md). */
+  readonly blindIndexPopulation: number;
   /** CUSTOS_KEY_PROVIDER=pkcs11: the HSM (docs/keys.md). */
   readonly pkcs11: { module: string; tokenLabel: string; pin: string } | undefined;
   /** CUSTOS_KEY_PROVIDER=aws-kms: the KMS region, endpoint and credentials (docs/keys.md). */
@@ -189,6 +191,10 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const searchIndexing = oneOf(env, 'CUSTOS_SEARCH_INDEXING', ['on', 'off'] as const, 'on') === 'on';
   const encryption = oneOf(env, 'CUSTOS_ENCRYPTION', ['on', 'off'] as const, 'on') === 'on';
   const protectContact = oneOf(env, 'CUSTOS_PROTECT_CONTACT', ['on', 'off'] as const, 'off') === 'on';
+  const populationText = str(env, 'CUSTOS_BLIND_INDEX_POPULATION') ?? '1000000';
+  if (!/^\d{1,12}$/.test(populationText) || Number(populationText) < 4)
+    throw new ConfigError('CUSTOS_BLIND_INDEX_POPULATION', 'must be a whole number of rows, at least 4');
+  const blindIndexPopulation = Number(populationText);
 
   if (
     databaseUrl &&
@@ -255,6 +261,7 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     searchIndexing,
     encryption,
     protectContact,
+    blindIndexPopulation,
     pkcs11: pkcs11 && Object.freeze(pkcs11),
     kms: kms && Object.freeze(kms),
   });

@@ -244,6 +244,18 @@ export class Envelope {
 }
 
 /**
+ * Output size of blind indexes, planned as CipherSweet's planner does: with R the expected number
+ * of indexed rows, coincidences per index value C = R / 2^L should satisfy 2 <= C < sqrt(R), so
+ * that a leaked index value always stands for several rows (ambiguous) while a search still narrows
+ * to few candidates (which the gateway decrypts and re-checks). The largest L in that range is
+ * floor(log2(R)) - 1; clamped to 16..32 bits.
+ */
+export function planBlindBits(expectedRows: number): number {
+  const r = Math.max(expectedRows, 4);
+  return Math.min(32, Math.max(16, Math.floor(Math.log2(r)) - 1));
+}
+
+/**
  * The blind form of an exact-match index key `code=value`: `code=#b:<truncated HMAC>`. Writes
  * store it for protected values; searches compute it for every exact criterion on a parameter
  * that may hold protected values.

@@ -13,6 +13,12 @@ import type { Logger } from '../log/logger.ts';
 import { errorFields } from '../log/logger.ts';
 import type { AuditAction, AuditEvent } from '../audit/audit-event.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
+import type { SensitiveFields } from '../audit/audit-sealer.ts';
+import {
+  AUDIT_READ_PURPOSES,
+  AUDIT_UNSEAL_PURPOSES,
+  type AuditReadAccess,
+} from '../audit/audit-query.ts';
 import { ResourceStore, type Project, type StoredVersion } from '../store/resource-store.ts';
 import type { SqlDriver, SqlQueryable } from '../store/sql-driver.ts';
 import { classifyDatabaseError } from '../store/sql-driver.ts';
@@ -69,6 +75,8 @@ export interface RequestFacts {
   purposeHeader?: string;
   /** `X-Break-Glass-Reason` header, if sent (never stored in clear: see audit-event.ts). */
   breakGlassReason?: string;
+  /** `User-Agent` header, if sent (never stored in clear: sealed into audit events). */
+  userAgent?: string;
 }
 
 export interface GatewayDeps {
@@ -175,7 +183,7 @@ export class PhiGateway {
       actor: {},
       resource: resourceType && this.deps.isResourceType(resourceType) ? { type: resourceType } : undefined,
       source: { ip: facts.sourceIp },
-    });
+    }, { userAgent: facts.userAgent });
   }
 }
 
@@ -188,6 +196,8 @@ type BundleEntry = {
 export class PhiSession {
   private readonly purpose: string | undefined;
   private readonly purposeError: ErrorCode | undefined;
+  /** The query string of the search (or audit-log read) this session runs, sealed into its events. */
+  private sensitiveQuery: string | undefined;
   private project: Project | undefined;
   /** While a transaction bundle runs: fresh versions waiting to be inserted in one statement. */
   private freshBuffer: StoredVersion[] | undefined;
@@ -234,10 +244,24 @@ export class PhiSession {
     };
   }
 
+  /**
+   * What this session's events carry sealed (audit-sealer.ts): the user agent, a break-glass reason,
+   * and for searches and audit-log reads the query string.
+   */
+  private sensitive(action: AuditAction): SensitiveFields {
+    const claimed = this.facts.purposeHeader?.trim() || this.principal.tokenPurpose;
+    return {
+      userAgent: this.facts.userAgent,
+      breakGlassReason:
+        claimed && BREAK_GLASS_PURPOSES.has(claimed) ? this.facts.breakGlassReason : undefined,
+      query: action === 'search' || action === 'audit-read' ? this.sensitiveQuery : undefined,
+    };
+  }
+
   /** Appends durably or throws AUDIT_UNAVAILABLE (fail-closed). */
   private async audit(e: AuditEvent): Promise<void> {
     try {
-      await this.deps.audit.append(e);
+      await this.deps.audit.append(e, this.sensitive(e.action));
     } catch (err) {
       this.deps.log.error('audit.append_failed', { requestId: e.requestId, ...errorFields(err) });
       throw new CustosError('AUDIT_UNAVAILABLE');
@@ -454,6 +478,7 @@ export class PhiSession {
     baseUrl: string,
     opts: { type?: string; patient?: string; query: URLSearchParams; strict: boolean; path: string },
   ): Promise<InteractionResult> {
+    this.sensitiveQuery = opts.query.toString();
     let types: string[];
     if (opts.type) {
       await this.guard('search', opts.type, 's');
@@ -532,6 +557,43 @@ export class PhiSession {
     return { status: 200, body: searchBundle(baseUrl, opts.path, opts.query, req, page, elementIssues) };
   }
 
+  // ---- the audit log: read-only, purpose-gated, every read audited ---------------------------
+
+  /**
+   * Authorizes a read of the audit log (src/audit/audit-query.ts): the checks of every interaction
+   * (purpose of use claimed and allowed for the client, an `AuditEvent` scope for `interaction`), and
+   * a purpose from AUDIT_READ_PURPOSES. A refusal is audited (action `audit-read`) and thrown; the
+   * returned access records the read itself. Sealed fields open only for AUDIT_UNSEAL_PURPOSES.
+   * `query`: the request's query string, sealed into those events.
+   */
+  async auditReader(interaction: 'r' | 's', query?: string): Promise<AuditReadAccess> {
+    this.sensitiveQuery = query;
+    await this.guard('audit-read', 'AuditEvent', interaction);
+    const purpose = this.purpose!;
+    if (!AUDIT_READ_PURPOSES.has(purpose)) {
+      const refused = { phase: 'access', action: 'audit-read', outcome: 'refused' } as const;
+      await this.audit(this.event({ ...refused, code: 'PURPOSE_NOT_ALLOWED', resource: { type: 'AuditEvent' } }));
+      throw new CustosError('PURPOSE_NOT_ALLOWED');
+    }
+    return {
+      projectId: this.principal.projectId,
+      purpose,
+      unseal: AUDIT_UNSEAL_PURPOSES.has(purpose),
+      record: (e) =>
+        this.audit(
+          this.event({
+            phase: 'access',
+            action: 'audit-read',
+            outcome: e.outcome,
+            code: e.code,
+            resource: { type: 'AuditEvent', id: e.id },
+            patients: e.patients,
+            count: e.count,
+          }),
+        ),
+    };
+  }
+
   // ---- writes: attempt (durable), commit, outcome ------------------------------------------
 
   /** Checks a body for a write: type, id, HTEST label in sandboxes, structure. */
@@ -581,7 +643,10 @@ export class PhiSession {
           ? 'VERSION_CONFLICT'
           : 'INTERNAL';
       await this.deps.audit
-        .append(this.event({ phase: 'outcome', action, outcome: 'failed', code, resource }, requestId))
+        .append(
+          this.event({ phase: 'outcome', action, outcome: 'failed', code, resource }, requestId),
+          this.sensitive(action),
+        )
         .catch(() => this.deps.log.error('audit.outcome_failed', { requestId }));
       if (code === 'VERSION_CONFLICT' && !isCustosError(e)) throw new CustosError('VERSION_CONFLICT');
       throw e;
@@ -603,6 +668,7 @@ export class PhiSession {
           },
           requestId,
         ),
+        this.sensitive(action),
       )
       .catch(() => this.deps.log.error('audit.outcome_failed', { requestId }));
     return result;
@@ -886,7 +952,7 @@ export class PhiSession {
       };
     const checks: BlindCheck[] = [];
     // With blind-index criteria, a few more candidates than needed, each verified after decryption.
-    const ids = await searchIds(q, req, access, 10, checks);
+    const ids = await searchIds(q, req, access, 50, checks);
     if (checks.length === 0) return ids.slice(0, 2);
     const visible = visibleClasses(this.purpose);
     if (checks.some((c) => !visible.has(c.cls))) throw new CustosError('SEARCH_PROTECTED');
