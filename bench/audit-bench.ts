@@ -34,6 +34,7 @@ import { AuditLog } from '../src/audit/audit-log.ts';
 import { canonicalJson, type AuditEvent } from '../src/audit/audit-event.ts';
 import { prepareAuditSchema } from '../src/audit/audit-migrations.ts';
 import { verifyAuditLog } from '../src/audit/audit-verify.ts';
+import { indexCopyLines, INDEX_COLUMNS } from '../src/audit/audit-index.ts';
 import { Checkpoints } from '../src/audit/checkpoints.ts';
 import { TILE_MIGRATION_SQL } from '../src/audit/tiles.ts';
 import { verifyConsistency, verifyInclusion } from '../src/audit/merkle-proof.ts';
@@ -56,12 +57,16 @@ const { values: flags } = parseArgs({
     proofs: { type: 'string', default: '200' },
     'fsync-seconds': { type: 'string', default: '1' },
     'skip-verify': { type: 'boolean', default: false },
+    'only-verify': { type: 'boolean', default: false },
+    'big-database': { type: 'string' },
+    'keep-big': { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },
 });
 if (flags.help) {
   process.stderr.write(`usage: npm run -s bench:audit -- [--entries 10000000] [--append-seconds 10]
   [--concurrency 1024] [--reads 2000] [--proofs 200] [--fsync-seconds 1] [--skip-verify]
+  [--only-verify] [--big-database NAME (reuse: seeded only if it has fewer entries)] [--keep-big]
 Needs CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL (a PostgreSQL server).\n`);
   process.exit(0);
 }
@@ -132,22 +137,23 @@ interface CpuSnap {
   machineBusy: number;
   machineTotal: number;
   self: number;
-  postgres: number;
+  /** Ticks of each PostgreSQL process (backends come and go: deltas are taken per process). */
+  postgres: Map<string, number>;
 }
 
 function cpuSnap(): CpuSnap {
   const stat = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
   const idle = (stat[3] ?? 0) + (stat[4] ?? 0);
   const total = stat.reduce((a, b) => a + b, 0);
-  let postgres = 0;
+  const postgres = new Map<string, number>();
   for (const pid of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(pid)) continue;
     try {
       const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
       const comm = s.slice(s.indexOf('(') + 1, s.lastIndexOf(')'));
-      if (comm !== 'postgres' && !comm.startsWith('postgres')) continue;
+      if (!comm.startsWith('postgres')) continue;
       const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-      postgres += Number(f[11]) + Number(f[12]);
+      postgres.set(pid, Number(f[11]) + Number(f[12]));
     } catch {
       /* gone */
     }
@@ -162,6 +168,8 @@ function cpuSnap(): CpuSnap {
   };
 }
 
+/** Cores used over the interval: by the machine, this process, PostgreSQL (backends that exited
+ * during it are not counted) and everything else. */
 function cpuDelta(a: CpuSnap, b: CpuSnap) {
   const seconds = (b.at - a.at) / 1000;
   const cores = (ticks: number) => round(ticks / TICK / seconds);
@@ -169,7 +177,9 @@ function cpuDelta(a: CpuSnap, b: CpuSnap) {
     ((b.machineBusy - a.machineBusy) / Math.max(1, b.machineTotal - a.machineTotal)) * os.cpus().length,
   );
   const self = cores(b.self - a.self);
-  const postgres = cores(b.postgres - a.postgres);
+  let pgTicks = 0;
+  for (const [pid, t] of b.postgres) pgTicks += t - (a.postgres.get(pid) ?? 0);
+  const postgres = cores(pgTicks);
   return {
     loadavg1: round(os.loadavg()[0]!),
     busyCores: busy,
@@ -198,10 +208,15 @@ async function phase<T>(
 
 // ---- realistic audit events ------------------------------------------------------------------------
 
-/** An audit event as the gateway writes it: a read (most), or a write's attempt and outcome. */
+/**
+ * An audit event as the gateway writes it: mostly reads; every 20th entry a write's attempt, and the
+ * next one its outcome under the same request id.
+ */
+let attemptRequestId = randomUUID();
 function gatewayEvent(i: number, projectId: string, clientId: string): AuditEvent {
   const kind = i % 20;
   const phase: AuditEvent['phase'] = kind === 0 ? 'attempt' : kind === 1 ? 'outcome' : 'access';
+  if (kind === 0) attemptRequestId = randomUUID();
   return {
     v: 1,
     id: randomUUID(),
@@ -209,7 +224,7 @@ function gatewayEvent(i: number, projectId: string, clientId: string): AuditEven
     phase,
     action: phase === 'access' ? 'read' : 'create',
     outcome: phase === 'attempt' ? 'pending' : 'success',
-    requestId: randomUUID(),
+    requestId: phase === 'access' ? randomUUID() : attemptRequestId,
     projectId,
     actor: { clientId, roles: [] },
     purpose: 'TREAT',
@@ -430,6 +445,15 @@ async function seed(url: string, n: number): Promise<void> {
       stream.on('error', reject);
     });
     stream.write(Buffer.concat([Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1'), Buffer.alloc(8)]));
+    // The query index rows of each entry (audit-index.ts), in a second COPY on a second connection.
+    const ci = new pg.Client({ connectionString: url });
+    await ci.connect();
+    const index = ci.query(copyFrom(`COPY audit_index (${INDEX_COLUMNS}) FROM STDIN`));
+    const indexDone = new Promise<void>((resolve, reject) => {
+      index.on('finish', resolve);
+      index.on('error', reject);
+    });
+    let indexRows = '';
     const projectId = randomUUID();
     const clientId = randomUUID();
     const scratch = Buffer.alloc(64 * 1024);
@@ -438,6 +462,11 @@ async function seed(url: string, n: number): Promise<void> {
     const t0 = performance.now();
     for (let i = 0; i < n; i++) {
       const e = gatewayEvent(i, projectId, clientId);
+      indexRows += indexCopyLines(i, e);
+      if (indexRows.length > 1 << 22) {
+        if (!index.write(indexRows)) await new Promise((r) => index.once('drain', r));
+        indexRows = '';
+      }
       const entry = Buffer.from(canonicalJson(e), 'utf8');
       scratch[0] = 0;
       entry.copy(scratch, 1);
@@ -470,7 +499,10 @@ async function seed(url: string, n: number): Promise<void> {
     }
     stream.write(chunk.subarray(0, o));
     stream.end(Buffer.from([0xff, 0xff]));
+    index.end(indexRows);
     await done;
+    await indexDone;
+    await ci.end();
     log('  rebuilding the request-id index, VACUUM ANALYZE');
     await c.query('CREATE INDEX audit_entry_request ON audit_entry (request_id)');
     await c.query('VACUUM (ANALYZE) audit_entry');
@@ -504,16 +536,23 @@ async function bigLog(url: string) {
     const hasTiles = (await raw.query<{ ok: boolean }>(`SELECT to_regclass('audit_tile') IS NOT NULL AS ok`))
       .rows[0]!.ok;
     if (!hasTiles) for (const stmt of splitSql(TILE_MIGRATION_SQL)) await raw.query(stmt);
-    const seeding = await phase(
-      `seed: ${cfg.entries.toLocaleString('en-US')} entries with COPY`,
-      async () => {
-        const t = performance.now();
-        await seed(url, cfg.entries);
-        return { entries: cfg.entries, seconds: round((performance.now() - t) / 1000, 1) };
-      },
+    const existing = Number(
+      (await raw.query<{ n: number }>('SELECT coalesce(max(seq) + 1, 0) AS n FROM audit_entry')).rows[0]!.n,
     );
+    const seeding =
+      existing >= cfg.entries
+        ? { entries: existing, reused: true }
+        : await phase(`seed: ${cfg.entries.toLocaleString('en-US')} entries with COPY`, async () => {
+            if (existing > 0) throw new Error('the database given has a log already, smaller than --entries');
+            const t = performance.now();
+            await seed(url, cfg.entries);
+            return { entries: cfg.entries, seconds: round((performance.now() - t) / 1000, 1) };
+          });
     const audit = new AuditLog(db);
-    const keyDir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-audit-bench-key-'));
+    // A kept log keeps its checkpoint key beside it (its signed checkpoints must verify next time).
+    const keyDir = keepBig
+      ? path.join(os.tmpdir(), `custos-audit-bench-key-${bigName}`)
+      : fs.mkdtempSync(path.join(os.tmpdir(), 'custos-audit-bench-key-'));
     const cps = new Checkpoints({
       audit,
       keyFile: path.join(keyDir, 'audit-checkpoint.skey'),
@@ -536,9 +575,11 @@ async function bigLog(url: string) {
       const t1 = performance.now();
       await cps.checkpoint();
       const againMs = round(performance.now() - t1, 1);
-      const verify = await phase(`verify: ${cfg.entries.toLocaleString('en-US')} entries`, async () => {
+      // `custos audit verify` as it runs (query index included when the table exists), then without
+      // the query index: entries, leaf hashes, tree, tiles and checkpoints only.
+      const verifyRun = (index: boolean) => async () => {
         const t = performance.now();
-        const r = await verifyAuditLog(audit, cps);
+        const r = await verifyAuditLog(audit, cps, { index });
         const seconds = (performance.now() - t) / 1000;
         if (!r.ok) throw new Error(`verify failed: ${JSON.stringify(r).slice(0, 300)}`);
         return {
@@ -548,10 +589,17 @@ async function bigLog(url: string) {
           entriesPerSecond: Math.round(r.size / seconds),
           tilesChecked: r.tiles.checked,
           checkpointsChecked: r.checkpoints?.checked,
+          indexRowsChecked: r.index?.checkedRows,
           attemptsWithoutOutcome: r.attemptsWithoutOutcome.length,
           workers: Math.min(os.availableParallelism(), 8),
         };
-      });
+      };
+      const n = cfg.entries.toLocaleString('en-US');
+      const verify = await phase(`verify: ${n} entries`, verifyRun(true));
+      const verifyWithoutIndex = await phase(
+        `verify without the query index: ${n} entries`,
+        verifyRun(false),
+      );
       const proofs = await phase(
         `proofs at ${cfg.entries.toLocaleString('en-US')} entries, ${cfg.proofs} of each`,
         async () => {
@@ -597,9 +645,9 @@ async function bigLog(url: string) {
           };
         },
       );
-      return { seeding, firstCheckpoint, checkpointUnchangedMs: againMs, verify, proofs };
+      return { seeding, firstCheckpoint, checkpointUnchangedMs: againMs, verify, verifyWithoutIndex, proofs };
     } finally {
-      fs.rmSync(keyDir, { recursive: true, force: true });
+      if (!keepBig) fs.rmSync(keyDir, { recursive: true, force: true });
     }
   } finally {
     await raw.close();
@@ -609,7 +657,12 @@ async function bigLog(url: string) {
 // ---- main --------------------------------------------------------------------------------------------
 
 const name = `custos_auditbench_${randomBytes(4).toString('hex')}`;
-const dbs = { res: `${name}_res`, audit: `${name}_audit`, big: `${name}_big` };
+const bigName = flags['big-database'] ?? `${name}_big`;
+if (!/^[a-z_][a-z0-9_]*$/.test(bigName)) {
+  process.stderr.write('audit-bench: --big-database must be a plain database name\n');
+  process.exit(2);
+}
+const dbs = { res: `${name}_res`, audit: `${name}_audit` };
 const started = new Date().toISOString();
 const machine = {
   cores: os.cpus().length,
@@ -618,19 +671,31 @@ const machine = {
   node: process.version,
   loadavgAtStart: os.loadavg().map((x) => round(x)),
 };
-log(`audit bench: databases ${name}_*; ${JSON.stringify(machine)}`);
+log(`audit bench: databases ${name}_*, ${bigName}; ${JSON.stringify(machine)}`);
+const onlyVerify = flags['only-verify'];
+const keepBig = flags['keep-big'] || flags['big-database'] !== undefined;
 try {
-  for (const d of Object.values(dbs)) await adminQuery(`CREATE DATABASE ${d}`);
-  const fsync = await phase('fsync: pg_test_fsync and a tiny committed INSERT', async () => ({
-    pgTestFsync: pgTestFsync(),
-    server: await committedInsert(withDatabase(baseUrl, dbs.audit)),
-  }));
-  const append = await appends(withDatabase(baseUrl, dbs.audit));
-  const read = await readLatency(withDatabase(baseUrl, dbs.res), withDatabase(baseUrl, dbs.audit));
+  if (!onlyVerify) for (const d of Object.values(dbs)) await adminQuery(`CREATE DATABASE ${d}`);
+  if (!flags['big-database'] && !flags['skip-verify']) await adminQuery(`CREATE DATABASE ${bigName}`);
+  const fsync = onlyVerify
+    ? undefined
+    : await phase('fsync: pg_test_fsync and a tiny committed INSERT', async () => ({
+        pgTestFsync: pgTestFsync(),
+        server: await committedInsert(withDatabase(baseUrl, dbs.audit)),
+      }));
+  const append = onlyVerify ? undefined : await appends(withDatabase(baseUrl, dbs.audit));
+  const read = onlyVerify
+    ? undefined
+    : await readLatency(withDatabase(baseUrl, dbs.res), withDatabase(baseUrl, dbs.audit));
+  // A failure here still leaves the measurements above in the JSON.
   const big = flags['skip-verify']
     ? { skipped: '--skip-verify' }
-    : await bigLog(withDatabase(baseUrl, dbs.big));
-  const fsyncP50 = fsync.server.walFlushP50Ms as number;
+    : await bigLog(withDatabase(baseUrl, bigName)).catch((e: unknown) => {
+        process.exitCode = 1;
+        log(`verify phases failed: ${e instanceof Error ? e.message : String(e)}`);
+        return { error: e instanceof Error ? e.message : String(e) };
+      });
+  const fsyncP50 = fsync?.server.walFlushP50Ms as number | undefined;
   process.stdout.write(
     `${JSON.stringify(
       {
@@ -641,15 +706,19 @@ try {
         config: cfg,
         fsync,
         appends: append,
-        read: { ...read, targetAddedP50Ms: round(fsyncP50 + 0.5, 3) },
+        read: read && {
+          ...read,
+          targetAddedP50Ms: fsyncP50 === undefined ? undefined : round(fsyncP50 + 0.5, 3),
+        },
         verify: big,
+        ...(keepBig ? { keptDatabase: bigName } : {}),
       },
       null,
       2,
     )}\n`,
   );
 } finally {
-  for (const d of Object.values(dbs))
-    await adminQuery(`DROP DATABASE IF EXISTS ${d} WITH (FORCE)`).catch(() => {});
-  log('databases dropped');
+  const drop = [...(onlyVerify ? [] : Object.values(dbs)), ...(keepBig ? [] : [bigName])];
+  for (const d of drop) await adminQuery(`DROP DATABASE IF EXISTS ${d} WITH (FORCE)`).catch(() => {});
+  log(`databases dropped${keepBig ? ` (kept ${bigName})` : ''}`);
 }

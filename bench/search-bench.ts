@@ -33,8 +33,11 @@ import { PGlite } from '@electric-sql/pglite';
 import { freePort } from '../test/support/free-port.ts';
 import { parseSearch } from '../src/fhir/search-request.ts';
 import { runSearch } from '../src/store/search-sql.ts';
-import type { SqlQueryable } from '../src/store/sql-driver.ts';
+import type { SqlDriver, SqlQueryable } from '../src/store/sql-driver.ts';
 import { dataPaths } from '../src/server.ts';
+import { Envelope, type SealContext } from '../src/crypto/envelope.ts';
+import { openLocalKeyring } from '../src/crypto/local-keyring.ts';
+import { readOrCreateKeyFile } from '../src/kernel/key-file.ts';
 import { HttpClient, prng, runLoad, type LoadResult } from './load.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -114,7 +117,7 @@ interface CpuSnap {
   machineTotal: number;
   server: number;
   client: number;
-  postgres: number;
+  postgres: Map<string, number>;
 }
 const TICK = 100; // USER_HZ
 
@@ -129,24 +132,32 @@ function procTicks(pid: number | undefined): number {
   }
 }
 
-function postgresTicks(): number {
-  let sum = 0;
+/** CPU ticks of every PostgreSQL process, by pid (other sessions' backends come and go). */
+function postgresTicks(): Map<string, number> {
+  const out = new Map<string, number>();
   let dirs: string[];
   try {
     dirs = fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d));
   } catch {
-    return 0;
+    return out;
   }
   for (const d of dirs) {
     try {
       const stat = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
       if (stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== 'postgres') continue;
       const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      sum += Number(f[11]) + Number(f[12]);
+      out.set(d, Number(f[11]) + Number(f[12]));
     } catch {
       /* exited */
     }
   }
+  return out;
+}
+
+/** Ticks used between two snapshots by the PostgreSQL processes alive at the end (exited ones are lost, never negative). */
+function postgresDelta(a: Map<string, number>, b: Map<string, number>): number {
+  let sum = 0;
+  for (const [pid, t] of b) sum += Math.max(0, t - (a.get(pid) ?? 0));
   return sum;
 }
 
@@ -182,7 +193,7 @@ function cpuDelta(a: CpuSnap, b: CpuSnap) {
   const busy = round(busyShare * machineCores, 2);
   const server = cores(b.server - a.server);
   const client = cores(b.client - a.client);
-  const postgres = cores(b.postgres - a.postgres);
+  const postgres = cores(postgresDelta(a.postgres, b.postgres));
   return { busy, server, client, postgres, other: Math.max(0, round(busy - server - client - postgres, 2)) };
 }
 
@@ -190,7 +201,7 @@ function perRequest(a: CpuSnap, b: CpuSnap, requests: number) {
   const ms = (ticks: number) => (requests > 0 ? round(((ticks / TICK) * 1000) / requests, 3) : null);
   return {
     server: ms(b.server - a.server),
-    postgres: ms(b.postgres - a.postgres),
+    postgres: ms(postgresDelta(a.postgres, b.postgres)),
     client: ms(b.client - a.client),
   };
 }
@@ -474,29 +485,138 @@ const UUID_RE = '([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})'
 const CLONES = `(SELECT k, CASE WHEN k = 0 THEN '' ELSE '-k' || k END AS sfx, 'c' || lpad(k::text, 4, '0') AS fam
                  FROM unnest($2::int[]) AS k) c`;
 const re = (x: string) => `regexp_replace(${x}, $1, '\\1' || c.sfx, 'g')`;
-const CLONE_SQL: Record<(typeof INDEXED_TABLES)[number], string> = {
-  resource: `INSERT INTO resource (project_id, resource_type, id, version_id, last_updated, deleted, content, patients, search_keys, index_version)
-    SELECT s.project_id, s.resource_type, ${re('s.id')}, s.version_id, s.last_updated, s.deleted,
-      CASE WHEN s.content IS NULL THEN NULL
-           WHEN s.resource_type = 'Patient'
-             THEN regexp_replace(${re('s.content::text')}, '("family": "[^"]*)"', '\\1' || c.fam || '"', 'g')::jsonb
-           ELSE ${re('s.content::text')}::jsonb END,
-      ${re('s.patients::text')}::text[], ${re('s.search_keys::text')}::text[], s.index_version
-    FROM bench_src_resource s CROSS JOIN ${CLONES}`,
-  search_string: `INSERT INTO search_string (project_id, resource_type, id, code, norm, exact)
-    SELECT s.project_id, s.resource_type, ${re('s.id')}, s.code,
-      CASE WHEN s.fam THEN s.norm || c.fam ELSE ${re('s.norm')} END,
-      CASE WHEN s.fam THEN s.exact || c.fam ELSE ${re('s.exact')} END
-    FROM bench_src_string s CROSS JOIN ${CLONES}`,
-  search_date: `INSERT INTO search_date (project_id, resource_type, id, code, lo, hi, comp)
-    SELECT s.project_id, s.resource_type, ${re('s.id')}, s.code, s.lo, s.hi,
-      CASE WHEN s.comp IS NULL THEN NULL ELSE ${re('s.comp')} END
-    FROM bench_src_date s CROSS JOIN ${CLONES}`,
-  search_number: `INSERT INTO search_number (project_id, resource_type, id, code, num, system, qcode, unit, comp)
-    SELECT s.project_id, s.resource_type, ${re('s.id')}, s.code, s.num, s.system, s.qcode, s.unit,
-      CASE WHEN s.comp IS NULL THEN NULL ELSE ${re('s.comp')} END
-    FROM bench_src_number s CROSS JOIN ${CLONES}`,
+/** How a column of an indexed table is rewritten for copy k; any other column is copied as is. */
+const CLONE_EXPR: Record<string, string> = {
+  id: re('s.id'),
+  content: `CASE WHEN s.content IS NULL THEN NULL
+      WHEN s.resource_type = 'Patient'
+        THEN regexp_replace(${re('s.content::text')}, '("family": "[^"]*)"', '\\1' || c.fam || '"', 'g')::jsonb
+      ELSE ${re('s.content::text')}::jsonb END`,
+  patients: `${re('s.patients::text')}::text[]`,
+  search_keys: `${re('s.search_keys::text')}::text[]`,
+  'search_string.norm': `CASE WHEN s.fam THEN s.norm || c.fam ELSE ${re('s.norm')} END`,
+  'search_string.exact': `CASE WHEN s.fam THEN s.exact || c.fam ELSE ${re('s.exact')} END`,
+  comp: `CASE WHEN s.comp IS NULL THEN NULL ELSE ${re('s.comp')} END`,
+  // Sealed elements are bound to their record's id: copies get theirs from bench_sealed (see reseal).
+  'resource.sealed': `CASE WHEN s.sealed IS NULL OR c.k = 0 THEN s.sealed ELSE
+      (SELECT b.sealed FROM bench_sealed b WHERE b.k = c.k AND b.resource_type = s.resource_type AND b.id = s.id) END`,
 };
+
+/**
+ * Re-seals the sealed elements (encryption, src/crypto/envelope.ts) of the imported rows for every
+ * copy: the associated data binds project, type, id and version, so a copied ciphertext would not
+ * open under the copy's id. Opens each with the project's data key (read from the data directory's
+ * development keyring, as the server does; these unwraps are not audited) and seals it again for
+ * each copy's id, with the copy's UUID rewrite applied to the plaintext. Writes bench_sealed.
+ */
+async function reseal(db: Db, kind: 'postgres' | 'embedded', dataDir: string, copies: number) {
+  const rows = await db.query<{
+    project_id: string;
+    resource_type: string;
+    id: string;
+    version_id: number;
+    sealed: Record<string, string> | string;
+  }>(
+    'SELECT project_id, resource_type, id, version_id, sealed FROM bench_src_resource WHERE sealed IS NOT NULL',
+  );
+  await db.query(
+    'DROP TABLE IF EXISTS bench_sealed; CREATE UNLOGGED TABLE bench_sealed (k integer, resource_type text, id text, sealed jsonb)',
+  );
+  if (rows.length === 0 || copies < 2) return { sealedRowsPerCopy: rows.length, byType: {} };
+  const paths = dataPaths(dataDir);
+  const passphrase = readOrCreateKeyFile(paths.devKeyringPassphrase, () => {
+    throw new Error('sealed rows but no development keyring passphrase in the data directory');
+  });
+  const provider = await openLocalKeyring(paths.keyring, passphrase, {});
+  const q: SqlQueryable = {
+    query: async <R>(sql: string, p?: readonly unknown[]) => ({
+      rows: await db.query<R>(sql, p ? [...p] : undefined),
+    }),
+  };
+  const driver = {
+    kind,
+    ...q,
+    transaction: <T>(fn: (tx: SqlQueryable) => Promise<T>) => fn(q),
+    lockedTransaction: <T>(_k: string, fn: (tx: SqlQueryable) => Promise<T>) => fn(q),
+  } as unknown as SqlDriver;
+  const envelope = new Envelope({ db: driver, provider, onUnwrap: async () => {} });
+  const byType: Record<string, number> = {};
+  const uuid = new RegExp(UUID_RE, 'g');
+  const opened: {
+    type: string;
+    id: string;
+    version: number;
+    projectId: string;
+    classes: [string, string][];
+  }[] = [];
+  for (const r of rows) {
+    byType[r.resource_type] = (byType[r.resource_type] ?? 0) + 1;
+    const sealed = typeof r.sealed === 'string' ? (JSON.parse(r.sealed) as Record<string, string>) : r.sealed;
+    const classes: [string, string][] = [];
+    for (const [cls, blob] of Object.entries(sealed)) {
+      const ctx: SealContext = {
+        projectId: r.project_id,
+        type: r.resource_type,
+        id: r.id,
+        version: Number(r.version_id),
+        cls: cls as SealContext['cls'],
+      };
+      classes.push([cls, (await envelope.open(ctx, blob)).toString('utf8')]);
+    }
+    opened.push({
+      type: r.resource_type,
+      id: r.id,
+      version: Number(r.version_id),
+      projectId: r.project_id,
+      classes,
+    });
+  }
+  const { epoch, dek } = await envelope.prepareWrite(rows[0]!.project_id);
+  for (let k = 1; k < copies; k++) {
+    const ks: number[] = [];
+    const types: string[] = [];
+    const ids: string[] = [];
+    const blobs: string[] = [];
+    for (const o of opened) {
+      const id = o.id.replace(uuid, `$1-k${k}`);
+      const out: Record<string, string> = {};
+      for (const [cls, plain] of o.classes)
+        out[cls] = Envelope.seal(
+          dek,
+          epoch,
+          { projectId: o.projectId, type: o.type, id, version: o.version, cls: cls as SealContext['cls'] },
+          Buffer.from(plain.replace(uuid, `$1-k${k}`)),
+        );
+      ks.push(k);
+      types.push(o.type);
+      ids.push(o.id);
+      blobs.push(JSON.stringify(out));
+    }
+    await db.query(
+      'INSERT INTO bench_sealed SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::jsonb[])',
+      [ks, types, ids, blobs],
+    );
+  }
+  await db.query('CREATE INDEX ON bench_sealed (k, resource_type, id)');
+  envelope.clearCache();
+  return { sealedRowsPerCopy: rows.length, byType };
+}
+
+/** INSERT…SELECT of copies $2 of `table` from its snapshot, for the table's columns as they are now. */
+async function cloneSql(db: Db, table: (typeof INDEXED_TABLES)[number]): Promise<string> {
+  const cols = (
+    await db.query<{ column_name: string }>(
+      `SELECT column_name FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position`,
+      [table],
+    )
+  ).map((r) => r.column_name);
+  const expr = (c: string) => CLONE_EXPR[`${table}.${c}`] ?? CLONE_EXPR[c] ?? `s.${c}`;
+  // (the expressions refer to c.k, c.sfx and c.fam of the copy, s.* of the snapshot row)
+  return `INSERT INTO ${table} (${cols.join(', ')})
+    SELECT ${cols.map(expr).join(',\n      ')}
+    FROM bench_src_${table.replace('search_', '')} s CROSS JOIN ${CLONES}`;
+}
 
 /** Runs `jobs` on `dbs` (one job at a time per connection). */
 async function parallel<T>(dbs: Db[], jobs: T[], run: (db: Db, job: T) => Promise<void>): Promise<void> {
@@ -512,7 +632,7 @@ async function parallel<T>(dbs: Db[], jobs: T[], run: (db: Db, job: T) => Promis
  * Grows the imported data to at least `target` resource rows by cloning at the SQL level.
  * The imported rows become clone 0 (same ids; family names get `c0000` like every clone).
  */
-async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: number) {
+async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: number, dataDir: string) {
   const db = dbs[0]!;
   const t0 = performance.now();
   const timings: Record<string, number> = {};
@@ -569,13 +689,24 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
   timings.snapshotSeconds = sec(t);
 
   t = performance.now();
+  const hasSealed =
+    (
+      await db.query(
+        `SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'resource' AND column_name = 'sealed'`,
+      )
+    ).length > 0;
+  const sealing = hasSealed ? await reseal(db, kind, dataDir, clones) : { note: 'no sealed column' };
+  timings.resealSeconds = sec(t);
+
+  t = performance.now();
   const perBatch = Math.max(1, Math.floor(cfg.cloneBatchRows / source));
   const batches: number[][] = [];
   for (let k = 0; k < clones; k += perBatch)
     batches.push(Array.from({ length: Math.min(perBatch, clones - k) }, (_, i) => k + i));
   let doneRows = 0;
+  const sqls = await Promise.all(INDEXED_TABLES.map((tb) => cloneSql(db, tb)));
   await parallel(dbs, batches, async (conn, ks) => {
-    for (const tb of INDEXED_TABLES) await conn.query(CLONE_SQL[tb], [UUID_RE, ks]);
+    for (const sql of sqls) await conn.query(sql, [UUID_RE, ks]);
     doneRows += ks.length * source;
     const s = (performance.now() - t) / 1000;
     log(
@@ -584,7 +715,7 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
   });
   timings.cloneSeconds = sec(t);
   await db.query(
-    'DROP TABLE bench_src_resource, bench_src_family, bench_src_string, bench_src_date, bench_src_number',
+    'DROP TABLE IF EXISTS bench_src_resource, bench_src_family, bench_src_string, bench_src_date, bench_src_number, bench_sealed',
   );
 
   t = performance.now();
@@ -607,6 +738,14 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
   timings.vacuumAnalyzeSeconds = sec(t);
   timings.totalSeconds = sec(t0);
 
+  let sealedRows: number | string;
+  try {
+    sealedRows = Number(
+      (await db.query<{ n: string }>('SELECT count(*) AS n FROM resource WHERE sealed IS NOT NULL'))[0]!.n,
+    );
+  } catch {
+    sealedRows = 'no sealed column';
+  }
   const byType = await db.query<{ resource_type: string; n: string }>(
     'SELECT resource_type, count(*) AS n FROM resource GROUP BY 1 ORDER BY 2 DESC',
   );
@@ -630,6 +769,8 @@ async function buildDataSet(dbs: Db[], kind: 'postgres' | 'embedded', target: nu
       rows,
       sourceRows,
       patientFamilyIndexRowsPerCopy: familyRows,
+      sealedRows,
+      sealing,
       byType: Object.fromEntries(byType.map((r) => [r.resource_type, Number(r.n)])),
       tableSizesMB: sizes,
       buildSeconds: timings,
@@ -978,8 +1119,8 @@ function syntheticObservation(pid: string, i: number): string {
   });
 }
 
-async function createPhase(s: Session, pid: string, seconds: number, offset: number) {
-  const foreignBefore = await waitForQuiet(s.child.proc.pid);
+async function createPhase(s: Session, pid: string, seconds: number, offset: number, quiet = true) {
+  const foreignBefore = quiet ? await waitForQuiet(s.child.proc.pid) : undefined;
   const a = cpuSnap(s.child.proc.pid);
   const r = await runLoad({
     client: s.client,
@@ -1031,7 +1172,7 @@ async function writePhase(sessions: Session[], env: NodeJS.ProcessEnv, logFile: 
         sessions.push(current);
       }
       // Warm-up (not measured): 2 s of creates.
-      await createPhase(current, pid, 2, 10_000_000 + offset);
+      await createPhase(current, pid, 2, 10_000_000 + offset, false);
       offset += 100_000;
       const r = await createPhase(current, pid, cfg.writeDuration, offset);
       offset += 100_000;
@@ -1087,61 +1228,127 @@ interface PlanNode {
 }
 
 function scansOf(node: PlanNode, out: string[] = []): string[] {
-  if (node['Relation Name'])
+  if (node['Relation Name'] || node['Index Name'])
     out.push(
-      `${node['Node Type']} on ${node['Relation Name']}${node['Index Name'] ? ` using ${node['Index Name']}` : ''}`,
+      `${node['Node Type']}${node['Relation Name'] ? ` on ${node['Relation Name']}` : ''}${node['Index Name'] ? ` using ${node['Index Name']}` : ''}`,
     );
   for (const c of node.Plans ?? []) scansOf(c, out);
   return out;
 }
 
-/** The SQL the server runs for each search (built by src/store/search-sql.ts), with its plan. */
-async function explainSearches(db: Db, projectId: string, targets: Target[]) {
-  const out: Record<string, Json> = {};
-  const t = targets[Math.floor(targets.length / 2)]!;
-  for (const [name, type, params] of SEARCHES) {
-    const captured: { sql: string; params: unknown[] }[] = [];
-    const q: SqlQueryable = {
-      query: async <R>(sql: string, p: readonly unknown[] = []) => {
-        captured.push({ sql, params: [...p] });
-        return { rows: await db.query<R>(sql, [...p]) };
-      },
-    };
-    const req = parseSearch([type], new URLSearchParams(params(t)), { strict: true });
-    await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
-    const main = captured.find((c) => /ORDER BY/.test(c.sql)) ?? captured[0]!;
-    await db.query(`EXPLAIN (ANALYZE) ${main.sql}`, main.params); // warm
-    const json = (
-      await db.query<{ 'QUERY PLAN': unknown }>(
-        `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${main.sql}`,
-        main.params,
-      )
-    )[0]!['QUERY PLAN'];
-    const plan = (typeof json === 'string' ? JSON.parse(json) : json) as {
-      Plan: PlanNode;
-      'Execution Time': number;
-      'Planning Time': number;
-    }[];
-    const text = (
-      await db.query<{ 'QUERY PLAN': string }>(`EXPLAIN (ANALYZE, BUFFERS) ${main.sql}`, main.params)
-    ).map((r) => r['QUERY PLAN']);
-    const scans = scansOf(plan[0]!.Plan);
-    const seqScans = scans.filter((s) =>
-      /^Seq Scan on (resource|search_string|search_date|search_number)$/.test(s),
+async function ginStats(db: Db) {
+  try {
+    await db.query('CREATE EXTENSION IF NOT EXISTS pgstattuple');
+    const r = await db.query<{ pending_pages: number; pending_tuples: string }>(
+      "SELECT pending_pages, pending_tuples FROM pgstatginindex('resource_search_keys')",
     );
+    return { pendingPages: Number(r[0]!.pending_pages), pendingTuples: Number(r[0]!.pending_tuples) };
+  } catch (e) {
+    return { error: e instanceof Error ? e.message.slice(0, 200) : String(e) };
+  }
+}
+
+/** Search plans after the write phase: with the GIN pending list its creates left, and after cleaning it. */
+async function ginPendingEffect(db: Db, projectId: string, targets: Target[]) {
+  log('  EXPLAIN after the write phase (GIN pending list as the creates left it)…');
+  const before = await ginStats(db);
+  const withList = await explainSearches(db, projectId, targets, false);
+  const t0 = performance.now();
+  await db.query("SELECT gin_clean_pending_list('resource_search_keys'::regclass)");
+  const cleanSeconds = sec(t0);
+  const afterClean = await ginStats(db);
+  const cleaned = await explainSearches(db, projectId, targets, false);
+  const rows: Record<string, { withPendingListMs: unknown; afterCleanMs: unknown }> = {};
+  for (const name of Object.keys(withList))
+    rows[name] = {
+      withPendingListMs: withList[name]!.executionMsByTarget,
+      afterCleanMs: cleaned[name]!.executionMsByTarget,
+    };
+  log(
+    `  GIN pending list ${JSON.stringify(before)} → ${JSON.stringify(afterClean)}: ${JSON.stringify(rows)}`,
+  );
+  return {
+    what: 'EXPLAIN ANALYZE execution time of each page query after the write phase (its creates sit in the GIN pending list, fastupdate on), then after gin_clean_pending_list()',
+    pendingBefore: before,
+    pendingAfterClean: afterClean,
+    cleanSeconds,
+    executionMs: rows,
+  };
+}
+
+/**
+ * The SQL the server runs for each search (built by src/store/search-sql.ts), planned with
+ * EXPLAIN (ANALYZE, BUFFERS) for a few targets spread over the copies; the middle one's plan is kept.
+ */
+async function explainSearches(db: Db, projectId: string, targets: Target[], verbose = true) {
+  const out: Record<string, Json & { executionMs: number }> = {};
+  const picks = [...new Set([0, 1, 2, 3].map((i) => Math.round((i * (targets.length - 1)) / 3)))].map(
+    (i) => targets[i]!,
+  );
+  const middle = targets[Math.floor(targets.length / 2)]!;
+  if (!picks.includes(middle)) picks.unshift(middle);
+  for (const [name, type, params] of SEARCHES) {
+    const runs: { pid: string; executionMs: number; planningMs: number; scans: string[] }[] = [];
+    let kept: Json = {};
+    for (const t of picks) {
+      const captured: { sql: string; params: unknown[] }[] = [];
+      const q: SqlQueryable = {
+        query: async <R>(sql: string, p: readonly unknown[] = []) => {
+          captured.push({ sql, params: [...p] });
+          return { rows: await db.query<R>(sql, [...p]) };
+        },
+      };
+      const req = parseSearch([type], new URLSearchParams(params(t)), { strict: true });
+      await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
+      const main = captured.find((c) => /ORDER BY/.test(c.sql)) ?? captured[0]!;
+      await db.query(`EXPLAIN (ANALYZE) ${main.sql}`, main.params); // warm the cache
+      const json = (
+        await db.query<{ 'QUERY PLAN': unknown }>(
+          `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${main.sql}`,
+          main.params,
+        )
+      )[0]!['QUERY PLAN'];
+      const plan = (typeof json === 'string' ? JSON.parse(json) : json) as {
+        Plan: PlanNode;
+        'Execution Time': number;
+        'Planning Time': number;
+      }[];
+      runs.push({
+        pid: t.pid,
+        executionMs: round(plan[0]!['Execution Time'], 3),
+        planningMs: round(plan[0]!['Planning Time'], 3),
+        scans: scansOf(plan[0]!.Plan),
+      });
+      if (t === middle) {
+        const text = (
+          await db.query<{ 'QUERY PLAN': string }>(`EXPLAIN (ANALYZE, BUFFERS) ${main.sql}`, main.params)
+        ).map((r) => r['QUERY PLAN']);
+        kept = {
+          statements: captured.length,
+          sql: main.sql.replace(/\s+/g, ' '),
+          params: main.params,
+          plan: text,
+        };
+      }
+    }
+    const scans = [...new Set(runs.flatMap((r) => r.scans))];
+    const seqScans = scans.filter((x) =>
+      /^Seq Scan on (resource|search_string|search_date|search_number)$/.test(x),
+    );
+    const m = runs.find((r) => r.pid === middle.pid)!;
     out[name] = {
-      statements: captured.length,
-      planningMs: round(plan[0]!['Planning Time'], 3),
-      executionMs: round(plan[0]!['Execution Time'], 3),
+      executionMs: m.executionMs,
+      executionMsByTarget: Object.fromEntries(runs.map((r) => [r.pid, r.executionMs])),
+      planningMs: m.planningMs,
       scans,
       seqScans,
-      sql: main.sql.replace(/\s+/g, ' '),
-      params: main.params,
-      plan: text,
+      plannedFor: middle.pid,
+      ...kept,
     };
-    log(
-      `  EXPLAIN ${name}: ${out[name]!.executionMs} ms; ${scans.join('; ')}${seqScans.length ? ' ← SEQ SCAN' : ''}`,
-    );
+    if (verbose)
+      log(
+        `  EXPLAIN ${name}: ${runs.map((r) => r.executionMs).join(' / ')} ms; ${scans.join('; ')}${seqScans.length ? ' ← SEQ SCAN' : ''}`,
+      );
   }
   return out;
 }
@@ -1187,7 +1394,7 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
       for (let i = 0; i < cfg.cloneParallel; i++) dbs.push(await openPg(env.CUSTOS_DATABASE_URL!));
     }
     log(`${kind}: building the data set (≥ ${target} resources)…`);
-    const built = await buildDataSet(dbs, kind, target);
+    const built = await buildDataSet(dbs, kind, target, dataDir);
     out.dataSet = built.result;
     const targets = await pickTargets(dbs[0]!, creds.projectId, built.eligible, built.clones);
     out.targets = {
@@ -1211,6 +1418,16 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
         `${kind}: write cost of indexing (${cfg.writeRounds} rounds of on/off, ${cfg.writeDuration} s each)`,
       );
       out.writeCost = await writePhase(sessions, serverEnv, logFile, creds);
+      // Every server is stopped now. The creates went through the GIN index's pending list
+      // (fastupdate): the plans again, with that list, then after gin_clean_pending_list().
+      const db =
+        kind === 'postgres'
+          ? await openPg(env.CUSTOS_DATABASE_URL!)
+          : await openPglite(dataPaths(dataDir).resources);
+      dbs.push(db);
+      out.afterWrites = await ginPendingEffect(db, creds.projectId, targets);
+      await db.close();
+      dbs.pop();
     }
     const logText = fs.readFileSync(logFile, 'utf8');
     out.serverLog = { errorLines: (logText.match(/"level":"error"/g) ?? []).length };

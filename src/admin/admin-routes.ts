@@ -1,10 +1,11 @@
 import { timingSafeEqual } from 'node:crypto';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { CustosError } from '../kernel/errors.ts';
 import type { AdminService, CreateClientRequest } from './admin-service.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { Checkpoints } from '../audit/checkpoints.ts';
 import { verifyAuditLog } from '../audit/audit-verify.ts';
+import { reportBundle, reportCsv, type AuditReports, type ReportKind } from '../audit/audit-report.ts';
 import type { ReindexResult } from '../phi/reindex.ts';
 import {
   approveKeyDestruction,
@@ -36,6 +37,8 @@ export function registerAdminRoutes(
     checkpoints: Checkpoints;
     reindex: CustosCoreReindex;
     keys: KeyAdminDeps | undefined;
+    reports: AuditReports;
+    auditQuery: { fhirBaseUrl: string };
   },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
@@ -53,6 +56,36 @@ export function registerAdminRoutes(
     check(req);
     return verifyAuditLog(core.audit, core.checkpoints);
   });
+  // Reports over the audit log (docs/audit.md): body { patient, since?, until?, project?, purpose?,
+  // format?: 'fhir' | 'csv' }. FHIR: a Bundle of AuditEvents; CSV: text/csv. Each run is audited.
+  const report = (kind: ReportKind) => async (req: FastifyRequest, reply: FastifyReply) => {
+    check(req);
+    const b = (req.body ?? {}) as Record<string, unknown>;
+    const text = (k: string) => (typeof b[k] === 'string' && b[k] !== '' ? (b[k] as string) : undefined);
+    if (b.format !== undefined && b.format !== 'fhir' && b.format !== 'csv')
+      throw new CustosError('BAD_REQUEST', [
+        {
+          severity: 'error',
+          code: 'invalid',
+          expression: 'format',
+          diagnostics: "format must be 'fhir' or 'csv'.",
+        },
+      ]);
+    const r = await core.reports.run(kind, {
+      patient: text('patient') ?? '',
+      since: text('since'),
+      until: text('until'),
+      projectId: text('project'),
+      purpose: text('purpose'),
+      requestId: req.id,
+    });
+    if (b.format === 'csv') return reply.type('text/csv; charset=utf-8').send(reportCsv(r));
+    return reply
+      .type('application/fhir+json; charset=utf-8')
+      .send(JSON.stringify(reportBundle(r, core.auditQuery.fhirBaseUrl)));
+  };
+  app.post('/admin/audit/report', report('access'));
+  app.post('/admin/audit/disclosures', report('disclosures'));
   app.post('/admin/audit/checkpoint', async (req) => {
     check(req);
     return core.checkpoints.checkpoint();

@@ -1,11 +1,21 @@
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { encodeAuditEvent, leafHash, type AuditEvent } from './audit-event.ts';
+import {
+  indexColumns,
+  indexRowsOf,
+  INDEX_COLUMNS,
+  unnestIndexColumns,
+  type AuditIndexRow,
+} from './audit-index.ts';
+import type { AuditSealer, SensitiveFields } from './audit-sealer.ts';
 
 interface Pending {
   entry: Buffer;
   hash: Buffer;
   requestId: string;
   phase: string;
+  /** Its rows of the query index (audit-index.ts), sequence number still to add. */
+  index: Omit<AuditIndexRow, 'seq'>[];
   resolve: (seq: number) => void;
   reject: (e: unknown) => void;
 }
@@ -30,6 +40,10 @@ const SEQUENCE_LOCK = "pg_advisory_xact_lock(hashtextextended('custos-audit-sequ
  * SEQUENCE). Should anything insert without the lock, the primary key refuses the duplicate and
  * the batch fails: never a fork in the log. PGlite has one connection and serializes anyway.
  *
+ * Each entry's rows of the query index (audit-index.ts, table `audit_index`) are inserted by the same
+ * statement, so an entry never commits without them. PHI-bearing fields passed to `append` are sealed
+ * into the event (audit-sealer.ts) before it is encoded; nothing of them is stored in clear.
+ *
  * `append` resolves only after the COMMIT: callers rely on that for fail-closed audit.
  */
 export class AuditLog {
@@ -37,16 +51,32 @@ export class AuditLog {
   private flushing = false;
   private static readonly MAX_BATCH = 512;
 
-  constructor(private readonly db: SqlDriver) {}
+  /** Seals the PHI-bearing fields of events (audit-sealer.ts); without one they are dropped. */
+  readonly sealer: AuditSealer | undefined;
 
-  append(event: AuditEvent): Promise<number> {
-    const entry = encodeAuditEvent(event);
+  constructor(
+    private readonly db: SqlDriver,
+    opts: { sealer?: AuditSealer } = {},
+  ) {
+    this.sealer = opts.sealer;
+  }
+
+  /**
+   * Appends `event`, with its rows of the query index, in the next batch. `sensitive` (a search's
+   * query, a break-glass reason, a user agent) is stored only sealed, in the event's `sealed` field;
+   * without a sealer it is not stored at all. Resolves with the sequence number once committed.
+   */
+  append(event: AuditEvent, sensitive?: SensitiveFields): Promise<number> {
+    const sealed = sensitive && this.sealer ? this.sealer.seal(event.id, sensitive) : undefined;
+    const e = sealed ? { ...event, sealed } : event;
+    const entry = encodeAuditEvent(e);
     return new Promise((resolve, reject) => {
       this.queue.push({
         entry,
         hash: leafHash(entry),
-        requestId: event.requestId,
-        phase: event.phase,
+        requestId: e.requestId,
+        phase: e.phase,
+        index: indexRowsOf(e),
         resolve,
         reject,
       });
@@ -65,6 +95,9 @@ export class AuditLog {
             // database's default isolation (REPEATABLE READ would keep the snapshot of the lock call).
             await tx.query('SET TRANSACTION ISOLATION LEVEL READ COMMITTED');
             await tx.query(`SELECT ${SEQUENCE_LOCK}`);
+            // The query index rows go in with the entries, in the same statement: x.seq is the
+            // entry's position in the batch until the head is known.
+            const index = batch.flatMap((p, i) => p.index.map((row) => ({ ...row, seq: i })));
             const r = await tx.query<{ start: number }>(
               `WITH ins AS (
                  INSERT INTO audit_entry (seq, entry, leaf_hash, request_id, phase)
@@ -72,13 +105,20 @@ export class AuditLog {
                         u.entry, u.leaf_hash, u.request_id, u.phase
                    FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[])
                         WITH ORDINALITY AS u(entry, leaf_hash, request_id, phase, ord)
-                 RETURNING seq)
-               SELECT min(seq) AS start FROM ins`,
+                 RETURNING seq),
+               head AS (SELECT min(seq) AS start FROM ins),
+               idx AS (
+                 INSERT INTO audit_index (${INDEX_COLUMNS})
+                 SELECT head.start + x.seq, x.patient, x.event_time, x.action, x.outcome, x.purpose,
+                        x.project_id, x.client_id, x.user_id
+                   FROM head, ${unnestIndexColumns(5)})
+               SELECT start FROM head`,
               [
                 batch.map((p) => p.entry),
                 batch.map((p) => p.hash),
                 batch.map((p) => p.requestId),
                 batch.map((p) => p.phase),
+                ...indexColumns(index),
               ],
             );
             return Number(r.rows[0]!.start);

@@ -1,6 +1,7 @@
 import { ConfigError } from '../config/config.ts';
 import type { Logger } from '../log/logger.ts';
-import { migrate } from '../store/migrations.ts';
+import { migrate, type Migration } from '../store/migrations.ts';
+import { AUDIT_INDEX_MIGRATION_SQL, backfillAuditIndex } from './audit-index.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 
 /**
@@ -11,7 +12,7 @@ import type { SqlDriver } from '../store/sql-driver.ts';
  * with an administrative role; Custos itself then runs as an application role that may only INSERT
  * and SELECT (docs/adr/0006-audit-app-role.md). Embedded PGlite is migrated at start.
  */
-export const AUDIT_MIGRATIONS: readonly { version: number; name: string; sql: string }[] = [
+export const AUDIT_MIGRATIONS: readonly Migration[] = [
   {
     version: 1,
     name: 'sequenced, hashed audit entries',
@@ -68,6 +69,15 @@ CREATE TRIGGER audit_checkpoint_no_truncate BEFORE TRUNCATE ON audit_checkpoint
   FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_refuse_change();
 `,
   },
+  {
+    // Version 4 is the Merkle tile table (tiles.ts). Versions are checked one by one, so this one
+    // applies whether or not 4 has yet.
+    version: 5,
+    name: 'audit query index',
+    sql: AUDIT_INDEX_MIGRATION_SQL,
+    // Entries appended before this migration get their rows in the same transaction.
+    after: (tx) => backfillAuditIndex(tx),
+  },
 ];
 
 /** The table that records applied audit migrations (one row per version). */
@@ -83,11 +93,12 @@ export const AUDIT_SCHEMA_VERSION = Math.max(...AUDIT_MIGRATIONS.map((m) => m.ve
 export const AUDIT_APP_GRANTS: readonly { table: string; privileges: readonly ('SELECT' | 'INSERT')[] }[] = [
   { table: 'audit_entry', privileges: ['SELECT', 'INSERT'] },
   { table: 'audit_checkpoint', privileges: ['SELECT', 'INSERT'] },
+  { table: 'audit_index', privileges: ['SELECT', 'INSERT'] },
   { table: AUDIT_VERSION_TABLE, privileges: ['SELECT'] },
 ];
 
 /** Tables whose rows are the evidence: no role Custos runs as may change or remove them. */
-export const AUDIT_APPEND_ONLY_TABLES = ['audit_entry', 'audit_checkpoint'] as const;
+export const AUDIT_APPEND_ONLY_TABLES = ['audit_entry', 'audit_checkpoint', 'audit_index'] as const;
 
 interface SchemaState {
   /** Applied versions (empty when the version table does not exist). */

@@ -230,6 +230,9 @@ export async function setupAuditDatabase(opts: {
       if (done.has(m.version)) continue;
       step = `applying audit migration ${m.version}`;
       for (const stmt of splitSql(m.sql)) await client.query(stmt);
+      await m.after?.({
+        query: async (sql, params) => ({ rows: (await client.query(sql, params as unknown[])).rows }),
+      });
       await client.query(`INSERT INTO ${AUDIT_VERSION_TABLE} (version) VALUES ($1)`, [m.version]);
       migrationsApplied.push(m.version);
     }

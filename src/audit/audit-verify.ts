@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { AuditLog } from './audit-log.ts';
+import { AuditIndexCheck, type IndexReport } from './audit-index.ts';
 import { emptyRoot } from './merkle-proof.ts';
 import type { CheckpointReport, Checkpoints } from './checkpoints.ts';
 import { TILE_BYTES, TILE_WIDTH, TileBuilder, Tiles, type Tile } from './tiles.ts';
@@ -29,6 +30,9 @@ export interface AuditVerifyReport {
   checkpoints?: CheckpointReport;
   /** Stored tiles (tiles.ts) compared with the tree recomputed from the entries. */
   tiles: TileReport;
+  /** Query index rows (audit-index.ts) compared with the rows recomputed from the entries, in the same
+   * pass; absent when the audit database has no index or `index: false`. */
+  index?: IndexReport;
 }
 
 export interface TileReport {
@@ -43,6 +47,8 @@ export interface VerifyOptions {
   workers?: number;
   /** Rows per batch (a multiple of 256). */
   batchRows?: number;
+  /** Check the query index against the entries too (default true). */
+  index?: boolean;
 }
 
 const PARALLEL_FROM = 100_000;
@@ -64,6 +70,8 @@ export async function verifyAuditLog(
   const cps = checkpoints ? await checkpoints.list() : undefined;
   const tiles = checkpoints?.tiles ?? new Tiles(log.database, log);
   const storedCounts = await tiles.storedCounts();
+  const indexCheck = opts.index === false ? undefined : await AuditIndexCheck.open(log.database);
+  const batchSeqs: number[] = [];
 
   const heads = new Map<number, Buffer>();
   const headSizes = [...new Set((cps ?? []).map((c) => c.treeSize))].sort((a, b) => a - b);
@@ -85,6 +93,7 @@ export async function verifyAuditLog(
   let ordinal = 0;
   let gap: { ordinal: number; seq: number } | undefined;
   const onSeq = (seq: number) => {
+    if (indexCheck) batchSeqs.push(seq);
     if (gap === undefined && seq !== expected) gap = { ordinal, seq: expected };
     expected = seq + 1;
     ordinal++;
@@ -128,25 +137,38 @@ export async function verifyAuditLog(
   if (batchRows <= 0 || batchRows % TILE_WIDTH !== 0)
     throw new RangeError('batchRows must be a multiple of 256');
   const workers = opts.workers ?? (sizeBefore >= PARALLEL_FROM ? Math.min(availableParallelism(), 8) : 0);
-  const exec = workers > 0 ? await WorkerPool.start(workers) : undefined;
+  // Workers that cannot start (no tsx, a sandbox without threads) leave the work to this thread.
+  const exec = workers > 0 ? await WorkerPool.start(workers).catch(() => undefined) : undefined;
   try {
     const splitter = new CopySplitter(batchRows, onSeq);
-    const inFlight: { start: number; result: Promise<BatchResult> }[] = [];
+    const inFlight: {
+      start: number;
+      result: Promise<BatchResult>;
+      index: ReturnType<AuditIndexCheck['read']> | undefined;
+    }[] = [];
     let submitted = 0;
     const submit = (b: Batch) => {
+      const seqs = batchSeqs.splice(0, b.count);
+      // The stored index rows of this batch's range are read while its entries are hashed.
+      const index = indexCheck?.read(seqs[seqs.length - 1] ?? -1);
       inFlight.push({
         start: submitted,
-        result: exec ? exec.run(b) : Promise.resolve(processBatch(b.buf, b.count)),
+        result: exec
+          ? exec.run(b, !!indexCheck)
+          : Promise.resolve(processBatch(b.buf, b.count, !!indexCheck)),
+        index,
       });
       submitted += b.count;
     };
     const drainTo = async (limit: number) => {
       while (inFlight.length > limit) {
         const next = inFlight.shift()!;
-        await consume(await next.result, next.start);
+        const r = await next.result;
+        await consume(r, next.start);
+        if (next.index) await indexCheck!.expect(next.index, r.indexDigest);
       }
     };
-    const limit = Math.max(1, workers * 2);
+    const limit = exec ? workers * 2 : 1;
     for await (const chunk of entryStream(log)) {
       for (const b of splitter.push(chunk)) {
         submit(b);
@@ -178,13 +200,16 @@ export async function verifyAuditLog(
   }
   const cpReport = checkpoints && cps ? await checkpoints.verifyAll(cps, heads, builder.size) : undefined;
   const tileReport = tileCheck.report();
+  const indexReport = indexCheck ? await indexCheck.report((from, n) => log.read(from, n)) : undefined;
   return {
     ok:
       firstBadSeq === undefined &&
       cpReport?.firstBadTreeSize === undefined &&
-      tileReport.firstBad === undefined,
+      tileReport.firstBad === undefined &&
+      indexReport?.firstBadSeq === undefined,
     checkpoints: cpReport,
     tiles: tileReport,
+    index: indexReport,
     size: builder.size,
     rootHash: (builder.size === 0 ? emptyRoot() : builder.root()).toString('hex'),
     firstBadSeq,
@@ -332,14 +357,16 @@ class WorkerPool {
     return new WorkerPool(workers);
   }
 
-  run(b: Batch): Promise<BatchResult> {
+  run(b: Batch, index = false): Promise<BatchResult> {
     const id = this.seq++;
     const w = this.workers[this.next++ % this.workers.length]!;
     // The batch buffer is moved to the worker; it must own its memory from byte 0.
     const own = b.buf.byteOffset === 0 ? b.buf : Buffer.from(b.buf);
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
-      w.postMessage({ id, buf: own.buffer, length: own.length, count: b.count }, [own.buffer as ArrayBuffer]);
+      w.postMessage({ id, buf: own.buffer, length: own.length, count: b.count, index }, [
+        own.buffer as ArrayBuffer,
+      ]);
     });
   }
 

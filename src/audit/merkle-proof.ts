@@ -274,8 +274,12 @@ export function perfectPieces(a: number, b: number): PerfectNode[] {
   return pieces;
 }
 
-/** MTH(D[a:b]) for each range, from the perfect-subtree hashes of a {@link NodeHashSource}, in one call. */
-async function rangeHashes(
+/**
+ * MTH(D[a:b]) for each range, from the perfect-subtree hashes of a {@link NodeHashSource}, in one call
+ * (a proof and the tree heads it joins, read together). Each range must be a node of an RFC 9162
+ * tree, as {@link inclusionRanges} and {@link consistencyRanges} give, or start at 0.
+ */
+export async function rangeHashes(
   src: NodeHashSource,
   ranges: readonly (readonly [number, number])[],
 ): Promise<Buffer[]> {

@@ -151,6 +151,8 @@ export class TileBuilder {
 
 /** Full tiles written per INSERT while extending (64 tiles: 512 KiB of hashes). */
 const INSERT_TILES = 64;
+/** Computed tile roots kept in memory (32 bytes each; a million cover 256 million entries). */
+const MAX_CACHED_ROOTS = 1_000_000;
 /** Leaf hashes per SELECT when a range of them is read. */
 const LEAF_PAGE = 16 * TILE_WIDTH * 4;
 
@@ -160,6 +162,8 @@ const LEAF_PAGE = 16 * TILE_WIDTH * 4;
  */
 export class Tiles {
   private present = false;
+  /** Roots of full tiles computed here (not read from the table): "level/index" → hash. */
+  private readonly roots = new Map<string, Buffer>();
   private chain: Promise<unknown> = Promise.resolve();
 
   constructor(
@@ -266,7 +270,16 @@ export class Tiles {
         have[i] = 1;
       }
     }
-    // Roots not stored: compute their tiles, a run of consecutive ones at a time.
+    // Roots not stored: from this process's cache (a full tile's root never changes), else computed
+    // from the tiles below, a run of consecutive ones at a time. Without the tile table, the cache
+    // keeps checkpoints incremental: each root is computed once.
+    for (let i = 0; i < to - from; i++) {
+      const cached = this.roots.get(`${level - 1}/${from + i}`);
+      if (!have[i] && cached) {
+        cached.copy(out, i * HASH_SIZE);
+        have[i] = 1;
+      }
+    }
     for (let i = 0; i < to - from;) {
       if (have[i]) {
         i++;
@@ -275,8 +288,11 @@ export class Tiles {
       let j = i;
       while (j < to - from && !have[j] && j - i < TILE_WIDTH) j++;
       const below = await this.entries(level - 1, (from + i) * TILE_WIDTH, (from + j) * TILE_WIDTH);
-      for (let k = i; k < j; k++)
-        perfectRoot(below, TILE_WIDTH, (k - i) * TILE_BYTES).copy(out, k * HASH_SIZE);
+      for (let k = i; k < j; k++) {
+        const root = perfectRoot(below, TILE_WIDTH, (k - i) * TILE_BYTES);
+        root.copy(out, k * HASH_SIZE);
+        if (this.roots.size < MAX_CACHED_ROOTS) this.roots.set(`${level - 1}/${from + k}`, root);
+      }
       i = j;
     }
     return out;
@@ -336,11 +352,19 @@ export class Tiles {
   }
 
   /**
-   * The stored tiles of one level in index order, page by page (verify compares each with the tree it
-   * recomputes).
+   * The stored tiles of one level in index order (verify compares each with the tree it recomputes):
+   * streamed with COPY on a PostgreSQL server, page by page otherwise.
    */
   async *stored(level: number): AsyncGenerator<Tile> {
     if (!(await this.available())) return;
+    const level_ = Math.trunc(level);
+    if (this.db.copyOut) {
+      const sql = `SELECT idx, hashes, root FROM audit_tile WHERE level = ${level_} ORDER BY idx`;
+      for await (const [idx, hashes, root] of copyTuples(this.db.copyOut(sql))) {
+        yield { level, index: Number(idx!.readBigInt64BE(0)), hashes: hashes!, root: root! };
+      }
+      return;
+    }
     const PAGE = 256;
     for (let from = 0; ;) {
       const r = await this.db.query<{ idx: number; hashes: Uint8Array; root: Uint8Array }>(
@@ -354,4 +378,47 @@ export class Tiles {
       from = Number(r.rows[r.rows.length - 1]!.idx) + 1;
     }
   }
+}
+
+/**
+ * The tuples of a COPY BINARY stream, each as its fields' bytes (NULL as an empty buffer): for rows of a
+ * few kilobytes, such as tiles.
+ */
+export async function* copyTuples(chunks: AsyncIterable<Buffer>): AsyncGenerator<Buffer[]> {
+  let buf: Buffer = Buffer.alloc(0);
+  let p = 0;
+  let header = false;
+  let ended = false;
+  for await (const chunk of chunks) {
+    if (ended) continue; // drain: the stream ends by itself after the trailer
+    buf = p < buf.length ? Buffer.concat([buf.subarray(p), chunk]) : chunk;
+    p = 0;
+    if (!header) {
+      if (buf.length < 19 || buf.length < 19 + buf.readUInt32BE(15)) continue;
+      p = 19 + buf.readUInt32BE(15);
+      header = true;
+    }
+    for (;;) {
+      if (p + 2 > buf.length) break;
+      const n = buf.readInt16BE(p);
+      if (n === -1) {
+        ended = true;
+        break;
+      }
+      let q = p + 2;
+      const fields: Buffer[] = [];
+      for (let f = 0; f < n; f++) {
+        if (q + 4 > buf.length) break;
+        const len = buf.readInt32BE(q);
+        q += 4;
+        if (q + Math.max(len, 0) > buf.length) break;
+        fields.push(buf.subarray(q, q + Math.max(len, 0)));
+        q += Math.max(len, 0);
+      }
+      if (fields.length < n) break;
+      yield fields;
+      p = q;
+    }
+  }
+  if (header && !ended) throw new Error('COPY stream cut short');
 }

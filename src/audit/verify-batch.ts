@@ -10,7 +10,8 @@
  * SELECT are packed the same way ({@link packRows}).
  * @module
  */
-import { hash } from 'node:crypto';
+import { createHash, hash } from 'node:crypto';
+import { entryIndexText } from './audit-index.ts';
 
 const HASH = 32;
 const GROUP = 256;
@@ -28,16 +29,24 @@ export interface BatchResult {
   /** Write attempts (1) and outcomes (2) in row order, with their request ids. */
   eventKinds: number[];
   eventIds: unknown[];
+  /** With `index`: SHA-256 (hex) of the query index rows these entries imply (audit-index.ts). */
+  indexDigest?: string;
 }
 
-/** Processes `count` tuples packed in `buf` (no COPY header or trailer). `buf` is left as it was. */
-export function processBatch(buf: Buffer, count: number): BatchResult {
+/**
+ * Processes `count` tuples packed in `buf` (no COPY header or trailer). `buf` is left as it was.
+ * `index`: also derive each entry's query index rows and return their digest.
+ */
+export function processBatch(buf: Buffer, count: number, index = false): BatchResult {
   const leafHashes = Buffer.from(new ArrayBuffer(count * HASH));
   const groups = Math.floor(count / GROUP);
   const roots = Buffer.from(new ArrayBuffer(groups * HASH));
   let bad: BatchResult['bad'];
   const eventKinds: number[] = [];
   const eventIds: unknown[] = [];
+  const row: string[] = new Array<string>(GROUP);
+  // Fed entry by entry: cheaper than building the batch's text and hashing it once.
+  const indexHash = index ? createHash('sha256') : undefined;
   let o = 0;
   for (let i = 0; i < count; i++) {
     o += 2; // field count, checked by the splitter
@@ -58,13 +67,13 @@ export function processBatch(buf: Buffer, count: number): BatchResult {
     // is set to 0x00 for the call and put back. A one-byte string result costs less than a Buffer.
     const saved = buf[entryStart - 1]!;
     buf[entryStart - 1] = 0;
-    leafHashes.write(
-      hash('sha256', buf.subarray(entryStart - 1, entryEnd), 'binary'),
-      i * HASH,
-      HASH,
-      'latin1',
-    );
+    const leaf = hash('sha256', buf.subarray(entryStart - 1, entryEnd), 'binary');
     buf[entryStart - 1] = saved;
+    indexHash?.update(entryIndexText(seq, buf, entryStart, entryEnd));
+    leafHashes.write(leaf, i * HASH, HASH, 'latin1');
+    if (i < groups * GROUP) row[i % GROUP] = leaf;
+    if (i % GROUP === GROUP - 1 && i < groups * GROUP)
+      roots.write(groupRoot(row), (i >> 8) * HASH, HASH, 'latin1');
     const mismatch =
       leafLen !== HASH ||
       leafHashes.compare(buf, leafStart, leafStart + HASH, i * HASH, (i + 1) * HASH) !== 0;
@@ -97,21 +106,56 @@ export function processBatch(buf: Buffer, count: number): BatchResult {
       bad = { index: i, seq, problem: mismatch ? 'leaf_hash_mismatch' : 'undecodable_entry' };
     }
   }
-  // Each whole group's root: 255 node hashes over a working copy, level by level.
-  const row = Buffer.alloc(GROUP * HASH);
-  const input = Buffer.alloc(1 + 2 * HASH);
-  input[0] = 1;
-  for (let g = 0; g < groups; g++) {
-    leafHashes.copy(row, 0, g * GROUP * HASH, (g + 1) * GROUP * HASH);
-    for (let width = GROUP; width > 1; width >>= 1) {
-      for (let j = 0; j < width >> 1; j++) {
-        row.copy(input, 1, 2 * j * HASH, (2 * j + 2) * HASH);
-        row.write(hash('sha256', input, 'binary'), j * HASH, HASH, 'latin1');
+  const result: BatchResult = { count, leafHashes, roots, bad, ...compressEvents(eventKinds, eventIds) };
+  if (indexHash) result.indexDigest = indexHash.digest('hex');
+  return result;
+}
+
+/**
+ * Drops each attempt whose outcome follows in the same batch with no other event of that request id
+ * between: verify applies the events to a set in order (attempt: add, outcome: delete), and add then
+ * delete leaves the set exactly as the delete alone does. Keeps the main thread's work, and what
+ * crosses threads, small when writes have outcomes.
+ */
+function compressEvents(kinds: number[], ids: unknown[]): { eventKinds: number[]; eventIds: unknown[] } {
+  const open = new Map<unknown, number>();
+  const keep = new Uint8Array(kinds.length).fill(1);
+  let dropped = 0;
+  for (let i = 0; i < kinds.length; i++) {
+    if (kinds[i] === 1) {
+      open.set(ids[i], i);
+    } else {
+      const j = open.get(ids[i]);
+      if (j !== undefined) {
+        keep[j] = 0;
+        dropped++;
+        open.delete(ids[i]);
       }
     }
-    row.copy(roots, g * HASH, 0, HASH);
   }
-  return { count, leafHashes, roots, bad, eventKinds, eventIds };
+  if (dropped === 0) return { eventKinds: kinds, eventIds: ids };
+  return {
+    eventKinds: kinds.filter((_, i) => keep[i] === 1),
+    eventIds: ids.filter((_, i) => keep[i] === 1),
+  };
+}
+
+const nodeInput = Buffer.alloc(1 + 2 * HASH);
+
+/**
+ * MTH of 256 leaf hashes (latin1 strings of 32 bytes), level by level in place: 255 node hashes.
+ * Hashes stay one-byte strings between calls, which costs less than a Buffer per hash.
+ */
+function groupRoot(row: string[]): string {
+  nodeInput[0] = 1;
+  for (let width = GROUP; width > 1; width >>= 1) {
+    for (let j = 0; j < width >> 1; j++) {
+      nodeInput.write(row[2 * j]!, 1, HASH, 'latin1');
+      nodeInput.write(row[2 * j + 1]!, 1 + HASH, HASH, 'latin1');
+      row[j] = hash('sha256', nodeInput, 'binary');
+    }
+  }
+  return row[0]!;
 }
 
 /** What the last successful {@link scanEntry} found: phase 1 attempt, 2 outcome, 0 anything else. */
@@ -123,6 +167,12 @@ const PHASE = Buffer.from('phase');
 const REQUEST_ID = Buffer.from('requestId');
 const ATTEMPT = Buffer.from('attempt');
 const OUTCOME = Buffer.from('outcome');
+
+/** Bytes that stand for themselves inside a JSON string: not a control character, quote or backslash. */
+const PLAIN = new Uint8Array(256).map((_, c) => (c >= 0x20 && c !== QUOTE && c !== BACKSLASH ? 1 : 0));
+
+/** Open containers while scanning: 1 object, 2 array (deeper entries are left to JSON.parse). */
+const STACK = new Uint8Array(64);
 
 function isWs(c: number): boolean {
   return c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
@@ -144,39 +194,47 @@ function rawEquals(b: Uint8Array, start: number, end: number, word: Uint8Array):
  * one, as after UTF-8 decoding: a decoder never consumes an ASCII byte into a replacement character.
  */
 export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
-  const stack = new Uint8Array(64); // 1 object, 2 array
   let depth = 0;
   let i = start;
-  const top = { phaseSeen: 0, idSeen: 0, phase: 0, idStart: 0, idEnd: 0, idIsString: false };
+  let phaseSeen = 0;
+  let idSeen = 0;
+  let phase = 0;
+  let idStart = 0;
+  let idEnd = 0;
+  let idIsString = false;
   /** The top-level key whose value comes next: 1 phase, 2 requestId, 0 another. */
   let field = 0;
-  // Reads a key and its colon at i (the opening quote); false if invalid or a top-level key to avoid.
-  const key = (): boolean => {
-    if (b[i] !== QUOTE) return false;
-    const ks = i + 1;
-    const ke = scanString(b, i, end);
-    if (ke < 0) return false;
-    field = 0;
-    if (depth === 1) {
-      if (hasBackslash(b, ks, ke)) return false;
-      if (rawEquals(b, ks, ke, PHASE)) {
-        if (top.phaseSeen++ > 0) return false;
-        field = 1;
-      } else if (rawEquals(b, ks, ke, REQUEST_ID)) {
-        if (top.idSeen++ > 0) return false;
-        field = 2;
-      }
-    }
-    i = ke + 1;
-    while (i < end && isWs(b[i]!)) i++;
-    if (b[i] !== 0x3a) return false;
-    i++;
-    return true;
-  };
   while (i < end && isWs(b[i]!)) i++;
   if (i >= end || b[i] !== 0x7b) return false;
   let expectValue = true;
+  let expectKey = false;
   for (;;) {
+    if (expectKey) {
+      // A key and its colon at i (after whitespace).
+      while (i < end && isWs(b[i]!)) i++;
+      if (b[i] !== QUOTE) return false;
+      const ks = i + 1;
+      const ke = scanString(b, i, end);
+      if (ke < 0) return false;
+      field = 0;
+      if (depth === 1) {
+        if (hasBackslash(b, ks, ke)) return false;
+        if (rawEquals(b, ks, ke, PHASE)) {
+          if (phaseSeen++ > 0) return false;
+          field = 1;
+        } else if (rawEquals(b, ks, ke, REQUEST_ID)) {
+          if (idSeen++ > 0) return false;
+          field = 2;
+        }
+      }
+      i = ke + 1;
+      while (i < end && isWs(b[i]!)) i++;
+      if (b[i] !== 0x3a) return false;
+      i++;
+      expectKey = false;
+      expectValue = true;
+      continue;
+    }
     if (expectValue) {
       // A value starts at i (after whitespace).
       while (i < end && isWs(b[i]!)) i++;
@@ -184,10 +242,10 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
       const c = b[i]!;
       const of = depth === 1 ? field : 0;
       field = 0;
-      if (of === 2) top.idIsString = c === QUOTE;
+      if (of === 2) idIsString = c === QUOTE;
       if (c === 0x7b || c === 0x5b) {
-        if (depth === 64) return false;
-        stack[depth++] = c === 0x7b ? 1 : 2;
+        if (depth === STACK.length) return false;
+        STACK[depth++] = c === 0x7b ? 1 : 2;
         i++;
         while (i < end && isWs(b[i]!)) i++;
         if (i >= end) return false;
@@ -195,8 +253,8 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
           depth--;
           i++;
           expectValue = false;
-        } else if (c === 0x7b && !key()) {
-          return false;
+        } else if (c === 0x7b) {
+          expectKey = true;
         }
         continue;
       }
@@ -206,11 +264,11 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
         if (of === 1) {
           // An escaped phase might spell attempt or outcome: let JSON.parse decide.
           if (hasBackslash(b, i + 1, se)) return false;
-          top.phase = rawEquals(b, i + 1, se, ATTEMPT) ? 1 : rawEquals(b, i + 1, se, OUTCOME) ? 2 : 0;
+          phase = rawEquals(b, i + 1, se, ATTEMPT) ? 1 : rawEquals(b, i + 1, se, OUTCOME) ? 2 : 0;
         } else if (of === 2) {
-          if (hasBackslash(b, i + 1, se)) top.idIsString = false;
-          top.idStart = i + 1;
-          top.idEnd = se;
+          if (hasBackslash(b, i + 1, se)) idIsString = false;
+          idStart = i + 1;
+          idEnd = se;
         }
         i = se + 1;
       } else if (c === 0x2d || (c >= 0x30 && c <= 0x39)) {
@@ -243,14 +301,11 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
     }
     if (i >= end) return false;
     const c = b[i]!;
-    const container = stack[depth - 1];
+    const container = STACK[depth - 1];
     if (c === 0x2c) {
       i++;
-      if (container === 1) {
-        while (i < end && isWs(b[i]!)) i++;
-        if (!key()) return false;
-      }
-      expectValue = true;
+      if (container === 1) expectKey = true;
+      else expectValue = true;
     } else if ((c === 0x7d && container === 1) || (c === 0x5d && container === 2)) {
       depth--;
       i++;
@@ -259,11 +314,32 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
     }
   }
   // A write's event needs its request id as JSON.parse would give it: a plain string here.
-  if (top.phase !== 0 && top.idSeen > 0 && !top.idIsString) return false;
-  scanned.phase = top.phase;
-  scanned.idStart = top.idSeen > 0 ? top.idStart : 0;
-  scanned.idEnd = top.idSeen > 0 ? top.idEnd : 0;
+  if (phase !== 0 && idSeen > 0 && !idIsString) return false;
+  scanned.phase = phase;
+  scanned.idStart = idSeen > 0 ? idStart : 0;
+  scanned.idEnd = idSeen > 0 ? idEnd : 0;
   return true;
+}
+
+/**
+ * {@link scanEntry} as a value, for tests: undefined when the caller must parse, else whether the entry
+ * is a write attempt (1) or outcome (2) and its request id.
+ */
+export function scanEvent(
+  b: Uint8Array,
+  start = 0,
+  end = b.length,
+): { kind: number; requestId?: string } | undefined {
+  if (!scanEntry(b, start, end)) return undefined;
+  if (scanned.phase === 0 || scanned.idEnd <= scanned.idStart) return { kind: 0 };
+  return {
+    kind: scanned.phase,
+    requestId: Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString(
+      'utf8',
+      scanned.idStart,
+      scanned.idEnd,
+    ),
+  };
 }
 
 function hasBackslash(b: Uint8Array, start: number, end: number): boolean {
@@ -275,6 +351,9 @@ function hasBackslash(b: Uint8Array, start: number, end: number): boolean {
 function scanString(b: Uint8Array, i: number, end: number): number {
   i++;
   while (i < end) {
+    // Plain bytes first: one table look-up each.
+    while (i < end && PLAIN[b[i]!] === 1) i++;
+    if (i >= end) return -1;
     const c = b[i]!;
     if (c === QUOTE) return i;
     if (c < 0x20) return -1;
@@ -373,84 +452,122 @@ export interface Batch {
 
 /**
  * Cuts a COPY BINARY stream (seq, entry, leaf_hash) into batches of `batchRows` whole tuples, reading
- * each row's seq on the way (`onSeq`, in order). Chunks may split tuples anywhere.
+ * each row's seq on the way (`onSeq`, in order). Chunks may split tuples (and their length fields)
+ * anywhere: a small state machine walks the lengths, and each byte is copied once, into its batch.
  */
 export class CopySplitter {
-  private carry: Buffer | undefined;
-  private header = false;
-  private ended = false;
   private batch: Buffer;
   private length = 0;
   private rows = 0;
+  /** Data bytes still to pass over (a field's value, or the header extension). */
+  private skip = 0;
+  /** The row ends once `skip` is passed (its last field's value). */
+  private rowAfterSkip = false;
+  /** The header extension is being passed (it is not copied into batches). */
+  private headerAfterSkip = false;
+  /** The next fixed-size read: the header, a tuple's field count, a field length, or the seq. */
+  private state: 'header' | 'fields' | 'len' | 'seq' | 'done' = 'header';
+  private field = 0;
+  private readonly scratch = Buffer.alloc(19);
+  private have = 0;
 
   constructor(
     private readonly batchRows: number,
     private readonly onSeq: (seq: number) => void,
   ) {
-    this.batch = Buffer.allocUnsafeSlow(1 << 20);
+    this.batch = Buffer.allocUnsafeSlow(1 << 22);
   }
 
   /** Feeds a chunk; returns the batches it completed. */
   push(chunk: Buffer): Batch[] {
     const out: Batch[] = [];
-    const buf = this.carry ? Buffer.concat([this.carry, chunk]) : chunk;
-    this.carry = undefined;
+    const n = chunk.length;
     let p = 0;
-    if (!this.header) {
-      if (buf.length < 19) {
-        this.carry = Buffer.from(buf);
-        return out;
-      }
-      if (!buf.subarray(0, SIGNATURE.length).equals(SIGNATURE)) throw new Error('not a COPY BINARY stream');
-      const ext = buf.readUInt32BE(15);
-      if (buf.length < 19 + ext) {
-        this.carry = Buffer.from(buf);
-        return out;
-      }
-      p = 19 + ext;
-      this.header = true;
-    }
-    let runStart = p;
-    while (!this.ended) {
-      if (p + 2 > buf.length) break;
-      const fields = buf.readInt16BE(p);
-      if (fields === -1) {
-        this.ended = true;
-        break;
-      }
-      if (fields !== 3) throw new Error('unexpected COPY tuple');
-      // seq, entry, leaf_hash: each a length (-1 for NULL) and that many bytes.
-      let q = p + 2;
-      let seq = Number.NaN;
-      let complete = true;
-      for (let f = 0; f < 3; f++) {
-        if (q + 4 > buf.length) {
-          complete = false;
-          break;
+    let runStart = 0;
+    while (p < n) {
+      if (this.skip > 0) {
+        const k = Math.min(this.skip, n - p);
+        this.skip -= k;
+        p += k;
+        if (this.skip > 0) break;
+        if (this.headerAfterSkip) {
+          this.headerAfterSkip = false;
+          runStart = p;
         }
-        const len = buf.readInt32BE(q);
-        q += 4;
-        if (f === 0 && len === 8 && q + 8 <= buf.length) {
-          seq = buf.readInt32BE(q) * 0x1_0000_0000 + buf.readUInt32BE(q + 4);
+        if (this.rowAfterSkip) {
+          this.rowAfterSkip = false;
+          if (++this.rows === this.batchRows) {
+            this.append(chunk, runStart, p);
+            runStart = p;
+            out.push(this.take());
+          }
         }
-        q += Math.max(len, 0);
-        if (q > buf.length) {
-          complete = false;
-          break;
-        }
+        continue;
       }
-      if (!complete) break;
-      this.onSeq(seq);
-      this.rows++;
-      p = q;
-      if (this.rows === this.batchRows) {
-        this.append(buf, runStart, p);
+      if (this.state === 'done') break;
+      const need = this.state === 'header' ? 19 : this.state === 'fields' ? 2 : this.state === 'len' ? 4 : 8;
+      // The fixed-size value, in the chunk or gathered across chunks in `scratch`.
+      let f = chunk;
+      let at = p;
+      if (this.have === 0 && p + need <= n) {
+        p += need;
+      } else {
+        const k = Math.min(need - this.have, n - p);
+        chunk.copy(this.scratch, this.have, p, p + k);
+        this.have += k;
+        p += k;
+        if (this.have < need) break;
+        f = this.scratch;
+        at = 0;
+        this.have = 0;
+      }
+      if (this.state === 'header') {
+        if (!f.subarray(at, at + SIGNATURE.length).equals(SIGNATURE))
+          throw new Error('not a COPY BINARY stream');
+        this.state = 'fields';
+        this.skip = f.readUInt32BE(at + 15);
         runStart = p;
-        out.push(this.take());
+        if (this.skip > 0) this.headerAfterSkip = true;
+      } else if (this.state === 'fields') {
+        const fields = f.readInt16BE(at);
+        if (fields === -1) {
+          // The trailer: not copied (its first byte may already be, from the previous chunk).
+          this.state = 'done';
+          const inChunk = p - Math.max(runStart, p - 2);
+          this.append(chunk, runStart, p - inChunk);
+          this.length -= 2 - inChunk;
+          runStart = p;
+          break;
+        }
+        if (fields !== 3) throw new Error('unexpected COPY tuple');
+        this.field = 0;
+        this.state = 'len';
+      } else if (this.state === 'len') {
+        const len = f.readInt32BE(at);
+        if (this.field === 0 && len === 8) {
+          this.state = 'seq';
+          continue;
+        }
+        if (this.field === 0) this.onSeq(Number.NaN);
+        this.skip = Math.max(len, 0);
+        if (++this.field === 3) {
+          this.state = 'fields';
+          if (this.skip > 0) this.rowAfterSkip = true;
+          else if (++this.rows === this.batchRows) {
+            this.append(chunk, runStart, p);
+            runStart = p;
+            out.push(this.take());
+          }
+        }
+      } else {
+        this.onSeq(f.readInt32BE(at) * 0x1_0000_0000 + f.readUInt32BE(at + 4));
+        this.field = 1;
+        this.state = 'len';
       }
     }
-    this.append(buf, runStart, p);
-    if (p < buf.length && !this.ended) this.carry = Buffer.from(buf.subarray(p));
+    // Header bytes are never copied; everything else up to here is.
+    if (this.state !== 'done' && this.state !== 'header' && !this.headerAfterSkip)
+      this.append(chunk, runStart, p);
     return out;
   }
 
@@ -475,7 +592,8 @@ export class CopySplitter {
 
   /** The last, partial batch once the stream has ended (a stream must end with the COPY trailer). */
   end(): Batch | undefined {
-    if (!this.ended && (this.carry || this.header)) throw new Error('COPY stream cut short');
+    if (this.state !== 'done' && (this.state !== 'header' || this.have > 0))
+      throw new Error('COPY stream cut short');
     return this.rows > 0 ? this.take() : undefined;
   }
 }

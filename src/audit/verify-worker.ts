@@ -8,16 +8,19 @@ import { processBatch } from './verify-batch.ts';
 
 const port = parentPort;
 if (port) {
-  port.on('message', (m: { id: number; buf: ArrayBuffer; length: number; count: number }) => {
-    try {
-      const r = processBatch(Buffer.from(m.buf, 0, m.length), m.count);
-      port.postMessage({ id: m.id, result: r }, [
-        r.leafHashes.buffer as ArrayBuffer,
-        r.roots.buffer as ArrayBuffer,
-      ]);
-    } catch (e) {
-      port.postMessage({ id: m.id, error: e instanceof Error ? e.message : 'worker failed' });
-    }
-  });
+  port.on(
+    'message',
+    (m: { id: number; buf: ArrayBuffer; length: number; count: number; index?: boolean }) => {
+      try {
+        const r = processBatch(Buffer.from(m.buf, 0, m.length), m.count, m.index === true);
+        port.postMessage({ id: m.id, result: r }, [
+          r.leafHashes.buffer as ArrayBuffer,
+          r.roots.buffer as ArrayBuffer,
+        ]);
+      } catch (e) {
+        port.postMessage({ id: m.id, error: e instanceof Error ? e.message : 'worker failed' });
+      }
+    },
+  );
   port.postMessage('ready');
 }

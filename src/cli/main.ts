@@ -19,6 +19,7 @@ import { verifyAuditLog, type AuditVerifyReport } from '../audit/audit-verify.ts
 import type { ConsistencyProof, InclusionProof, SignedCheckpoint } from '../audit/checkpoints.ts';
 import { AuditSetupError, DEFAULT_AUDIT_APP_ROLE, setupAuditDatabase } from '../audit/audit-setup.ts';
 import type { ClientCredentials, InitResult } from '../admin/admin-service.ts';
+import { reportBundle, reportCsv } from '../audit/audit-report.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
 import { egressFetch } from '../egress/egress.ts';
 
@@ -66,6 +67,8 @@ async function withBackend<T>(
           body: JSON.stringify(body),
         },
       });
+      // Reports in CSV come back as text/csv.
+      if (res.ok && (res.headers.get('content-type') ?? '').startsWith('text/csv')) return res.text();
       const json = (await res.json()) as {
         resourceType?: string;
         issue?: { details?: { text?: string }; diagnostics?: string }[];
@@ -374,7 +377,9 @@ export function buildCli(): Command {
     });
   audit
     .command('verify')
-    .description('Recompute every leaf hash and the Merkle tree head; list write attempts without outcome')
+    .description(
+      'Recompute every leaf hash, the Merkle tree head, the stored tiles and the signed checkpoints; list write attempts without outcome',
+    )
     .option('--json', 'print one JSON document')
     .action(async (opts: { json?: boolean }) => {
       const cfg = config();
@@ -391,7 +396,9 @@ export function buildCli(): Command {
             ? `audit log BROKEN: the signed checkpoint of tree size ${cps.firstBadTreeSize} does not match the log`
             : r.tiles?.firstBad
               ? `audit log BROKEN: stored tile ${r.tiles.firstBad.level}/${r.tiles.firstBad.index} does not match the entries`
-              : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s) and ${r.tiles?.checked ?? 0} stored tile(s) verified`;
+              : r.index?.firstBadSeq !== undefined
+                ? `audit log BROKEN: the query index rows of sequence number ${r.index.firstBadSeq} do not match the entries`
+                : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s), ${r.tiles?.checked ?? 0} stored tile(s) and ${r.index?.checkedRows ?? 0} query index row(s) verified`;
       const pending = r.attemptsWithoutOutcome.length
         ? `\n${r.attemptsWithoutOutcome.length} write attempt(s) without outcome: ${r.attemptsWithoutOutcome.join(', ')}`
         : '';
@@ -475,6 +482,68 @@ export function buildCli(): Command {
       ].join('\n');
       print(opts.json === true, proof, human);
     });
+
+  // Reports (docs/audit.md): CSV by default, --json for the FHIR Bundle. Each run is audited.
+  const reportCommand = (name: 'report' | 'disclosures', description: string) =>
+    audit
+      .command(name)
+      .description(description)
+      .requiredOption('--patient <id>', 'the Patient id')
+      .option(
+        '--since <date>',
+        name === 'report' ? 'FHIR date or dateTime (default: six years ago)' : 'at most six years ago',
+      )
+      .option('--until <date>', 'FHIR date or dateTime (default: now)')
+      .option('--project <id>', "only this project's events (default: every project)")
+      .option('--purpose <code>', 'why the report is run: PATRQT (default), HCOMPL, HLEGAL or HSYSADMIN')
+      .option('--csv', 'print CSV with a header row (the default)')
+      .option('--json', 'print the FHIR Bundle of AuditEvents')
+      .action(
+        async (opts: {
+          patient: string;
+          since?: string;
+          until?: string;
+          project?: string;
+          purpose?: string;
+          csv?: boolean;
+          json?: boolean;
+        }) => {
+          if (opts.csv && opts.json) throw new ExitError(2, 'custos: give --csv or --json, not both');
+          const cfg = config();
+          const kind = name === 'report' ? 'access' : 'disclosures';
+          const format = opts.json ? 'fhir' : 'csv';
+          const req = {
+            patient: opts.patient,
+            since: opts.since,
+            until: opts.until,
+            projectId: opts.project,
+            purpose: opts.purpose,
+          };
+          const out = await withBackend<string>(
+            cfg,
+            async (call) => {
+              const { projectId: project, ...rest } = req;
+              const r = await call(`/admin/audit/${name}`, { ...rest, project, format });
+              return typeof r === 'string' ? r : JSON.stringify(r, null, 2);
+            },
+            async (core) => {
+              const r = await core.reports.run(kind, req);
+              return format === 'csv'
+                ? reportCsv(r)
+                : JSON.stringify(reportBundle(r, core.auditQuery.fhirBaseUrl), null, 2);
+            },
+          );
+          // A report can be large: wait until it is written (the command exits right after).
+          await new Promise<void>((resolve) =>
+            process.stdout.write(out.endsWith('\n') ? out : `${out}\n`, () => resolve()),
+          );
+        },
+      );
+  reportCommand('report', "Who accessed a patient's record: every audit event naming the patient");
+  reportCommand(
+    'disclosures',
+    'Accounting of disclosures (45 CFR 164.528): successful releases for purposes other than treatment, payment and operations, last six years',
+  );
   return program;
 }
 

@@ -22,6 +22,28 @@ function includesOf(type: string): string[] {
     .sort();
 }
 
+/** AuditEvent is served from the audit log, read-only (src/audit/audit-query.ts, docs/audit.md). */
+const AUDIT_EVENT_RESOURCE = {
+  type: 'AuditEvent',
+  documentation:
+    'The audit log, read-only: an AuditEvent scope and purpose of use HCOMPL, HLEGAL, HSYSADMIN or PATRQT; every read is audited.',
+  interaction: [{ code: 'read' }, { code: 'search-type' }],
+  searchParam: [
+    ['action', 'token'],
+    ['agent', 'reference'],
+    ['date', 'date'],
+    ['outcome', 'token'],
+    ['patient', 'reference'],
+    ['purpose', 'token'],
+  ].map(([name, type]) => ({
+    name,
+    type,
+    // R4 defines no purpose parameter for AuditEvent (BALP searches purposeOfEvent): ours has no definition.
+    definition: name === 'purpose' ? undefined : `http://hl7.org/fhir/SearchParameter/AuditEvent-${name}`,
+    documentation: name === 'purpose' ? 'AuditEvent.purposeOfEvent (a v3-ActReason code)' : undefined,
+  })),
+};
+
 /**
  * The CapabilityStatement at /fhir/R4/metadata. It states only what this version does: every
  * interaction and search parameter listed is implemented and tested.
@@ -80,21 +102,25 @@ export function capabilityStatement(opts: {
             },
           ],
         },
-        resource: [...opts.resourceTypes].sort().map((type) => ({
-          type,
-          interaction: resourceInteractions,
-          versioning: 'versioned-update',
-          readHistory: true,
-          updateCreate: true,
-          conditionalCreate: true,
-          conditionalRead: 'not-supported',
-          conditionalUpdate: true,
-          conditionalDelete: 'not-supported',
-          referencePolicy: ['literal', 'local'],
-          searchInclude: includesOf(type),
-          searchRevInclude: ['Provenance:target'],
-          searchParam: searchParamsOf(type),
-        })),
+        resource: [...opts.resourceTypes].sort().map((type) =>
+          type === 'AuditEvent'
+            ? AUDIT_EVENT_RESOURCE
+            : {
+                type,
+                interaction: resourceInteractions,
+                versioning: 'versioned-update',
+                readHistory: true,
+                updateCreate: true,
+                conditionalCreate: true,
+                conditionalRead: 'not-supported',
+                conditionalUpdate: true,
+                conditionalDelete: 'not-supported',
+                referencePolicy: ['literal', 'local'],
+                searchInclude: includesOf(type),
+                searchRevInclude: ['Provenance:target'],
+                searchParam: searchParamsOf(type),
+              },
+        ),
         interaction: [
           { code: 'transaction' },
           { code: 'batch' },

@@ -14,6 +14,7 @@ import {
   type Principal,
 } from '../phi/gateway.ts';
 import type { Config } from '../config/config.ts';
+import { readAuditEvent, searchAuditEvents, type AuditQueryDeps } from '../audit/audit-query.ts';
 import { parseJsonBody } from './json-body.ts';
 
 /** What the HTTP layer needs from authentication: a principal from a bearer token, or an error. */
@@ -30,6 +31,8 @@ export interface HttpAppDeps {
   smartConfiguration: () => unknown;
   /** Admin API routes (registered by src/admin). */
   registerAdmin: (app: FastifyInstance) => void;
+  /** The audit log as AuditEvent resources; reads are authorized by the gateway (auditReader). */
+  auditQuery: AuditQueryDeps;
 }
 
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
@@ -246,6 +249,18 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     const s = await session(req, 'search');
     return sendResult(reply, await s.search(base, { ...opts, query: searchQuery(req), strict: strict(req) }));
   };
+  // ---- the audit log (src/audit/audit-query.ts): AuditEvent is served from it, read-only ----
+  const auditSearch = async (req: FastifyRequest, reply: FastifyReply) => {
+    const query = searchQuery(req);
+    const access = await (await session(req, 'audit-read')).auditReader('s', query.toString());
+    return reply.type(FHIR_JSON).send(await searchAuditEvents(deps.auditQuery, access, query));
+  };
+  app.get('/fhir/R4/AuditEvent', auditSearch);
+  app.post('/fhir/R4/AuditEvent/_search', auditSearch);
+  app.get<{ Params: { id: string } }>('/fhir/R4/AuditEvent/:id', async (req, reply) => {
+    const access = await (await session(req, 'audit-read')).auditReader('r');
+    return reply.type(FHIR_JSON).send(await readAuditEvent(deps.auditQuery, access, req.params.id));
+  });
   app.get<{ Params: P }>('/fhir/R4/:type', async (req, reply) =>
     search(req, reply, { type: req.params.type, path: `/${req.params.type}` }),
   );
@@ -397,6 +412,7 @@ function facts(req: FastifyRequest) {
     sourceIp: sourceIp(req),
     purposeHeader: header(req, 'x-purpose-of-use'),
     breakGlassReason: header(req, 'x-break-glass-reason'),
+    userAgent: header(req, 'user-agent'),
   };
 }
 

@@ -162,6 +162,12 @@ export const ERROR_CATALOG = {
     ack: 'AE',
     message: 'Stored protected data failed its integrity check; nothing was returned.',
   },
+  AUDIT_EVENT_READ_ONLY: {
+    status: 405,
+    issue: 'not-supported',
+    ack: 'AR',
+    message: 'AuditEvent is the audit log: it is read-only, through GET /fhir/R4/AuditEvent.',
+  },
   DUAL_CONTROL_REQUIRED: {
     status: 403,
     issue: 'security',

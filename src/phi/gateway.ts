@@ -14,11 +14,7 @@ import { errorFields } from '../log/logger.ts';
 import type { AuditAction, AuditEvent } from '../audit/audit-event.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { SensitiveFields } from '../audit/audit-sealer.ts';
-import {
-  AUDIT_READ_PURPOSES,
-  AUDIT_UNSEAL_PURPOSES,
-  type AuditReadAccess,
-} from '../audit/audit-query.ts';
+import { AUDIT_READ_PURPOSES, AUDIT_UNSEAL_PURPOSES, type AuditReadAccess } from '../audit/audit-query.ts';
 import { ResourceStore, type Project, type StoredVersion } from '../store/resource-store.ts';
 import type { SqlDriver, SqlQueryable } from '../store/sql-driver.ts';
 import { classifyDatabaseError } from '../store/sql-driver.ts';
@@ -171,19 +167,22 @@ export class PhiGateway {
     action: AuditAction,
     resourceType: string | undefined,
   ): Promise<void> {
-    await this.deps.audit.append({
-      v: 1,
-      id: newId(),
-      time: (this.deps.now?.() ?? new Date()).toISOString(),
-      phase: 'access',
-      action,
-      outcome: 'refused',
-      code: 'UNAUTHENTICATED',
-      requestId: facts.requestId,
-      actor: {},
-      resource: resourceType && this.deps.isResourceType(resourceType) ? { type: resourceType } : undefined,
-      source: { ip: facts.sourceIp },
-    }, { userAgent: facts.userAgent });
+    await this.deps.audit.append(
+      {
+        v: 1,
+        id: newId(),
+        time: (this.deps.now?.() ?? new Date()).toISOString(),
+        phase: 'access',
+        action,
+        outcome: 'refused',
+        code: 'UNAUTHENTICATED',
+        requestId: facts.requestId,
+        actor: {},
+        resource: resourceType && this.deps.isResourceType(resourceType) ? { type: resourceType } : undefined,
+        source: { ip: facts.sourceIp },
+      },
+      { userAgent: facts.userAgent },
+    );
   }
 }
 
@@ -328,6 +327,9 @@ export class PhiSession {
     requestId?: string,
   ): Promise<void> {
     if (!this.deps.isResourceType(type)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
+    // AuditEvents are the audit log itself, served read-only by its own API (docs/audit.md): never
+    // written to or read from the resource store.
+    if (type === 'AuditEvent' && action !== 'audit-read') throw new CustosError('AUDIT_EVENT_READ_ONLY');
     if (id !== undefined && !isFhirId(id)) throw new CustosError('INVALID_ID');
     let refusal: ErrorCode | undefined = this.purposeError;
     if (!refusal && !this.principal.can(type, interaction)) refusal = 'FORBIDDEN_SCOPE';
@@ -495,7 +497,7 @@ export class PhiSession {
         .filter(Boolean);
       for (const t of named) if (!this.deps.isResourceType(t)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
       const candidates = named.length > 0 ? named : [...this.deps.resourceTypes];
-      types = candidates.filter((t) => this.principal.can(t, 's'));
+      types = candidates.filter((t) => t !== 'AuditEvent' && this.principal.can(t, 's'));
       if (this.purposeError || types.length === 0 || (named.length > 0 && types.length < named.length)) {
         const code: ErrorCode = this.purposeError ?? 'FORBIDDEN_SCOPE';
         await this.audit(this.event({ phase: 'access', action: 'search', outcome: 'refused', code }));
@@ -572,7 +574,9 @@ export class PhiSession {
     const purpose = this.purpose!;
     if (!AUDIT_READ_PURPOSES.has(purpose)) {
       const refused = { phase: 'access', action: 'audit-read', outcome: 'refused' } as const;
-      await this.audit(this.event({ ...refused, code: 'PURPOSE_NOT_ALLOWED', resource: { type: 'AuditEvent' } }));
+      await this.audit(
+        this.event({ ...refused, code: 'PURPOSE_NOT_ALLOWED', resource: { type: 'AuditEvent' } }),
+      );
       throw new CustosError('PURPOSE_NOT_ALLOWED');
     }
     return {

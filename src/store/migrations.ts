@@ -1,4 +1,4 @@
-import type { SqlDriver } from './sql-driver.ts';
+import type { SqlDriver, SqlQueryable } from './sql-driver.ts';
 import type { Logger } from '../log/logger.ts';
 
 /**
@@ -198,10 +198,19 @@ CREATE TABLE key_destruction (
   },
 ];
 
+/** One schema step: SQL, and optionally work in the same transaction once the SQL ran (filling a
+ * new table from existing rows, say). */
+export interface Migration {
+  version: number;
+  name: string;
+  sql: string;
+  after?: (tx: SqlQueryable) => Promise<unknown>;
+}
+
 /** Applies pending migrations; safe to call at every start and from several processes. */
 export async function migrate(
   db: SqlDriver,
-  migrations: readonly { version: number; name: string; sql: string }[],
+  migrations: readonly Migration[],
   table: string,
   log?: Logger,
 ): Promise<void> {
@@ -213,6 +222,7 @@ export async function migrate(
       const done = await tx.query(`SELECT 1 FROM ${table} WHERE version = $1`, [m.version]);
       if (done.rows.length > 0) return;
       for (const stmt of splitSql(m.sql)) await tx.query(stmt);
+      await m.after?.(tx);
       await tx.query(`INSERT INTO ${table} (version) VALUES ($1)`, [m.version]);
       log?.info('store.migrated', { migration: m.version });
     });
