@@ -132,7 +132,16 @@ function procTicks(pid: number | undefined): number {
   }
 }
 
-/** CPU ticks of every PostgreSQL process, by pid (other sessions' backends come and go). */
+/** The bench database of the storage being measured (its backends are ours; other databases' are not). */
+let benchDbName: string | undefined;
+/** pid → whether that PostgreSQL process counts as ours (cached: a backend serves one database). */
+const pgOwner = new Map<string, boolean>();
+
+/**
+ * CPU ticks of the PostgreSQL processes that work for this bench, by pid: backends of the bench
+ * databases and the shared background processes (checkpointer, WAL writer, …). Backends of other
+ * databases (other sessions on this machine) are left out, so `postgres` is not inflated by them.
+ */
 function postgresTicks(): Map<string, number> {
   const out = new Map<string, number>();
   let dirs: string[];
@@ -145,6 +154,16 @@ function postgresTicks(): Map<string, number> {
     try {
       const stat = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
       if (stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== 'postgres') continue;
+      let ours = pgOwner.get(d);
+      if (ours === undefined) {
+        const title = fs.readFileSync(`/proc/${d}/cmdline`, 'utf8').replace(/\0/g, ' ');
+        const backend = /\d+\.\d+\.\d+\.\d+\(\d+\)|\[local\]/.test(title);
+        ours = benchDbName !== undefined && title.includes(benchDbName) ? true : !backend;
+        // A backend's title names its database from the start; cache only once it says so.
+        if (!backend || / (idle|SELECT|INSERT|UPDATE|DELETE|COMMIT|BEGIN|SET)/.test(title))
+          pgOwner.set(d, ours);
+      }
+      if (!ours) continue;
       const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       out.set(d, Number(f[11]) + Number(f[12]));
     } catch {
@@ -1364,11 +1383,14 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
   const dbs: Db[] = [];
   const out: Json = { storage: kind };
   const target = kind === 'postgres' ? cfg.resources : cfg.embeddedResources;
+  benchDbName = undefined;
+  pgOwner.clear();
   const seconds = kind === 'postgres' ? cfg.duration : cfg.embeddedDuration;
   let failed = true;
   try {
     if (kind === 'postgres') {
       dbName = `custos_bench_${randomBytes(6).toString('hex')}`;
+      benchDbName = dbName;
       await adminQuery(`CREATE DATABASE ${dbName}`);
       await adminQuery(`CREATE DATABASE ${dbName}_audit`);
       env.CUSTOS_DATABASE_URL = withDatabase(pgAdminUrl!, dbName);

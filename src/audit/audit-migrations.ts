@@ -2,6 +2,7 @@ import { ConfigError } from '../config/config.ts';
 import type { Logger } from '../log/logger.ts';
 import { migrate, type Migration } from '../store/migrations.ts';
 import { AUDIT_INDEX_MIGRATION_SQL, backfillAuditIndex } from './audit-index.ts';
+import { TILE_MIGRATION_SQL } from './tiles.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 
 /**
@@ -70,8 +71,12 @@ CREATE TRIGGER audit_checkpoint_no_truncate BEFORE TRUNCATE ON audit_checkpoint
 `,
   },
   {
-    // Version 4 is the Merkle tile table (tiles.ts). Versions are checked one by one, so this one
-    // applies whether or not 4 has yet.
+    // Stored Merkle tiles (C2SP tlog-tiles), INSERT-only; the first checkpoint fills them.
+    version: 4,
+    name: 'Merkle tiles (C2SP tlog-tiles)',
+    sql: TILE_MIGRATION_SQL,
+  },
+  {
     version: 5,
     name: 'audit query index',
     sql: AUDIT_INDEX_MIGRATION_SQL,
@@ -94,11 +99,17 @@ export const AUDIT_APP_GRANTS: readonly { table: string; privileges: readonly ('
   { table: 'audit_entry', privileges: ['SELECT', 'INSERT'] },
   { table: 'audit_checkpoint', privileges: ['SELECT', 'INSERT'] },
   { table: 'audit_index', privileges: ['SELECT', 'INSERT'] },
+  { table: 'audit_tile', privileges: ['SELECT', 'INSERT'] },
   { table: AUDIT_VERSION_TABLE, privileges: ['SELECT'] },
 ];
 
 /** Tables whose rows are the evidence: no role Custos runs as may change or remove them. */
-export const AUDIT_APPEND_ONLY_TABLES = ['audit_entry', 'audit_checkpoint', 'audit_index'] as const;
+export const AUDIT_APPEND_ONLY_TABLES = [
+  'audit_entry',
+  'audit_checkpoint',
+  'audit_index',
+  'audit_tile',
+] as const;
 
 interface SchemaState {
   /** Applied versions (empty when the version table does not exist). */
