@@ -61,6 +61,7 @@ import {
 import { extractSearchIndex } from '../src/fhir/search-index.ts';
 import type { SqlDriver, SqlQueryable } from '../src/store/sql-driver.ts';
 import { HttpClient, prng, runLoad, type LoadResult, type Reply } from './load.ts';
+import { readProfile, summarizeProfile } from './profile-summary.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
@@ -79,6 +80,8 @@ const { values: flags } = parseArgs({
     reads: { type: 'string', default: '2500' },
     searches: { type: 'string', default: '500' },
     'count-requests': { type: 'string', default: '200' },
+    'no-profile': { type: 'boolean', default: false },
+    'profile-requests': { type: 'string', default: '600' },
     warmup: { type: 'string', default: '200' },
     'max-phase-seconds': { type: 'string', default: '30' },
     'quiet-wait': { type: 'string', default: '20' },
@@ -92,7 +95,7 @@ const { values: flags } = parseArgs({
 if (flags.help) {
   process.stderr.write(`usage: npm run bench:encryption -- [--no-micro] [--no-http] [--runs 7] [--run-ms 150]
   [--storage embedded,postgres] [--rounds 4] [--concurrency 16] [--creates 500] [--reads 2500]
-  [--searches 500] [--count-requests 200] [--warmup 200] [--max-phase-seconds 30] [--quiet-wait 20] [--synthea DIR] [--seed N]
+  [--searches 500] [--count-requests 200] [--no-profile] [--profile-requests 600] [--warmup 200] [--max-phase-seconds 30] [--quiet-wait 20] [--synthea DIR] [--seed N]
 Per round and server: --creates Patients, --creates Conditions, --reads reads of each, --searches SSN searches.
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
@@ -115,6 +118,8 @@ const cfg = {
   reads: int('reads', flags.reads),
   searches: int('searches', flags.searches),
   countRequests: int('count-requests', flags['count-requests']),
+  profile: !flags['no-profile'],
+  profileRequests: Math.max(1, int('profile-requests', flags['profile-requests'])),
   warmup: int('warmup', flags.warmup),
   maxPhaseSeconds: Math.max(1, int('max-phase-seconds', flags['max-phase-seconds'])),
   quietWait: int('quiet-wait', flags['quiet-wait']),
@@ -829,10 +834,10 @@ interface Child {
   stop(): Promise<void>;
 }
 
-function startCustos(env: NodeJS.ProcessEnv, logFile: string): Promise<Child> {
+function startCustos(env: NodeJS.ProcessEnv, logFile: string, nodeArgs: string[] = []): Promise<Child> {
   return new Promise((resolve, reject) => {
     const logFd = fs.openSync(logFile, 'a');
-    const proc = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve'], {
+    const proc = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', 'src/cli/main.ts', 'serve'], {
       cwd: repoRoot,
       env,
       stdio: ['ignore', logFd, 'pipe'],
@@ -1019,6 +1024,8 @@ interface Server {
   conditions: string[];
   nextPatient: number;
   startedAt: number;
+  env: NodeJS.ProcessEnv;
+  creds: { clientId: string; clientSecret: string };
   /** Requests sent, warm-up included, by kind. */
   sent: { creates: number; reads: number; searches: number };
 }
@@ -1170,6 +1177,8 @@ async function startServer(kind: 'embedded' | 'postgres', mode: 'on' | 'off', ta
       conditions: [],
       nextPatient: 0,
       startedAt: performance.now(),
+      env: serverEnv,
+      creds,
       sent: { creates: 0, reads: 0, searches: 0 },
     };
   } catch (e) {
@@ -1469,10 +1478,12 @@ async function benchStorage(kind: 'embedded' | 'postgres') {
       await s.child.stop();
     }
     out.sealedCheck = await sealedCheck(kind, servers);
+    out.extraStatementCost = await extraStatementCost(kind, on);
     if (kind === 'postgres') {
       out.transactionsPerRequest = countedTransactions;
       out.statementCounts = await statementCounts(servers);
     }
+    if (cfg.profile) out.profile = await profilePass(kind, servers);
     return out;
   } finally {
     for (const s of servers) await stopServer(s);
@@ -1514,6 +1525,125 @@ async function sealedCheck(kind: 'embedded' | 'postgres', servers: Server[]) {
     res[s.mode] = Object.fromEntries(rows.map((x) => [x.resource_type, { rows: x.rows, sealed: x.sealed }]));
   }
   return res;
+}
+
+const hrUs = () => Number(process.hrtime.bigint() / 1000n); // the clock of .cpuprofile timestamps
+
+/**
+ * Where the server's CPU goes, on and off: each server restarted on its data under
+ * `node --cpu-prof`, sent a warm-up and then --profile-requests requests of each kind one phase
+ * after the other; each phase is cut out of the profile by time window (bench/profile-summary.ts).
+ * Separate from the measured rounds (the profiler slows the server).
+ */
+async function profilePass(kind: 'embedded' | 'postgres', servers: Server[]) {
+  const out: Record<string, unknown> = {
+    what: 'server main thread only (PostgreSQL not included); busyMsPerRequest = non-idle profile time ÷ requests; inclusive = share of busy time with a frame of the package on the stack',
+  };
+  const n = cfg.profileRequests;
+  for (const s0 of servers) {
+    const dir = path.join(s0.dataDir, 'profile');
+    fs.mkdirSync(dir, { recursive: true });
+    log(`${kind}/${s0.mode}: profiling (${n} requests of each kind under --cpu-prof)`);
+    const child = await startCustos(s0.env, s0.logFile, ['--cpu-prof', '--cpu-prof-dir', dir]);
+    const client = new HttpClient(child.url, cfg.concurrency + 2);
+    let tk: Awaited<ReturnType<typeof tokenKeeper>> | undefined;
+    const windows: Record<string, { from: number; to: number; requests: number }> = {};
+    try {
+      tk = await tokenKeeper(client, s0.creds);
+      const s: Server = { ...s0, child, client, token: tk.holder, stopToken: tk.stop };
+      await createMany(s, 'Patient', Math.min(200, n));
+      await readMany(s, 'Patient', Math.min(200, n), 11);
+      const phases: [PhaseName, () => Promise<LoadResult>][] = [
+        ['create-patient', () => createMany(s, 'Patient', n)],
+        ['create-condition', () => createMany(s, 'Condition', n)],
+        ['read-patient', () => readMany(s, 'Patient', n * 2, 12)],
+        ['read-condition', () => readMany(s, 'Condition', n * 2, 13)],
+      ];
+      for (const [name, run] of phases) {
+        await waitForQuiet();
+        const from = hrUs();
+        const r = await run();
+        windows[name] = { from, to: hrUs(), requests: r.requests };
+      }
+    } finally {
+      tk?.stop();
+      client.close();
+      await child.stop();
+    }
+    const pid = child.proc.pid;
+    const file = fs.readdirSync(dir).find((f) => f.includes(`.${pid}.0.`) && f.endsWith('.cpuprofile'));
+    if (!file) {
+      out[s0.mode] = { error: `no main-thread .cpuprofile for pid ${pid} in ${dir}` };
+      continue;
+    }
+    const profile = readProfile(path.join(dir, file));
+    const res: Record<string, unknown> = {};
+    for (const [name, w] of Object.entries(windows)) {
+      const sum = summarizeProfile(profile, w);
+      const pick = (rows: { name: string; ms: number; pct: number }[], k: number) =>
+        rows.slice(0, k).map((x) => `${x.name} ${x.pct}%`);
+      res[name] = {
+        requests: w.requests,
+        busyMsPerRequest: round(sum.busyMs / w.requests, 3),
+        cpuUtilisation: sum.cpuUtilisation,
+        inclusiveByPackage: pick(sum.inclusiveByPackage, 14),
+        selfByPackage: pick(sum.byPackage, 10),
+        selfByFunction: pick(sum.byFunction, 12),
+      };
+    }
+    out[s0.mode] = res;
+  }
+  return out;
+}
+
+/**
+ * What the statement encryption adds to every write costs by itself: Envelope.currentEpoch's
+ * `SELECT max(epoch) … FROM data_key` (run by prepareWrite on every write request), sent
+ * sequentially on one connection to the "on" server's resource database after the servers have
+ * stopped. CPU per statement: this process (the client side, as the server would spend it) and,
+ * on PostgreSQL, the PostgreSQL processes; on embedded storage PGlite runs in this process.
+ */
+async function extraStatementCost(kind: 'embedded' | 'postgres', s: Server) {
+  const sql = `SELECT max(epoch) AS epoch FROM data_key WHERE project_id = $1 AND kind = 'data' AND state = 'active'`;
+  const n = kind === 'postgres' ? 3000 : 1500;
+  let q: (text: string, params?: unknown[]) => Promise<{ rows: Record<string, unknown>[] }>;
+  let close: () => Promise<void>;
+  if (kind === 'postgres') {
+    const c = new pg.Client({ connectionString: withDatabase(pgAdminUrl!, s.dbName!) });
+    await c.connect();
+    q = (text, params) => c.query(text, params);
+    close = () => c.end();
+  } else {
+    const db = new PGlite(path.join(s.dataDir, 'resources'));
+    q = (text, params) => db.query(text, params);
+    close = () => db.close();
+  }
+  try {
+    const project = (await q('SELECT project_id FROM data_key LIMIT 1')).rows[0]?.project_id;
+    if (!project) return { error: 'no data_key row' };
+    for (let i = 0; i < 200; i++) await q(sql, [project]);
+    const dbs = s.dbName ? [s.dbName, `${s.dbName}_audit`] : [];
+    const a = cpuSnap(undefined, dbs);
+    const c0 = cpuNs();
+    for (let i = 0; i < n; i++) await q(sql, [project]);
+    const clientMs = (cpuNs() - c0) / 1e6 / n;
+    const b = cpuSnap(undefined, dbs);
+    return {
+      statement: sql,
+      statements: n,
+      wallMsPerStatement: round((b.at - a.at) / n, 4),
+      cpuMsPerStatement: {
+        [kind === 'postgres' ? 'client' : 'inProcessPglite']: round(clientMs, 4),
+        postgres:
+          kind === 'postgres'
+            ? round(((ticksBetween(a.postgres, b.postgres) / TICK) * 1000) / n, 4)
+            : undefined,
+      },
+      otherCores: cpuDelta(a, b).other,
+    };
+  } finally {
+    await close();
+  }
 }
 
 /**
