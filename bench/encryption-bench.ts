@@ -26,6 +26,10 @@
  *            search-ssn       GET Patient?identifier=http://hl7.org/fhir/sid/us-ssn|999-…
  *          Embedded PGlite always; PostgreSQL too when CUSTOS_BENCH_DATABASE_URL or
  *          CUSTOS_TEST_DATABASE_URL is set (databases custos_encbench_<hex>_{on,off}[_audit], dropped at the end).
+ *          Then: every created resource read back; sealed rows counted; on PostgreSQL, transactions
+ *          per request of each kind (pg_stat_database); the cost of the statement encryption adds to
+ *          every write; and both servers profiled under --cpu-prof (bench/profile-summary.ts).
+ *          Results and their reading: docs/bench.md, "Encryption benchmark".
  *
  * Test data is synthetic: family name Testpatient, given names like Zzyzx, SSNs 999-xx-xxxx, HTEST.
  * Prints ONE JSON document on stdout; progress goes to stderr.
@@ -74,17 +78,17 @@ const { values: flags } = parseArgs({
     runs: { type: 'string', default: '7' },
     'run-ms': { type: 'string', default: '150' },
     storage: { type: 'string', default: 'embedded,postgres' },
-    rounds: { type: 'string', default: '4' },
+    rounds: { type: 'string', default: '6' },
     concurrency: { type: 'string', default: '16' },
-    creates: { type: 'string', default: '500' },
+    creates: { type: 'string', default: '600' },
     reads: { type: 'string', default: '2500' },
-    searches: { type: 'string', default: '500' },
+    searches: { type: 'string', default: '300' },
     'count-requests': { type: 'string', default: '200' },
     'no-profile': { type: 'boolean', default: false },
     'profile-requests': { type: 'string', default: '600' },
     warmup: { type: 'string', default: '200' },
     'max-phase-seconds': { type: 'string', default: '30' },
-    'quiet-wait': { type: 'string', default: '20' },
+    'quiet-wait': { type: 'string', default: '10' },
     synthea: { type: 'string', default: path.join(repoRoot, '..', 'shared', 'data', 'synthea-r4') },
     seed: { type: 'string', default: '20240601' },
     help: { type: 'boolean', default: false },
@@ -94,8 +98,8 @@ const { values: flags } = parseArgs({
 
 if (flags.help) {
   process.stderr.write(`usage: npm run bench:encryption -- [--no-micro] [--no-http] [--runs 7] [--run-ms 150]
-  [--storage embedded,postgres] [--rounds 4] [--concurrency 16] [--creates 500] [--reads 2500]
-  [--searches 500] [--count-requests 200] [--no-profile] [--profile-requests 600] [--warmup 200] [--max-phase-seconds 30] [--quiet-wait 20] [--synthea DIR] [--seed N]
+  [--storage embedded,postgres] [--rounds 6] [--concurrency 16] [--creates 600] [--reads 2500]
+  [--searches 300] [--count-requests 200] [--no-profile] [--profile-requests 600] [--warmup 200] [--max-phase-seconds 30] [--quiet-wait 10] [--synthea DIR] [--seed N]
 Per round and server: --creates Patients, --creates Conditions, --reads reads of each, --searches SSN searches.
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
