@@ -128,15 +128,12 @@ export class Envelope {
   ): Promise<Buffer> {
     const id = `${kind}|${projectId}|${epoch}`;
     const now = Date.now();
-    const hit = this.cache.get(id);
-    if (hit && hit.expires > now && hit.uses < this.maxUses) {
-      hit.uses++;
-      return hit.key;
-    }
-    if (hit) {
-      hit.key.fill(0);
-      this.cache.delete(id);
-    }
+    const live = this.cached(id);
+    if (live) return live;
+    // An expired or used-up key is dropped, never zeroed: a write that called `prepareWrite` before
+    // the eviction may still be sealing with this very Buffer, and zeroing it would seal under an
+    // all-zero key. The garbage collector reclaims it once the last holder is done.
+    this.cache.delete(id);
     const r = await q.query<{ kek_handle: string; wrapped: Uint8Array; state: string }>(
       'SELECT kek_handle, wrapped, state FROM data_key WHERE project_id = $1 AND kind = $2 AND epoch = $3',
       [projectId, kind, epoch],
@@ -176,13 +173,25 @@ export class Envelope {
     };
   }
 
+  /** A live cached key, counted as one use; undefined when absent, expired or used up. */
+  private cached(id: string): Buffer | undefined {
+    const hit = this.cache.get(id);
+    if (!hit || hit.expires <= Date.now() || hit.uses >= this.maxUses) return undefined;
+    hit.uses++;
+    return hit.key;
+  }
+
   /** The blind-index key, read through `q` (inside a transaction). */
   async blindKeyIn(projectId: string, q: SqlQueryable): Promise<Buffer | undefined> {
+    const hit = this.cached(`blind|${projectId}|0`);
+    if (hit) return hit;
     const r = await q.query(`SELECT 1 FROM data_key WHERE project_id = $1 AND kind = 'blind'`, [projectId]);
     return r.rows.length === 0 ? undefined : this.key(projectId, 0, 'blind', q);
   }
 
   async blindKey(projectId: string): Promise<Buffer | undefined> {
+    const hit = this.cached(`blind|${projectId}|0`);
+    if (hit) return hit;
     const r = await this.o.db.query(`SELECT 1 FROM data_key WHERE project_id = $1 AND kind = 'blind'`, [
       projectId,
     ]);
@@ -236,9 +245,11 @@ export class Envelope {
     return out.toString('base64url');
   }
 
-  /** Forgets cached keys (tests; after destroying a KEK). */
+  /**
+   * Forgets cached keys (after a rotation or a KEK destruction; tests). References are dropped, not
+   * zeroed, for the same reason as on eviction: an operation in flight may still hold one.
+   */
   clearCache(): void {
-    for (const k of this.cache.values()) k.key.fill(0);
     this.cache.clear();
   }
 }
