@@ -27,8 +27,11 @@ import { KeyProviderError, type KeyProvider } from './key-provider.ts';
  *
  * The file is rewritten atomically (temp file in the same directory, fsync, rename, fsync of the
  * directory) with mode 0600; a keyring readable by group or others is refused on open, as ssh
- * refuses such a private key. One process owns a keyring file at a time (as with the embedded
- * database): two processes writing it would lose each other's changes.
+ * refuses such a private key. Several processes may share one keyring file (several Custos servers
+ * on one PostgreSQL): every change re-reads the file and merges under an exclusive lock file
+ * (`<keyring>.lock`), so none loses another's KEKs or tombstones, and before every wrap and unwrap
+ * a process re-reads the file if it changed, so it sees KEKs another process created and stops
+ * using one another process destroyed. A passphrase changed by another process needs a restart.
  *
  * Crypto-shredding: `destroyKek` removes the KEK from the file (a tombstone records the handle so
  * unwrap answers `destroyed`), but every older copy of the file (backups, escrow copies, snapshots
@@ -262,6 +265,8 @@ export class LocalKeyring implements KeyProvider {
   #closed = false;
   /** Serialises rewrites of the file. */
   #writing: Promise<unknown> = Promise.resolve();
+  /** The file's identity (inode, size, mtime) as last read or written: a change means another process wrote it. */
+  #seen: string | undefined;
 
   private constructor(
     /** The keyring file's path. */
@@ -381,6 +386,7 @@ export class LocalKeyring implements KeyProvider {
   }
 
   async wrap(handle: string, dataKey: Buffer, aad: Buffer): Promise<Buffer> {
+    await this.#refresh();
     const kek = this.#kek(handle);
     checkDataKey(dataKey);
     const nonce = randomBytes(NONCE_BYTES);
@@ -391,6 +397,7 @@ export class LocalKeyring implements KeyProvider {
   }
 
   async unwrap(handle: string, wrapped: Buffer, aad: Buffer): Promise<Buffer> {
+    await this.#refresh();
     const kek = this.#kek(handle);
     if (wrapped.length !== WRAPPED_BYTES || wrapped[0] !== WRAP_VERSION) {
       fail('integrity', 'wrapped key is malformed');
@@ -410,6 +417,7 @@ export class LocalKeyring implements KeyProvider {
 
   async destroyKek(handle: string): Promise<void> {
     this.#open();
+    await this.#refresh();
     if (this.#destroyed.has(handle)) return;
     const entry = this.#keks.get(handle);
     if (!entry) fail('unknown_key', 'no KEK with this handle in the keyring');
@@ -526,18 +534,86 @@ export class LocalKeyring implements KeyProvider {
     return writeAtomically(this.path, this.#serialise());
   }
 
-  /** Applies a change in memory, rewrites the file, and undoes the change if the write fails. */
+  /**
+   * Applies a change in memory, rewrites the file, and undoes the change if the write fails. Under
+   * the lock file, the file is first re-read and merged, so a change another process made meanwhile
+   * is kept.
+   */
   async #mutate(apply: () => void, undo: () => void): Promise<void> {
     await this.#serialised(async () => {
       this.#open();
-      apply();
+      const release = await lockFile(`${this.path}.lock`);
       try {
-        await this.#persist();
-      } catch {
-        undo();
-        fail('unavailable', 'keyring file could not be written');
+        await this.#refresh();
+        apply();
+        try {
+          await this.#persist();
+          this.#seen = await fileIdentity(this.path);
+        } catch {
+          undo();
+          fail('unavailable', 'keyring file could not be written');
+        }
+      } finally {
+        await release();
       }
     });
+  }
+
+  /**
+   * Merges what another process wrote to the file since this one last read or wrote it: KEKs it
+   * created, and tombstones of KEKs it destroyed (their keys are dropped here too). Nothing is
+   * read when the file is unchanged. A file this process cannot open (another passphrase, damage)
+   * is ignored here: the next write, or a restart, reports it.
+   */
+  async #refresh(): Promise<void> {
+    const id = await fileIdentity(this.path).catch(() => undefined);
+    if (id === undefined || id === this.#seen) return;
+    let other: Unsealed;
+    try {
+      const parsed = parseKeyringFile(await fs.readFile(this.path, 'utf8'));
+      if (parsed.kdf.salt !== this.#kdf.salt) return;
+      other = unseal(parsed, this.#masterKey);
+    } catch {
+      return;
+    }
+    for (const [handle, entry] of other.keks) {
+      if (!this.#keks.has(handle) && !this.#destroyed.has(handle)) this.#keks.set(handle, entry);
+      else entry.kek.fill(0);
+    }
+    for (const [handle, at] of other.destroyed) {
+      // Dropped, not zeroed: an operation in flight on this thread has already copied what it needs.
+      this.#keks.delete(handle);
+      this.#destroyed.set(handle, at);
+    }
+    this.#seen = id;
+  }
+}
+
+async function fileIdentity(p: string): Promise<string> {
+  const st = await fs.stat(p, { bigint: true });
+  return `${st.ino}:${st.size}:${st.mtimeNs}`;
+}
+
+/**
+ * An exclusive lock between processes: a lock file created with O_EXCL, removed on release. A lock
+ * older than 30 s is taken to be left by a crashed process and broken (a keyring write takes
+ * milliseconds).
+ */
+async function lockFile(lock: string): Promise<() => Promise<void>> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      const fh = await fs.open(lock, 'wx', 0o600);
+      await fh.close();
+      return () => fs.rm(lock, { force: true });
+    } catch (e) {
+      if ((e as { code?: unknown }).code !== 'EEXIST')
+        fail('unavailable', 'keyring lock file could not be created');
+      const st = await fs.stat(lock).catch(() => undefined);
+      if (st && Date.now() - st.mtimeMs > 30_000) await fs.rm(lock, { force: true });
+      else if (Date.now() > deadline) fail('unavailable', 'keyring is locked by another process');
+      else await new Promise((r) => setTimeout(r, 20));
+    }
   }
 }
 
