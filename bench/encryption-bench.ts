@@ -27,8 +27,8 @@
  *          Embedded PGlite always; PostgreSQL too when CUSTOS_BENCH_DATABASE_URL or
  *          CUSTOS_TEST_DATABASE_URL is set (databases custos_encbench_<hex>_{on,off}[_audit], dropped at the end).
  *          Then: every created resource read back; sealed rows counted; on PostgreSQL, transactions
- *          per request of each kind (pg_stat_database); the cost of the statement encryption adds to
- *          every write; and both servers profiled under --cpu-prof (bench/profile-summary.ts).
+ *          per request of each kind (pg_stat_database); the cost of the key statement writes ran
+ *          before the epoch cache; and both servers profiled under --cpu-prof (bench/profile-summary.ts).
  *          Results and their reading: docs/bench.md, "Encryption benchmark".
  *
  * Test data is synthetic: family name Testpatient, given names like Zzyzx, SSNs 999-xx-xxxx, HTEST.
@@ -53,7 +53,14 @@ import { parseArgs, promisify } from 'node:util';
 import pg from 'pg';
 import { PGlite } from '@electric-sql/pglite';
 import { freePort } from '../test/support/free-port.ts';
-import { Envelope, blindIndexKey, type SealContext } from '../src/crypto/envelope.ts';
+import {
+  Envelope,
+  blindIndexKey,
+  hkdfSubkey,
+  protectedIndexKeys,
+  type SealContext,
+} from '../src/crypto/envelope.ts';
+import { ProtectedParams } from '../src/phi/minimum-necessary.ts';
 import { KeyProviderError, type KeyProvider } from '../src/crypto/key-provider.ts';
 import {
   defaultPolicy,
@@ -442,7 +449,8 @@ async function micro() {
   };
   const info = aadBuf;
   // HKDF-SHA-256 with an empty salt and a 32-byte output, written as its two HMACs (RFC 5869):
-  // PRK = HMAC(zeros(32), IKM), OKM = HMAC(PRK, info || 0x01). Same bytes as hkdfSync.
+  // PRK = HMAC(zeros(32), IKM), OKM = HMAC(PRK, info || 0x01). Same bytes as hkdfSync. Envelope's
+  // hkdfSubkey is this with the PRK computed once per data key.
   const zeroSalt = Buffer.alloc(32);
   const one = Buffer.from([1]);
   const hkdfByHmac = (ikm: Buffer, inf: Buffer) =>
@@ -450,9 +458,9 @@ async function micro() {
       .update(inf)
       .update(one)
       .digest();
-  const hkdfSame = hkdfByHmac(key, info).equals(
-    Buffer.from(hkdfSync('sha256', key, Buffer.alloc(0), info, 32)),
-  );
+  const hkdfRef = Buffer.from(hkdfSync('sha256', key, Buffer.alloc(0), info, 32));
+  const hkdfSame = hkdfByHmac(key, info).equals(hkdfRef);
+  const hkdfSubkeySame = hkdfSubkey(key, info).equals(hkdfRef);
   // Nonces sliced from a pooled randomFillSync buffer (each slice used once).
   const pool = Buffer.alloc(4096);
   let poolAt = pool.length;
@@ -467,9 +475,11 @@ async function micro() {
   out.primitives = {
     'randomBytes(12)': bench(() => randomBytes(12)),
     'nonce from a 4 KiB randomFillSync pool (alternative)': bench(pooledNonce),
-    'hkdfSync sha256 32 B': bench(() => hkdfSync('sha256', key, Buffer.alloc(0), info, 32)),
-    'HKDF as 2 createHmac (alternative, same output)': bench(() => hkdfByHmac(key, info)),
+    'hkdfSync sha256 32 B (before)': bench(() => hkdfSync('sha256', key, Buffer.alloc(0), info, 32)),
+    'HKDF as 2 createHmac (same output)': bench(() => hkdfByHmac(key, info)),
+    'hkdfSubkey: HKDF with the PRK cached per data key (Envelope now)': bench(() => hkdfSubkey(key, info)),
     hkdfByHmacEqualsHkdfSync: hkdfSame,
+    hkdfSubkeyEqualsHkdfSync: hkdfSubkeySame,
     'HMAC-SHA-256 (blind index key)': bench(() =>
       createHmac('sha256', key)
         .update('identifier=http://hl7.org/fhir/sid/us-ssn|999-12-3456', 'utf8')
@@ -489,8 +499,7 @@ async function micro() {
     },
   });
   const projectId = '00000000-0000-4000-8000-0000000000aa';
-  // Copies: the Envelope's cache zeroes the Buffers prepareWrite hands out when it evicts them
-  // (after maxUses operations or maxAgeMs), and the loops below run over a million operations.
+  // Copies, as before the fix of the eviction (dropped keys are no longer zeroed): harmless.
   const cached = await envelope.prepareWrite(projectId);
   const keys = { epoch: cached.epoch, dek: Buffer.from(cached.dek), blindKey: Buffer.from(cached.blindKey) };
   const ctx: SealContext = {
@@ -501,42 +510,63 @@ async function micro() {
     cls: 'identifiers',
   };
   const envOut: Record<string, unknown> = {};
-  // Envelope.seal's exact format and key schedule, with the HKDF as two HMACs and a pooled nonce.
-  const sealAlternative = (dek: Buffer, epoch: number, c: SealContext, plaintext: Buffer) => {
-    const inf = Buffer.from(`custos:seal:v1|${c.projectId}|${c.type}|${c.id}|${c.version}|${c.cls}`, 'utf8');
-    const subkey = hkdfByHmac(dek, inf);
-    const iv = pooledNonce();
+  // Envelope.seal and open as they were before (hkdfSync per call, randomBytes(12) per nonce): the
+  // baseline of this run. Same format and keys: each opens what the other seals.
+  const infoOf = (c: SealContext) =>
+    Buffer.from(`custos:seal:v1|${c.projectId}|${c.type}|${c.id}|${c.version}|${c.cls}`, 'utf8');
+  const sealPrevious = (dek: Buffer, epoch: number, c: SealContext, plaintext: Buffer) => {
+    const inf = infoOf(c);
+    const subkey = Buffer.from(hkdfSync('sha256', dek, Buffer.alloc(0), inf, 32));
+    const iv = randomBytes(12);
     const cipher = createCipheriv('aes-256-gcm', subkey, iv);
     cipher.setAAD(inf);
     const ct = Buffer.concat([cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
     subkey.fill(0);
     return `v1.${epoch}.${iv.toString('base64url')}.${ct.toString('base64url')}`;
   };
+  const openPrevious = async (c: SealContext, blob: string) => {
+    const m = /^v1\.(\d{1,9})\.([A-Za-z0-9_-]{16})\.([A-Za-z0-9_-]{22,})$/.exec(blob)!;
+    const dek = keys.dek; // served from the Envelope's cache in the server, as in `open`
+    await Promise.resolve();
+    const inf = infoOf(c);
+    const subkey = Buffer.from(hkdfSync('sha256', dek, Buffer.alloc(0), inf, 32));
+    const body = Buffer.from(m[3]!, 'base64url');
+    const d = createDecipheriv('aes-256-gcm', subkey, Buffer.from(m[2]!, 'base64url'));
+    d.setAAD(inf);
+    d.setAuthTag(body.subarray(body.length - 16));
+    const out = Buffer.concat([d.update(body.subarray(0, body.length - 16)), d.final()]);
+    subkey.fill(0);
+    return out;
+  };
   for (const size of [16, 64, 1024, 16384]) {
     const pt = Buffer.from('x'.repeat(size));
     const blob = Envelope.seal(keys.dek, keys.epoch, ctx, pt);
     log(`micro: Envelope seal/open ${size} B…`);
-    const alt = sealAlternative(keys.dek, keys.epoch, ctx, pt);
-    const altOpens = (await envelope.open(ctx, alt)).equals(pt);
+    const prev = sealPrevious(keys.dek, keys.epoch, ctx, pt);
+    const compatible =
+      (await envelope.open(ctx, prev)).equals(pt) && (await openPrevious(ctx, blob)).equals(pt);
     envOut[`${size}B`] = {
       seal: bench(() => Envelope.seal(keys.dek, keys.epoch, ctx, pt)),
-      sealAlternative: bench(() => sealAlternative(keys.dek, keys.epoch, ctx, pt)),
-      sealAlternativeOpensWithEnvelopeOpen: altOpens,
+      sealPrevious: bench(() => sealPrevious(keys.dek, keys.epoch, ctx, pt)),
       open: await benchAsync(() => envelope.open(ctx, blob)),
+      openPrevious: await benchAsync(() => openPrevious(ctx, blob)),
+      previousAndNowOpenEachOther: compatible,
       sealedChars: blob.length,
     };
   }
   out.envelope = {
-    what: 'sealAlternative: the same output format and keys with HKDF as 2 createHmac and a pooled nonce (checked: Envelope.open opens it). Envelope.seal (static: HKDF subkey + randomBytes(12) + AES-256-GCM + base64url) and Envelope.open on a real Envelope (parse, cached DEK, HKDF, AES-256-GCM) with an in-memory KeyProvider and an in-memory data_key stand-in defined in this file; the DEK is unwrapped once and then cached, as in the server',
+    what: 'Envelope.seal (static: HKDF subkey with the PRK cached per data key + pooled nonce + AES-256-GCM + base64url) and Envelope.open on a real Envelope (parse, cached DEK, HKDF, AES-256-GCM) with an in-memory KeyProvider and an in-memory data_key stand-in defined in this file; the DEK is unwrapped once and then cached, as in the server. sealPrevious/openPrevious: the construction before this change (hkdfSync per call, randomBytes(12)); same format, checked to open each other',
     ...envOut,
     providerUnwraps: provider.unwraps,
     onUnwrapEvents: unwrapEvents,
   };
-  // prepareWrite's cost in the server is one SQL query (currentEpoch) + two cache hits: here the query is in memory.
+  // prepareWrite: the cached epoch and two cached keys (no query in the steady state; before, one SQL
+  // statement per write, answered here in memory).
   out.prepareWriteInMemory = await benchAsync(() => envelope.prepareWrite(projectId));
 
   // 3. Per resource.
   const policy = defaultPolicy();
+  const params = new ProtectedParams(policy);
   const { source, resources } = realisticResources(flags.synthea);
   const perResource: Record<string, unknown> = {};
   for (const [type, resource] of Object.entries(resources)) {
@@ -550,6 +580,7 @@ async function micro() {
           Envelope.seal(keys.dek, keys.epoch, { ...base, cls }, Buffer.from(JSON.stringify(els), 'utf8')),
         ]),
       );
+    const isProtected = (code: string) => params.classOf(type, code) !== undefined;
     // What storeWrite does with encryption on (src/phi/gateway.ts storeWrite), and with it off.
     const writeOn = () => {
       const split = splitProtected(resource, policy);
@@ -557,19 +588,29 @@ async function micro() {
       const index = extractSearchIndex(split.byClass.size ? split.redacted : resource);
       const set = new Set(index.keys);
       if (split.projection) {
-        for (const k of extractSearchIndex(split.projection).keys)
-          set.add(k.endsWith('?') ? k : blindIndexKey(keys.blindKey, envelope.blindBits, k));
+        for (const k of protectedIndexKeys(
+          extractSearchIndex(split.projection).keys,
+          isProtected,
+          keys.blindKey,
+          envelope.blindBits,
+        ))
+          set.add(k);
       }
       return [sealed, set.size];
     };
     const writeOff = () => extractSearchIndex(resource).keys.length;
     const split = splitProtected(resource, policy);
-    const blindKeys = () => {
+    const projectionKeys = split.projection ? extractSearchIndex(split.projection).keys : [];
+    // Before: every key of the projection's index, blinded (or kept, for presence keys).
+    const blindKeysPrevious = () => {
       let n = 0;
-      for (const k of extractSearchIndex(split.projection!).keys)
+      for (const k of projectionKeys)
         if (!k.endsWith('?')) n += blindIndexKey(keys.blindKey, envelope.blindBits, k).length;
       return n;
     };
+    const blindKeysNow = () =>
+      protectedIndexKeys(projectionKeys, isProtected, keys.blindKey, envelope.blindBits).length;
+    const projectionIndex = () => extractSearchIndex(split.projection!).keys.length;
     const redactedIndex = () => extractSearchIndex(split.redacted).keys.length;
     const sealed = sealAll(split);
     const storedJson = JSON.stringify(split.redacted);
@@ -577,9 +618,17 @@ async function micro() {
     const reveal = async () => {
       const r = JSON.parse(storedJson) as Json;
       for (const [cls, blob] of Object.entries(sealed)) {
-        const plain = await envelope.open({ ...base, cls: cls as SensitivityClass }, blob);
+        const c = { ...base, cls: cls as SensitivityClass };
+        const plain = envelope.openCached(c, blob) ?? (await envelope.open(c, blob));
         restoreProtected(r, JSON.parse(plain.toString('utf8')) as ProtectedElement[]);
       }
+      return JSON.stringify(r);
+    };
+    // The response of a write: before, `reveal` (re-opening what was just sealed); now restored from
+    // the plaintext the write holds.
+    const writeResponse = () => {
+      const r = JSON.parse(storedJson) as Json;
+      for (const els of split.byClass.values()) restoreProtected(r, els);
       return JSON.stringify(r);
     };
     // Check the round trip once.
@@ -601,11 +650,17 @@ async function micro() {
       splitProtected: bench(() => splitProtected(resource, policy)),
       sealPerClass: bench(seals),
       searchIndexOfRedacted: bench(redactedIndex),
-      blindIndexOfProjection: split.projection ? bench(blindKeys) : undefined,
-      projectionIndexKeys: split.projection ? extractSearchIndex(split.projection).keys : undefined,
+      searchIndexOfProjection: split.projection ? bench(projectionIndex) : undefined,
+      projectionIndexKeys: split.projection ? projectionKeys : undefined,
+      blindKeysPrevious: split.projection ? bench(blindKeysPrevious) : undefined,
+      blindKeysNow: split.projection ? bench(blindKeysNow) : undefined,
+      storedBlindKeysNow: protectedIndexKeys(projectionKeys, isProtected, keys.blindKey, envelope.blindBits)
+        .length,
       writeEncryptionOn: bench(writeOn),
       writeEncryptionOff: bench(writeOff),
       readReveal: await benchAsync(reveal),
+      writeResponsePrevious: await benchAsync(reveal),
+      writeResponseNow: bench(writeResponse),
       hypotheticalOneAeadPerResource: split.byClass.size > 1 ? bench(singleAead) : undefined,
     };
     perResource[type] = {
@@ -621,13 +676,19 @@ async function micro() {
       sealPerClass:
         'Envelope.seal of JSON.stringify(elements) for each class (one AEAD per class per resource)',
       writeEncryptionOn:
-        'splitProtected + sealPerClass + extractSearchIndex(redacted) + extractSearchIndex(projection) + blindIndexKey per key: what storeWrite does with encryption on',
+        'splitProtected + sealPerClass + extractSearchIndex(redacted) + extractSearchIndex(projection) + protectedIndexKeys: what storeWrite does with encryption on',
       writeEncryptionOff: 'extractSearchIndex(resource): what storeWrite does with encryption off',
       searchIndexOfRedacted: 'extractSearchIndex(redacted) (part of writeEncryptionOn)',
-      blindIndexOfProjection:
-        'extractSearchIndex(projection) + blindIndexKey (HMAC-SHA-256) per non-presence key (part of writeEncryptionOn)',
+      searchIndexOfProjection:
+        'extractSearchIndex(projection): every search parameter of the type over the protected elements (part of writeEncryptionOn)',
+      blindKeysPrevious: 'before: blindIndexKey (HMAC-SHA-256) for every exact key of the projection index',
+      blindKeysNow:
+        'protectedIndexKeys: blind keys for the protected parameters only (part of writeEncryptionOn)',
       readReveal:
-        "the gateway's reveal: JSON.parse(stored) + Envelope.open per class + JSON.parse + restoreProtected + JSON.stringify (encryption off: nothing)",
+        "the gateway's reveal: JSON.parse(stored) + Envelope.openCached (open on a cache miss) per class + JSON.parse + restoreProtected + JSON.stringify (encryption off: nothing)",
+      writeResponsePrevious: 'before: a write response was revealed like a read (readReveal)',
+      writeResponseNow:
+        'now: JSON.parse(stored) + restoreProtected from the plaintext the write holds + JSON.stringify (all classes visible)',
       hypotheticalOneAeadPerResource:
         'all classes in one AEAD (not what the code does; per-class keys would be lost)',
       addedWriteNs: 'writeEncryptionOn − writeEncryptionOff',
@@ -1601,8 +1662,9 @@ async function profilePass(kind: 'embedded' | 'postgres', servers: Server[]) {
 }
 
 /**
- * What the statement encryption adds to every write costs by itself: Envelope.currentEpoch's
- * `SELECT max(epoch) … FROM data_key` (run by prepareWrite on every write request), sent
+ * What the statement encryption added to every write before the epoch cache cost by itself:
+ * Envelope.currentEpoch's `SELECT max(epoch) … FROM data_key` (now run at most once per
+ * EPOCH_CACHE_MS per project and process, so the xact counts per create should match off), sent
  * sequentially on one connection to the "on" server's resource database after the servers have
  * stopped. CPU per statement: this process (the client side, as the server would spend it) and,
  * on PostgreSQL, the PostgreSQL processes; on embedded storage PGlite runs in this process.

@@ -64,6 +64,10 @@ const { values: flags } = parseArgs({
     'skip-postgres': { type: 'boolean', default: false },
     'skip-writes': { type: 'boolean', default: false },
     'cpu-prof-dir': { type: 'string' },
+    'keep-db': { type: 'string' },
+    searches: { type: 'string' },
+    'skip-explain': { type: 'boolean', default: false },
+    'drop-kept': { type: 'string' },
     help: { type: 'boolean', default: false },
   },
   allowPositionals: false,
@@ -75,6 +79,12 @@ if (flags.help) {
   [--write-duration 10] [--write-rounds 2] [--clone-parallel 2] [--clone-batch-rows 60000]
   [--import-parallel 3] [--quiet-wait 10] [--synthea DIR] [--skip-embedded] [--skip-postgres] [--skip-writes]
   [--cpu-prof-dir DIR] (servers run under node --cpu-prof; phase windows are in the JSON)
+  [--keep-db NAME] keep the seeded data set (database custos_bench_NAME[_audit], data directory
+      <tmp>/custos-search-bench-NAME-<storage>) instead of dropping it; a later run with the same NAME
+      and size reuses it (no import, no cloning). Remove with --drop-kept NAME.
+  [--drop-kept NAME] drop what --keep-db NAME kept, and exit
+  [--searches 'Encounter patient,Condition patient'] measure only these combinations (names as in the JSON)
+  [--skip-explain] no EXPLAIN phase
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
 }
@@ -101,8 +111,12 @@ const cfg = {
   importParallel: Math.max(1, int('import-parallel', flags['import-parallel'])),
   quietWait: int('quiet-wait', flags['quiet-wait']),
   writes: !flags['skip-writes'],
+  skipExplain: flags['skip-explain'],
 };
 const pgAdminUrl = process.env.CUSTOS_BENCH_DATABASE_URL || process.env.CUSTOS_TEST_DATABASE_URL || undefined;
+const keepName = flags['keep-db'] ?? flags['drop-kept'];
+if (keepName !== undefined && !/^[a-z0-9_]{1,30}$/.test(keepName))
+  throw new Error('--keep-db/--drop-kept NAME: lower-case letters, digits and _ only (at most 30)');
 
 const log = (s: string) =>
   process.stderr.write(`[search-bench ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
@@ -885,7 +899,7 @@ async function pickTargets(db: Db, projectId: string, eligible: string[], clones
 }
 
 /** The US Core search combinations: [name, type, parameters of a target]. */
-const SEARCHES: [string, string, (t: Target) => [string, string][]][] = [
+const ALL_SEARCHES: [string, string, (t: Target) => [string, string][]][] = [
   ['Patient identifier', 'Patient', (t) => [['identifier', t.identifier]]],
   ['Patient name', 'Patient', (t) => [['name', t.family]]],
   [
@@ -967,6 +981,11 @@ const SEARCHES: [string, string, (t: Target) => [string, string][]][] = [
     ],
   ],
 ];
+
+const only = flags.searches?.split(',').map((x) => x.trim());
+for (const n of only ?? [])
+  if (!ALL_SEARCHES.some(([name]) => name === n)) throw new Error(`--searches: no search named '${n}'`);
+const SEARCHES = only ? ALL_SEARCHES.filter(([name]) => only.includes(name)) : ALL_SEARCHES;
 
 const searchPath = (type: string, params: [string, string][]) =>
   `/fhir/R4/${type}?${params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join('&')}`;
@@ -1374,62 +1393,147 @@ async function explainSearches(db: Db, projectId: string, targets: Target[], ver
 
 // ---- one storage ------------------------------------------------------------------------------
 
+/** Where --keep-db NAME keeps one storage's data set. */
+function keptPaths(kind: 'postgres' | 'embedded', name: string) {
+  return {
+    dataDir: path.join(os.tmpdir(), `custos-search-bench-${name}-${kind}`),
+    dbName: `custos_bench_${name}`,
+  };
+}
+
+/** What a kept data set needs to be measured again without rebuilding it. */
+interface KeptState {
+  target: number;
+  creds: Creds;
+  import: unknown;
+  dataSet: unknown;
+  targets: Target[];
+  targetsInfo: unknown;
+  builtAt: string;
+}
+
+async function dropKept(name: string): Promise<void> {
+  for (const kind of ['postgres', 'embedded'] as const) {
+    const k = keptPaths(kind, name);
+    if (fs.existsSync(k.dataDir)) {
+      fs.rmSync(k.dataDir, { recursive: true, force: true });
+      log(`removed ${k.dataDir}`);
+    }
+    if (kind === 'postgres' && pgAdminUrl)
+      for (const db of [k.dbName, `${k.dbName}_audit`]) {
+        await adminQuery(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`);
+        log(`dropped database ${db} (if it existed)`);
+      }
+  }
+}
+
 async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBundle[]) {
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-search-bench-'));
+  const target = kind === 'postgres' ? cfg.resources : cfg.embeddedResources;
+  const kept = keepName !== undefined ? keptPaths(kind, keepName) : undefined;
+  const statePath = kept && path.join(kept.dataDir, 'bench-state.json');
+  let state =
+    statePath && fs.existsSync(statePath)
+      ? (JSON.parse(fs.readFileSync(statePath, 'utf8')) as KeptState)
+      : undefined;
+  if (state && state.target !== target)
+    throw new Error(
+      `the data set kept as '${keepName}' was built for ${state.target} resources, not ${target}: use another NAME or --drop-kept ${keepName}`,
+    );
+  let dataDir: string;
+  if (kept) {
+    if (!state) {
+      // Nothing kept, or a half-built leftover: start clean.
+      fs.rmSync(kept.dataDir, { recursive: true, force: true });
+      if (kind === 'postgres')
+        for (const db of [kept.dbName, `${kept.dbName}_audit`])
+          await adminQuery(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`);
+    }
+    fs.mkdirSync(kept.dataDir, { recursive: true, mode: 0o700 });
+    dataDir = kept.dataDir;
+  } else dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-search-bench-'));
   const logFile = path.join(dataDir, 'server.log');
   const env: Record<string, string> = { CUSTOS_DATA_DIR: dataDir, CUSTOS_LOG_LEVEL: 'info' };
   let dbName: string | undefined;
   const sessions: Session[] = [];
   const dbs: Db[] = [];
   const out: Json = { storage: kind };
-  const target = kind === 'postgres' ? cfg.resources : cfg.embeddedResources;
   benchDbName = undefined;
   pgOwner.clear();
   const seconds = kind === 'postgres' ? cfg.duration : cfg.embeddedDuration;
   let failed = true;
   try {
     if (kind === 'postgres') {
-      dbName = `custos_bench_${randomBytes(6).toString('hex')}`;
+      dbName = kept ? kept.dbName : `custos_bench_${randomBytes(6).toString('hex')}`;
       benchDbName = dbName;
-      await adminQuery(`CREATE DATABASE ${dbName}`);
-      await adminQuery(`CREATE DATABASE ${dbName}_audit`);
+      if (!state) {
+        await adminQuery(`CREATE DATABASE ${dbName}`);
+        await adminQuery(`CREATE DATABASE ${dbName}_audit`);
+      }
       env.CUSTOS_DATABASE_URL = withDatabase(pgAdminUrl!, dbName);
       env.CUSTOS_AUDIT_DATABASE_URL = withDatabase(pgAdminUrl!, `${dbName}_audit`);
       out.databases = [dbName, `${dbName}_audit`];
     }
     const serverEnv = cleanEnv({ ...env, CUSTOS_PORT: String(await freePort()) });
-    log(`${kind}: starting Custos (data dir ${dataDir})`);
-    const opened = await openSession(serverEnv, logFile);
-    let session = opened.session;
-    const creds = opened.creds;
-    sessions.push(session);
-    log(`${kind}: importing ${synthea.length} Synthea bundles over HTTP…`);
-    out.import = await importSynthea(session, synthea);
-    log(`${kind}: import ${JSON.stringify(out.import)}`);
-
-    if (kind === 'embedded') {
-      // PGlite is single-process: stop the server, open its data directory here, clone, restart.
-      await session.stop();
-      sessions.pop();
-      dbs.push(await openPglite(dataPaths(dataDir).resources));
-    } else {
-      for (let i = 0; i < cfg.cloneParallel; i++) dbs.push(await openPg(env.CUSTOS_DATABASE_URL!));
-    }
-    log(`${kind}: building the data set (≥ ${target} resources)…`);
-    const built = await buildDataSet(dbs, kind, target, dataDir);
-    out.dataSet = built.result;
-    const targets = await pickTargets(dbs[0]!, creds.projectId, built.eligible, built.clones);
-    out.targets = {
-      patients: targets.length,
-      copies: [...new Set(targets.map((t) => t.copy))],
-      how: 'patients with every resource type the searches need, spread over the copies; values taken from their rows (identifier: the Synthea UUID identifier, rewritten per copy; Observation: a lab result if any, else another, date=ge<its day>)',
+    const openDbs = async () => {
+      if (kind === 'embedded') dbs.push(await openPglite(dataPaths(dataDir).resources));
+      else for (let i = 0; i < cfg.cloneParallel; i++) dbs.push(await openPg(env.CUSTOS_DATABASE_URL!));
     };
-    log(`${kind}: EXPLAIN of each search's page query…`);
-    out.explain = await explainSearches(dbs[0]!, creds.projectId, targets);
+    let session: Session | undefined;
+    if (!state) {
+      log(`${kind}: starting Custos (data dir ${dataDir})`);
+      const opened = await openSession(serverEnv, logFile);
+      session = opened.session;
+      const creds = opened.creds;
+      sessions.push(session);
+      log(`${kind}: importing ${synthea.length} Synthea bundles over HTTP…`);
+      const imported = await importSynthea(session, synthea);
+      log(`${kind}: import ${JSON.stringify(imported)}`);
+      if (kind === 'embedded') {
+        // PGlite is single-process: stop the server, open its data directory here, clone, restart.
+        await session.stop();
+        sessions.pop();
+        session = undefined;
+      }
+      await openDbs();
+      log(`${kind}: building the data set (≥ ${target} resources)…`);
+      const built = await buildDataSet(dbs, kind, target, dataDir);
+      const targets = await pickTargets(dbs[0]!, creds.projectId, built.eligible, built.clones);
+      state = {
+        target,
+        creds,
+        import: imported,
+        dataSet: built.result,
+        targets,
+        targetsInfo: {
+          patients: targets.length,
+          copies: [...new Set(targets.map((t) => t.copy))],
+          how: 'patients with every resource type the searches need, spread over the copies; values taken from their rows (identifier: the Synthea UUID identifier, rewritten per copy; Observation: a lab result if any, else another, date=ge<its day>)',
+        },
+        builtAt: new Date().toISOString(),
+      };
+      if (statePath) {
+        fs.writeFileSync(statePath, JSON.stringify(state), { mode: 0o600 });
+        log(
+          `${kind}: data set kept as '${keepName}' (${dataDir}${dbName ? `, databases ${dbName}[_audit]` : ''})`,
+        );
+      }
+    } else {
+      log(`${kind}: reusing the data set kept as '${keepName}' (built ${state.builtAt})`);
+      out.reusedDataSet = { name: keepName, builtAt: state.builtAt };
+      if (!cfg.skipExplain) await openDbs();
+    }
+    out.import = state.import;
+    out.dataSet = state.dataSet;
+    out.targets = state.targetsInfo;
+    const { creds, targets } = state;
+    if (!cfg.skipExplain) {
+      log(`${kind}: EXPLAIN of each search's page query…`);
+      out.explain = await explainSearches(dbs[0]!, creds.projectId, targets);
+    }
     for (const db of dbs.splice(0)) await db.close();
 
-    if (kind === 'embedded') {
-      log(`${kind}: restarting Custos on the cloned data`);
+    if (!session) {
+      log(`${kind}: starting Custos on the data set`);
       session = (await openSession(serverEnv, logFile, creds)).session;
       sessions.push(session);
     }
@@ -1459,17 +1563,19 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
     for (const s of sessions.reverse()) await s.stop().catch(() => {});
     for (const db of dbs) await db.close().catch(() => {});
     if (failed && fs.existsSync(logFile)) {
-      const kept = path.join(os.tmpdir(), `custos-search-bench-${kind}-server.log`);
-      fs.copyFileSync(logFile, kept);
-      log(`${kind}: server log kept in ${kept}`);
+      const keptLog = path.join(os.tmpdir(), `custos-search-bench-${kind}-server.log`);
+      fs.copyFileSync(logFile, keptLog);
+      log(`${kind}: server log kept in ${keptLog}`);
     }
-    fs.rmSync(dataDir, { recursive: true, force: true });
-    if (dbName) {
-      for (const name of [dbName, `${dbName}_audit`])
-        await adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch((e: unknown) =>
-          log(`drop ${name}: ${String(e)}`),
-        );
-    }
+    if (!kept) {
+      fs.rmSync(dataDir, { recursive: true, force: true });
+      if (dbName) {
+        for (const name of [dbName, `${dbName}_audit`])
+          await adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch((e: unknown) =>
+            log(`drop ${name}: ${String(e)}`),
+          );
+      }
+    } else fs.rmSync(logFile, { force: true });
   }
 }
 
@@ -1517,6 +1623,10 @@ function compactJson(value: unknown, indent = ''): string {
 
 async function main() {
   const t0 = performance.now();
+  if (flags['drop-kept'] !== undefined) {
+    await dropKept(flags['drop-kept']);
+    return;
+  }
   if (!fs.existsSync(flags.synthea))
     throw new Error(`${flags.synthea} is absent: the data set is built from it`);
   log(`preparing Synthea bundles from ${flags.synthea} (adding HTEST labels)`);

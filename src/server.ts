@@ -12,11 +12,16 @@ import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
 import { prepareAuditSchema } from './audit/audit-migrations.ts';
 import { AuditLog } from './audit/audit-log.ts';
 import { Checkpoints } from './audit/checkpoints.ts';
+import { Witnesses } from './audit/witness.ts';
 import { AuditSealer } from './audit/audit-sealer.ts';
 import type { AuditQueryDeps } from './audit/audit-query.ts';
 import { AuditReports } from './audit/audit-report.ts';
+import { loadSiemTls, SiemForwarder } from './audit/siem-forwarder.ts';
 import { PhiGateway } from './phi/gateway.ts';
 import { ClientRegistry } from './auth/client-registry.ts';
+import { UserService } from './auth/users.ts';
+import { SessionStore } from './auth/sessions.ts';
+import { TotpSealer } from './auth/totp.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
 import { createAuthenticator } from './auth/authenticate.ts';
 import { initValidator, validateResource } from './fhir/validator.ts';
@@ -48,6 +53,8 @@ export function dataPaths(dataDir: string) {
     auditCheckpointKey: path.join(dataDir, 'keys', 'audit-checkpoint.skey'),
     /** AES-256-GCM key of the sealed fields of audit events (audit-sealer.ts). */
     auditFieldKey: path.join(dataDir, 'keys', 'audit-field.key'),
+    /** AES-256-GCM key sealing users' TOTP secrets (src/auth/totp.ts). */
+    totpKey: path.join(dataDir, 'keys', 'totp-secret.key'),
     keyring: path.join(dataDir, 'keys', 'keyring.json'),
     devKeyringPassphrase: path.join(dataDir, 'keys', 'dev-keyring-passphrase'),
     adminToken: path.join(dataDir, 'admin-token'),
@@ -61,7 +68,13 @@ export interface CustosCore {
   auditDb: SqlDriver;
   audit: AuditLog;
   checkpoints: Checkpoints;
+  /** Checkpoint witnesses (CUSTOS_AUDIT_WITNESSES; none configured: an empty list): docs/audit.md. */
+  witnesses: Witnesses;
   clients: ClientRegistry;
+  /** People: users, passwords, MFA, lockout, login (docs/users.md). */
+  users: UserService;
+  /** Login sessions of people (idle timeout and absolute lifetime). */
+  sessions: SessionStore;
   admin: AdminService;
   /** Field-level encryption (undefined when CUSTOS_ENCRYPTION=off). */
   encryption: { envelope: Envelope; policy: readonly PolicyRule[] } | undefined;
@@ -143,6 +156,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
   const paths = dataPaths(config.dataDir);
   // Before any database is opened: a key file with loose permissions stops the start here.
   const sealer = AuditSealer.fromKeyFile(paths.auditFieldKey);
+  const totpSealer = TotpSealer.fromKeyFile(paths.totpKey);
   const resourceDb = config.databaseUrl
     ? await PgDriver.open(config.databaseUrl)
     : await PgliteDriver.open(paths.resources);
@@ -173,8 +187,29 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     origin: `${new URL(config.publicUrl).host}/custos/audit`,
     exportDir: config.auditCheckpointDir,
   });
+  let witnesses: Witnesses;
+  try {
+    witnesses = new Witnesses({
+      audit,
+      checkpoints,
+      witnesses: config.auditWitnesses,
+      exportDir: config.auditCheckpointDir,
+      log,
+    });
+  } catch (e) {
+    await resourceDb.close().catch(() => {});
+    await auditDb.close().catch(() => {});
+    throw e;
+  }
   const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
   const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
+  const sessions = new SessionStore({
+    db: resourceDb,
+    audit,
+    idleMinutes: config.sessionIdleMinutes,
+    maxHours: config.sessionMaxHours,
+  });
+  const users = new UserService({ db: resourceDb, audit, sessions, totp: totpSealer });
   const auditQuery: AuditQueryDeps = {
     audit,
     fhirBaseUrl: `${config.publicUrl}/fhir/R4`,
@@ -196,7 +231,10 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     auditDb,
     audit,
     checkpoints,
+    witnesses,
     clients,
+    users,
+    sessions,
     admin,
     encryption,
     keys: encryption && { db: resourceDb, audit, envelope: encryption.envelope },
@@ -205,6 +243,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     auditQuery,
     reports: new AuditReports(auditQuery),
     async close() {
+      await witnesses.close();
       await encryption?.envelope.provider.close().catch(() => {});
       await resourceDb.close().catch(() => {});
       await auditDb.close().catch(() => {});
@@ -215,6 +254,8 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
 export interface RunningServer {
   core: CustosCore;
   app: FastifyInstance;
+  /** Forwarding of the audit log to a SIEM (CUSTOS_SIEM_URL), when configured. */
+  siem: SiemForwarder | undefined;
   /** The URL the server listens on (port resolved). */
   url: string;
   close(): Promise<void>;
@@ -282,6 +323,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       },
     ]);
   }
+  // Before storage is opened: a CA bundle or client key that does not load stops the start here.
+  const siemTls = config.siem && loadSiemTls(config.siem);
   const core = await openCore(config, log);
   try {
     const adminToken = readOrCreateKeyFile(paths.adminToken, () =>
@@ -295,6 +338,21 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     const url = `${scheme}://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
     fs.writeFileSync(paths.serverInfo, JSON.stringify({ pid: process.pid, url }), { mode: 0o600 });
     const stopCheckpoints = scheduleCheckpoints(core, config.auditCheckpointIntervalSeconds, log);
+    // Asynchronous from the appends: a slow or absent SIEM never delays a request (docs/audit.md).
+    const siem =
+      config.siem && siemTls
+        ? new SiemForwarder({
+            db: core.auditDb,
+            databaseUrl: config.auditDatabaseUrl,
+            host: config.siem.host,
+            port: config.siem.port,
+            tls: siemTls,
+            hostname: new URL(config.publicUrl).hostname.replace(/^\[(.*)\]$/, '$1'),
+            log,
+            retryMaxMs: config.siem.retryMaxSeconds * 1000,
+          })
+        : undefined;
+    siem?.start();
     log.info('server.listening', {
       host: config.host,
       port,
@@ -303,6 +361,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     return {
       core,
       app,
+      siem,
       url,
       async close() {
         try {
@@ -312,6 +371,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
           /* already gone */
         }
         stopCheckpoints();
+        await siem?.stop();
         await app.close();
         await core.close();
       },
@@ -324,7 +384,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
 
 /**
  * Signs a checkpoint every `seconds` while the log grows: the published maximum merge delay within
- * which every audit entry is covered by a signed checkpoint. Returns the stop function.
+ * which every audit entry is covered by a signed checkpoint. Each interval the newest checkpoint also
+ * goes to the witnesses that have not cosigned it (witness.ts). Returns the stop function.
  */
 function scheduleCheckpoints(core: CustosCore, seconds: number, log: Logger): () => void {
   if (seconds <= 0) return () => {};
@@ -342,6 +403,9 @@ function scheduleCheckpoints(core: CustosCore, seconds: number, log: Logger): ()
       } finally {
         running = false;
       }
+      // Then to the witnesses, in the background: a slow or absent witness delays neither the next
+      // checkpoint nor any request; one that failed is retried at the next interval.
+      void core.witnesses.tick();
     })();
   }, seconds * 1000);
   timer.unref();

@@ -2,11 +2,14 @@ import { timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { CustosError } from '../kernel/errors.ts';
 import type { AdminService, CreateClientRequest } from './admin-service.ts';
+import { documentSha256 } from './project-baa.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { Checkpoints } from '../audit/checkpoints.ts';
+import { witnessRequest, type Witnesses } from '../audit/witness.ts';
 import { verifyAuditLog } from '../audit/audit-verify.ts';
 import { reportBundle, reportCsv, type AuditReports, type ReportKind } from '../audit/audit-report.ts';
 import type { ReindexResult } from '../phi/reindex.ts';
+import type { UserRef, UserService } from '../auth/users.ts';
 import {
   approveKeyDestruction,
   requestKeyDestruction,
@@ -35,10 +38,12 @@ export function registerAdminRoutes(
   core: {
     audit: AuditLog;
     checkpoints: Checkpoints;
+    witnesses: Witnesses;
     reindex: CustosCoreReindex;
     keys: KeyAdminDeps | undefined;
     reports: AuditReports;
     auditQuery: { fhirBaseUrl: string };
+    users: UserService;
   },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
@@ -54,7 +59,7 @@ export function registerAdminRoutes(
   });
   app.post('/admin/audit/verify', async (req) => {
     check(req);
-    return verifyAuditLog(core.audit, core.checkpoints);
+    return verifyAuditLog(core.audit, core.checkpoints, { witnesses: core.witnesses });
   });
   // Reports over the audit log (docs/audit.md): body { patient, since?, until?, project?, purpose?,
   // format?: 'fhir' | 'csv' }. FHIR: a Bundle of AuditEvents; CSV: text/csv. Each run is audited.
@@ -104,6 +109,24 @@ export function registerAdminRoutes(
     const b = (req.body ?? {}) as { from?: unknown; to?: unknown };
     return core.checkpoints.consistency(b.from, b.to ?? undefined);
   });
+  // Checkpoint witnesses (docs/audit.md, "Witnesses"). The C2SP tlog-witness add-checkpoint body for
+  // the newest signed checkpoint with a consistency proof from `old`: POST {old} gives it in JSON,
+  // GET ?old=N as the exact text/plain body to send to any witness by hand.
+  app.post('/admin/audit/witness-request', async (req) => {
+    check(req);
+    return witnessRequest(core.checkpoints, (req.body as { old?: unknown } | null)?.old);
+  });
+  app.get('/admin/audit/witness-request', async (req, reply) => {
+    check(req);
+    const old = (req.query as { old?: unknown } | null)?.old;
+    const n = typeof old === 'string' && /^\d{1,15}$/.test(old) ? Number(old) : old;
+    const r = await witnessRequest(core.checkpoints, n);
+    return reply.type('text/plain; charset=utf-8').send(r.body);
+  });
+  app.post('/admin/audit/witnesses', async (req) => {
+    check(req);
+    return core.witnesses.status();
+  });
   // Key administration (docs/keys.md). Absent keys (encryption off) is a configuration error.
   const keys = (): KeyAdminDeps => {
     if (!core.keys) throw new CustosError('CONFIG_INVALID');
@@ -138,6 +161,78 @@ export function registerAdminRoutes(
       batch: typeof b.batch === 'number' ? b.batch : undefined,
       requestId: req.id,
     });
+  });
+  // People (docs/users.md). Bodies carry passwords: Fastify's logger is off and nothing here logs a body.
+  // A user is named by { userId } or by { projectId, email }.
+  const userRef = (b: Record<string, unknown>): UserRef => {
+    if (str(b.userId)) return { userId: b.userId as string };
+    if (str(b.projectId) && str(b.email))
+      return { projectId: b.projectId as string, email: b.email as string };
+    throw new CustosError('BAD_REQUEST', [
+      {
+        severity: 'error',
+        code: 'required',
+        diagnostics: 'Name the user by userId, or by projectId and email.',
+      },
+    ]);
+  };
+  const body = (req: FastifyRequest) => (req.body ?? {}) as Record<string, unknown>;
+  app.post('/admin/users', async (req) => {
+    check(req);
+    const b = body(req);
+    return core.users.create(
+      {
+        projectId: str(b.projectId) ?? '',
+        role: String(b.role ?? ''),
+        email: b.email as string,
+        fhirUser: b.fhirUser === undefined || b.fhirUser === null ? undefined : String(b.fhirUser),
+        mfa: b.mfa === true,
+        password: b.password as string,
+      },
+      req.id,
+    );
+  });
+  app.post('/admin/users/reset-password', async (req) => {
+    check(req);
+    const b = body(req);
+    return core.users.resetPassword(userRef(b), b.password as string, req.id);
+  });
+  app.post('/admin/users/reset-mfa', async (req) => {
+    check(req);
+    return core.users.resetMfa(userRef(body(req)), req.id);
+  });
+  app.post('/admin/users/deactivate', async (req) => {
+    check(req);
+    return core.users.deactivate(userRef(body(req)), req.id);
+  });
+  app.post('/admin/projects/mfa', async (req) => {
+    check(req);
+    const b = body(req);
+    if (!str(b.projectId) || typeof b.required !== 'boolean')
+      throw new CustosError('BAD_REQUEST', [
+        { severity: 'error', code: 'required', diagnostics: 'Give projectId and required (true or false).' },
+      ]);
+    return core.users.setProjectMfaRequired(b.projectId as string, b.required, req.id);
+  });
+  // Projects and BAAs (docs/phi-boundary.md). A BAA body names the document by its SHA-256
+  // (documentSha256) or carries it (documentBase64): it is hashed here and not kept.
+  app.post('/admin/projects', async (req) => {
+    check(req);
+    const b = (req.body ?? {}) as { name?: unknown; production?: unknown };
+    return admin.createProject({ name: b.name as string, production: b.production === true }, req.id);
+  });
+  app.post('/admin/projects/baa', async (req) => {
+    check(req);
+    const { documentBase64, ...b } = (req.body ?? {}) as Record<string, unknown>;
+    if (typeof documentBase64 === 'string' && b.documentSha256 === undefined)
+      b.documentSha256 = documentSha256(Buffer.from(documentBase64, 'base64'));
+    return admin.recordBaa(b, req.id);
+  });
+  app.post('/admin/projects/show', async (req) => {
+    check(req);
+    const id = (req.body as { projectId?: unknown } | null)?.projectId;
+    if (typeof id !== 'string' || id === '') throw new CustosError('PROJECT_NOT_FOUND');
+    return admin.showProject(id);
   });
   app.post('/admin/clients', async (req) => {
     check(req);

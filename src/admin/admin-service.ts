@@ -5,6 +5,16 @@ import type { AuditLog } from '../audit/audit-log.ts';
 import { adminEvent } from '../audit/audit-event.ts';
 import type { ClientRegistry } from '../auth/client-registry.ts';
 import { allOrdinaryPurposes, BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from '../phi/purpose-of-use.ts';
+import {
+  createProject,
+  recordProjectBaa,
+  showProject,
+  type CreateProjectRequest,
+  type ProjectDetails,
+  type ProjectInfo,
+  type RecordBaaRequest,
+  type RecordBaaResult,
+} from './project-baa.ts';
 
 /** What `custos init` and `custos client create` print (INTERFACE.md). */
 export interface ClientCredentials {
@@ -146,5 +156,23 @@ export class AdminService {
     });
     await this.auditAdmin(requestId, 'client.created', clientId, req.projectId);
     return { projectId: req.projectId, clientId, clientSecret, ...this.urls() };
+  }
+
+  /** `custos project create` (src/admin/project-baa.ts): always a sandbox until a BAA is recorded. */
+  createProject(req: CreateProjectRequest, requestId = newId()): Promise<ProjectInfo> {
+    return createProject(this.deps, req, requestId);
+  }
+
+  /** `custos project baa`: records a BAA and promotes the project to production. */
+  recordBaa(
+    req: Partial<Record<keyof RecordBaaRequest, unknown>>,
+    requestId = newId(),
+  ): Promise<RecordBaaResult> {
+    return recordProjectBaa(this.deps, req, requestId);
+  }
+
+  /** `custos project show`: the project's kind and its BAAs. */
+  showProject(projectId: string): Promise<ProjectDetails> {
+    return showProject(this.deps, projectId);
   }
 }

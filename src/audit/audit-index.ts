@@ -143,8 +143,8 @@ SELECT count(*)::int AS n,
   FROM audit_index WHERE seq >= $1 AND seq <= $2`;
 
 /** Epoch milliseconds of 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z: the instants {@link instant} keeps. */
-const FIRST_MS = -62_167_219_200_000;
-const LAST_MS = 253_402_300_799_999;
+export const FIRST_MS = -62_167_219_200_000;
+export const LAST_MS = 253_402_300_799_999;
 
 function jsonString(v: unknown): string {
   return typeof v === 'string' ? JSON.stringify(v) : 'null';
@@ -152,18 +152,25 @@ function jsonString(v: unknown): string {
 
 /**
  * The expected index rows of a stored entry (`b[start, end)`) as comparison text; '' for an entry that
- * does not decode (verify reports that entry itself). Used by verify-batch.ts, on worker threads, for
- * every entry: the same text as {@link indexRowsOf} then {@link rowText} (a test holds them equal),
- * written straight from the parsed entry.
+ * does not decode (verify reports that entry itself). The same text as {@link indexRowsOf} then
+ * {@link rowText} (a test holds them equal). verify-batch.ts derives it without decoding the entry
+ * for ordinary entries, and calls this (or {@link indexTextOf} with the entry it already parsed) for
+ * the others.
  */
 export function entryIndexText(seq: number, b: Buffer, start: number, end: number): string {
-  let e: Record<string, unknown>;
+  let e: unknown;
   try {
-    e = JSON.parse(b.toString('utf8', start, end)) as Record<string, unknown>;
+    e = JSON.parse(b.toString('utf8', start, end));
   } catch {
     return '';
   }
-  if (e === null || typeof e !== 'object' || Array.isArray(e)) return '';
+  return indexTextOf(seq, e);
+}
+
+/** {@link entryIndexText} of an entry already decoded (`JSON.parse` of its bytes). */
+export function indexTextOf(seq: number, parsed: unknown): string {
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) return '';
+  const e = parsed as Record<string, unknown>;
   const actor = e.actor !== null && typeof e.actor === 'object' ? (e.actor as Record<string, unknown>) : {};
   const t = typeof e.time === 'string' ? Date.parse(e.time) : NaN;
   const ms = t >= FIRST_MS && t <= LAST_MS ? String(t) : 'null';

@@ -3,6 +3,8 @@ import type { Logger } from '../log/logger.ts';
 import { migrate, type Migration } from '../store/migrations.ts';
 import { AUDIT_INDEX_MIGRATION_SQL, backfillAuditIndex } from './audit-index.ts';
 import { TILE_MIGRATION_SQL } from './tiles.ts';
+import { SIEM_CURSOR_MIGRATION_SQL } from './siem-forwarder.ts';
+import { ARCHIVE_MIGRATION_SQL } from './audit-retention.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 
 /**
@@ -83,6 +85,44 @@ CREATE TRIGGER audit_checkpoint_no_truncate BEFORE TRUNCATE ON audit_checkpoint
     // Entries appended before this migration get their rows in the same transaction.
     after: (tx) => backfillAuditIndex(tx),
   },
+  {
+    // Where forwarding to a SIEM has reached (siem-forwarder.ts), INSERT-only.
+    version: 6,
+    name: 'SIEM forwarding cursor',
+    sql: SIEM_CURSOR_MIGRATION_SQL,
+  },
+  {
+    // Witness cosignatures of signed checkpoints (witness.ts, C2SP tlog-cosignature), INSERT-only.
+    version: 7,
+    name: 'witness cosignatures',
+    sql: `
+CREATE TABLE audit_cosignature (
+  tree_size bigint NOT NULL,
+  -- the witness's verifier key (vkey, signature type 0x04)
+  witness text NOT NULL,
+  -- the note signature line, without its newline
+  signature text NOT NULL,
+  -- the cosignature's timestamp, POSIX seconds
+  cosigned_at bigint NOT NULL,
+  -- the cosigned note: our signed checkpoint followed by this signature line
+  note text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (tree_size, signature)
+);
+CREATE INDEX audit_cosignature_witness ON audit_cosignature (witness, tree_size);
+CREATE TRIGGER audit_cosignature_no_update BEFORE UPDATE OR DELETE ON audit_cosignature
+  FOR EACH ROW EXECUTE FUNCTION audit_entry_refuse_change();
+CREATE TRIGGER audit_cosignature_no_truncate BEFORE TRUNCATE ON audit_cosignature
+  FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_refuse_change();
+`,
+  },
+  {
+    // Archival beyond the retention period (audit-retention.ts): the watermark table, and DELETE of
+    // entries and index rows below it, only in the archive's transaction, only by the owner.
+    version: 8,
+    name: 'audit archive watermarks',
+    sql: ARCHIVE_MIGRATION_SQL,
+  },
 ];
 
 /** The table that records applied audit migrations (one row per version). */
@@ -100,6 +140,10 @@ export const AUDIT_APP_GRANTS: readonly { table: string; privileges: readonly ('
   { table: 'audit_checkpoint', privileges: ['SELECT', 'INSERT'] },
   { table: 'audit_index', privileges: ['SELECT', 'INSERT'] },
   { table: 'audit_tile', privileges: ['SELECT', 'INSERT'] },
+  { table: 'audit_siem_cursor', privileges: ['SELECT', 'INSERT'] },
+  { table: 'audit_cosignature', privileges: ['SELECT', 'INSERT'] },
+  // Written only by `custos audit archive`, with the administrative role.
+  { table: 'audit_archive', privileges: ['SELECT'] },
   { table: AUDIT_VERSION_TABLE, privileges: ['SELECT'] },
 ];
 
@@ -109,6 +153,9 @@ export const AUDIT_APPEND_ONLY_TABLES = [
   'audit_checkpoint',
   'audit_index',
   'audit_tile',
+  'audit_siem_cursor',
+  'audit_cosignature',
+  'audit_archive',
 ] as const;
 
 interface SchemaState {

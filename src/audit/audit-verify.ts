@@ -2,8 +2,15 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { AuditLog } from './audit-log.ts';
 import { AuditIndexCheck, type IndexReport } from './audit-index.ts';
-import { emptyRoot } from './merkle-proof.ts';
+import { emptyRoot, perfectRoot } from './merkle-proof.ts';
+import {
+  archivedLeafTiles,
+  checkArchives,
+  readArchiveWatermarks,
+  type ArchivedReport,
+} from './audit-retention.ts';
 import type { CheckpointReport, Checkpoints } from './checkpoints.ts';
+import type { CosignatureVerifier, WitnessVerifyReport } from './witness.ts';
 import { TILE_BYTES, TILE_WIDTH, TileBuilder, Tiles, type Tile } from './tiles.ts';
 import {
   copyHeader,
@@ -33,6 +40,12 @@ export interface AuditVerifyReport {
   /** Query index rows (audit-index.ts) compared with the rows recomputed from the entries, in the same
    * pass; absent when the audit database has no index or `index: false`. */
   index?: IndexReport;
+  /** Witness cosignatures of the checkpoints (witness.ts); present with the `witnesses` option. */
+  witnesses?: WitnessVerifyReport;
+  /** Entries moved out by `custos audit archive` (audit-retention.ts): the archived prefix, rebuilt
+   * from the stored level-0 tiles and checked against each archive's watermark, signed note and record;
+   * absent when nothing was ever archived. */
+  archive?: ArchivedReport;
 }
 
 export interface TileReport {
@@ -49,6 +62,8 @@ export interface VerifyOptions {
   batchRows?: number;
   /** Check the query index against the entries too (default true). */
   index?: boolean;
+  /** Check the stored witness cosignatures against these witnesses' keys (witness.ts). */
+  witnesses?: CosignatureVerifier;
 }
 
 const PARALLEL_FROM = 100_000;
@@ -73,8 +88,14 @@ export async function verifyAuditLog(
   const indexCheck = opts.index === false ? undefined : await AuditIndexCheck.open(log.database);
   const batchSeqs: number[] = [];
 
+  // Entries below the last archive's watermark were moved out (audit-retention.ts).
+  const archives = await readArchiveWatermarks(log.database);
+  const archivedBefore = archives[archives.length - 1]?.to ?? 0;
+
   const heads = new Map<number, Buffer>();
-  const headSizes = [...new Set((cps ?? []).map((c) => c.treeSize))].sort((a, b) => a - b);
+  const headSizes = [...new Set([...(cps ?? []).map((c) => c.treeSize), ...archives.map((a) => a.to)])].sort(
+    (a, b) => a - b,
+  );
   let nextHead = 0;
   const recordHeads = (builder: TileBuilder) => {
     while (nextHead < headSizes.length && headSizes[nextHead] === builder.size) {
@@ -87,14 +108,41 @@ export async function verifyAuditLog(
   const built: Tile[] = [];
   const builder = new TileBuilder((t) => built.push(t));
   recordHeads(builder);
+  /** The next 256 leaf hashes, with their root: whole, or leaf by leaf where a head is wanted inside. */
+  const addLeafTile = (hashes: Buffer, root: Buffer) => {
+    if (nextHead < headSizes.length && headSizes[nextHead]! < builder.size + TILE_WIDTH) {
+      for (let i = 0; i < TILE_WIDTH; i++) {
+        builder.addLeaf(hashes.subarray(i * 32, (i + 1) * 32));
+        recordHeads(builder);
+      }
+    } else {
+      builder.addLeafTile(hashes, root);
+      recordHeads(builder);
+    }
+  };
+
+  // The archived prefix: its leaf hashes from the stored level-0 tiles (whose roots are recomputed),
+  // so that the tree, the heads of the checkpoints and the higher tiles are checked as before.
+  let prefixProblem: string | undefined;
+  if (archivedBefore > 0) {
+    for await (const t of archivedLeafTiles(log.database, archivedBefore / TILE_WIDTH)) {
+      if (t.index * TILE_WIDTH !== builder.size || t.hashes.length !== TILE_BYTES) break;
+      addLeafTile(t.hashes, perfectRoot(t.hashes, TILE_WIDTH));
+      if (built.length >= 256) await tileCheck.compare(built.splice(0));
+    }
+    await tileCheck.compare(built.splice(0));
+    if (builder.size !== archivedBefore)
+      prefixProblem = `the stored tiles of the archived entries stop at ${builder.size}`;
+  }
 
   // Sequence gaps are seen while splitting; leaf hash and decoding problems come back with each batch.
-  let expected = 0;
+  let expected = archivedBefore;
   let ordinal = 0;
   let gap: { ordinal: number; seq: number } | undefined;
   const onSeq = (seq: number) => {
     if (indexCheck) batchSeqs.push(seq);
-    if (gap === undefined && seq !== expected) gap = { ordinal, seq: expected };
+    // An entry below the archive watermark is one that should not be there: it is named.
+    if (gap === undefined && seq !== expected) gap = { ordinal, seq: seq < expected ? seq : expected };
     expected = seq + 1;
     ordinal++;
   };
@@ -110,22 +158,11 @@ export async function verifyAuditLog(
     }
     const leaf = (i: number) => r.leafHashes.subarray(i * 32, (i + 1) * 32);
     const groups = Math.floor(r.count / TILE_WIDTH);
-    for (let g = 0; g < groups; g++) {
-      const groupEnd = builder.size + TILE_WIDTH;
-      if (nextHead < headSizes.length && headSizes[nextHead]! < groupEnd) {
-        // A checkpoint inside this group: leaf by leaf, to take the head at its size.
-        for (let i = g * TILE_WIDTH; i < (g + 1) * TILE_WIDTH; i++) {
-          builder.addLeaf(leaf(i));
-          recordHeads(builder);
-        }
-      } else {
-        builder.addLeafTile(
-          r.leafHashes.subarray(g * TILE_BYTES, (g + 1) * TILE_BYTES),
-          r.roots.subarray(g * 32, (g + 1) * 32),
-        );
-        recordHeads(builder);
-      }
-    }
+    for (let g = 0; g < groups; g++)
+      addLeafTile(
+        r.leafHashes.subarray(g * TILE_BYTES, (g + 1) * TILE_BYTES),
+        r.roots.subarray(g * 32, (g + 1) * 32),
+      );
     for (let i = groups * TILE_WIDTH; i < r.count; i++) {
       builder.addLeaf(leaf(i));
       recordHeads(builder);
@@ -199,17 +236,27 @@ export async function verifyAuditLog(
     problem = 'sequence_gap';
   }
   const cpReport = checkpoints && cps ? await checkpoints.verifyAll(cps, heads, builder.size) : undefined;
+  const witnessReport = opts.witnesses && cps ? await opts.witnesses.verify(cps) : undefined;
   const tileReport = tileCheck.report();
+  let archiveReport: ArchivedReport | undefined;
+  if (archives.length > 0) {
+    archiveReport = await checkArchives(log.database, archives, heads, checkpoints?.verifierKey(), undefined);
+    if (prefixProblem) archiveReport.firstBad = { archivedBefore, problem: prefixProblem };
+  }
   const indexReport = indexCheck ? await indexCheck.report((from, n) => log.read(from, n)) : undefined;
   return {
     ok:
       firstBadSeq === undefined &&
       cpReport?.firstBadTreeSize === undefined &&
       tileReport.firstBad === undefined &&
-      indexReport?.firstBadSeq === undefined,
+      indexReport?.firstBadSeq === undefined &&
+      witnessReport?.firstBad === undefined &&
+      archiveReport?.firstBad === undefined,
     checkpoints: cpReport,
     tiles: tileReport,
     index: indexReport,
+    witnesses: witnessReport,
+    archive: archiveReport,
     size: builder.size,
     rootHash: (builder.size === 0 ? emptyRoot() : builder.root()).toString('hex'),
     firstBadSeq,

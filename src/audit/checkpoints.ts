@@ -191,6 +191,15 @@ export class Checkpoints {
     };
   }
 
+  /** The newest stored signed checkpoint (the largest tree size), if any: what witnesses are sent. */
+  async latest(): Promise<SignedCheckpoint | undefined> {
+    const r = await this.opts.audit.database.query<{ tree_size: number | null }>(
+      'SELECT max(tree_size) AS tree_size FROM audit_checkpoint',
+    );
+    const size = r.rows[0]?.tree_size;
+    return size === null || size === undefined ? undefined : this.at(Number(size));
+  }
+
   /** Inclusion proof of entry `seq` in the newest checkpoint that covers it (signing one if none does). */
   async prove(seq: number): Promise<InclusionProof | undefined> {
     const audit = this.opts.audit;

@@ -10,8 +10,9 @@
  * SELECT are packed the same way ({@link packRows}).
  * @module
  */
-import { createHash, hash } from 'node:crypto';
-import { entryIndexText } from './audit-index.ts';
+import { isUtf8 } from 'node:buffer';
+import { hash } from 'node:crypto';
+import { entryIndexText, FIRST_MS, indexTextOf, LAST_MS } from './audit-index.ts';
 
 const HASH = 32;
 const GROUP = 256;
@@ -35,7 +36,10 @@ export interface BatchResult {
 
 /**
  * Processes `count` tuples packed in `buf` (no COPY header or trailer). `buf` is left as it was.
- * `index`: also derive each entry's query index rows and return their digest.
+ * `index`: also derive each entry's query index rows and return their digest. Each entry is read
+ * once: the scan that finds its write phase also finds its index fields (see {@link scanEntry}), and
+ * the rows' text is assembled from the entry's bytes; only an entry the scan is not sure of is
+ * parsed, once, for both.
  */
 export function processBatch(buf: Buffer, count: number, index = false): BatchResult {
   const leafHashes = Buffer.from(new ArrayBuffer(count * HASH));
@@ -45,8 +49,8 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
   const eventKinds: number[] = [];
   const eventIds: unknown[] = [];
   const row: string[] = new Array<string>(GROUP);
-  // Fed entry by entry: cheaper than building the batch's text and hashing it once.
-  const indexHash = index ? createHash('sha256') : undefined;
+  // The batch's index rows as UTF-8 text, hashed once at the end.
+  const text = index ? new TextOut(count * 192) : undefined;
   let o = 0;
   for (let i = 0; i < count; i++) {
     o += 2; // field count, checked by the splitter
@@ -69,7 +73,6 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
     buf[entryStart - 1] = 0;
     const leaf = hash('sha256', buf.subarray(entryStart - 1, entryEnd), 'binary');
     buf[entryStart - 1] = saved;
-    indexHash?.update(entryIndexText(seq, buf, entryStart, entryEnd));
     leafHashes.write(leaf, i * HASH, HASH, 'latin1');
     if (i < groups * GROUP) row[i % GROUP] = leaf;
     if (i % GROUP === GROUP - 1 && i < groups * GROUP)
@@ -78,18 +81,24 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
       leafLen !== HASH ||
       leafHashes.compare(buf, leafStart, leafStart + HASH, i * HASH, (i + 1) * HASH) !== 0;
     let undecodable = false;
-    if (scanEntry(buf, entryStart, entryEnd)) {
+    if (scanEntry(buf, entryStart, entryEnd, index)) {
       // Valid JSON, an object: the event fields were read by the scan (see scanEntry).
       if (scanned.phase !== 0 && scanned.idEnd > scanned.idStart) {
         eventKinds.push(scanned.phase);
         eventIds.push(buf.toString('utf8', scanned.idStart, scanned.idEnd));
       }
+      if (text && !(scanned.index && text.rows(seq, buf)))
+        text.string(entryIndexText(seq, buf, entryStart, entryEnd));
     } else {
+      let e: EventFields | null = null;
       try {
-        const e = JSON.parse(buf.toString('utf8', entryStart, entryEnd)) as {
-          phase?: string;
-          requestId?: string;
-        };
+        e = JSON.parse(buf.toString('utf8', entryStart, entryEnd)) as EventFields | null;
+      } catch {
+        undecodable = true;
+      }
+      // `null` is undecodable too: it has no fields to read.
+      if (e === null) undecodable = true;
+      else {
         if (e.phase === 'attempt' && e.requestId) {
           eventKinds.push(1);
           eventIds.push(e.requestId);
@@ -98,8 +107,8 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
           eventKinds.push(2);
           eventIds.push(e.requestId);
         }
-      } catch {
-        undecodable = true;
+        // The rows of the entry just parsed (none for one that is not an object).
+        if (text) text.string(indexTextOf(seq, e));
       }
     }
     if (bad === undefined && (mismatch || undecodable)) {
@@ -107,8 +116,206 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
     }
   }
   const result: BatchResult = { count, leafHashes, roots, bad, ...compressEvents(eventKinds, eventIds) };
-  if (indexHash) result.indexDigest = indexHash.digest('hex');
+  if (text) result.indexDigest = hash('sha256', text.bytes(), 'hex');
   return result;
+}
+
+/** What verify reads from a decoded entry. */
+interface EventFields {
+  phase?: unknown;
+  requestId?: unknown;
+}
+
+/**
+ * The index rows of a batch as UTF-8 bytes: the text audit-index.ts's `rowText` writes (and PostgreSQL's
+ * `json_build_array(…)::text` for the stored rows), assembled from the entries' bytes for the entries
+ * {@link scanEntry} read whole, from a string for the others.
+ */
+class TextOut {
+  private buf: Buffer;
+  private o = 0;
+
+  constructor(size: number) {
+    this.buf = Buffer.allocUnsafe(Math.max(size, 4096));
+  }
+
+  private room(n: number): void {
+    if (this.o + n <= this.buf.length) return;
+    const bigger = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.o + n));
+    this.buf.copy(bigger, 0, 0, this.o);
+    this.buf = bigger;
+  }
+
+  bytes(): Buffer {
+    return this.buf.subarray(0, this.o);
+  }
+
+  string(s: string): void {
+    if (s === '') return;
+    this.room(s.length * 3);
+    this.o += this.buf.write(s, this.o, 'utf8');
+  }
+
+  /**
+   * The rows of the entry {@link scanEntry} just read, from its bytes: a JSON string without escapes is
+   * its bytes, quoted, provided they are UTF-8 (else decoding would have replaced some). False, with
+   * nothing written, when a value is not UTF-8: the caller then decodes the entry.
+   */
+  rows(seq: number, b: Buffer): boolean {
+    const f = scanned.fields;
+    const p = scanned.patients;
+    const np = scanned.patientCount;
+    let ms = Number.NaN;
+    if (f[0]! >= 0) {
+      const t = timeValue(b, f[0]!, f[1]!);
+      if (t >= FIRST_MS && t <= LAST_MS) ms = t;
+    }
+    const order = np > 1 ? sortedPatients(b) : undefined;
+    const rows = order ? order.length : 1;
+    let size = 128;
+    for (let k = 2; k < 14; k += 2) if (f[k]! >= 0) size += f[k + 1]! - f[k]!;
+    for (let k = 0; k < np; k++) size += p[2 * k + 1]! - p[2 * k]! + 48;
+    this.room(size * rows);
+    const out = this.buf;
+    let o = this.o;
+    let high = 0;
+    let tailStart = 0;
+    let tailEnd = 0;
+    for (let r = 0; r < rows; r++) {
+      out[o++] = 0x5b; // [
+      o = writeInt(out, o, seq);
+      out[o++] = 0x2c;
+      out[o++] = 0x20;
+      out[o++] = QUOTE;
+      if (np > 0) {
+        const at = order ? order[r]! : 0;
+        for (let k = p[2 * at]!, e = p[2 * at + 1]!; k < e; k++) high |= out[o++] = b[k]!;
+      }
+      out[o++] = QUOTE;
+      if (r > 0) {
+        // The same fields as the first row.
+        out.copyWithin(o, tailStart, tailEnd);
+        o += tailEnd - tailStart;
+        continue;
+      }
+      tailStart = o;
+      out[o++] = 0x2c;
+      out[o++] = 0x20;
+      o = Number.isNaN(ms) ? writeNull(out, o) : writeInt(out, o, ms);
+      for (let k = 2; k < 14; k += 2) {
+        out[o++] = 0x2c;
+        out[o++] = 0x20;
+        const s = f[k]!;
+        if (s < 0) {
+          o = writeNull(out, o);
+          continue;
+        }
+        out[o++] = QUOTE;
+        for (let q = s, e = f[k + 1]!; q < e; q++) high |= out[o++] = b[q]!;
+        out[o++] = QUOTE;
+      }
+      out[o++] = 0x5d; // ]
+      out[o++] = 0x0a;
+      tailEnd = o;
+    }
+    if (high >= 0x80 && !capturedUtf8(b)) return false;
+    this.o = o;
+    return true;
+  }
+}
+
+/** Whether every string value the last scan captured is UTF-8. */
+function capturedUtf8(b: Buffer): boolean {
+  const f = scanned.fields;
+  const p = scanned.patients;
+  for (let k = 2; k < 14; k += 2) if (f[k]! >= 0 && !isUtf8(b.subarray(f[k]!, f[k + 1]!))) return false;
+  for (let k = 0; k < scanned.patientCount; k++)
+    if (!isUtf8(b.subarray(p[2 * k]!, p[2 * k + 1]!))) return false;
+  return true;
+}
+
+const DIGITS = new Uint8Array(24);
+
+/** The decimal digits of the integer `n` (|n| < 2^53) at `o`; returns the position after them. */
+function writeInt(out: Buffer, o: number, n: number): number {
+  if (n < 0) {
+    out[o++] = 0x2d;
+    n = -n;
+  }
+  let k = 0;
+  do {
+    DIGITS[k++] = 0x30 + (n % 10);
+    n = Math.floor(n / 10);
+  } while (n > 0);
+  while (k > 0) out[o++] = DIGITS[--k]!;
+  return o;
+}
+
+function writeNull(out: Buffer, o: number): number {
+  out[o] = 0x6e;
+  out[o + 1] = 0x75;
+  out[o + 2] = 0x6c;
+  out[o + 3] = 0x6c;
+  return o + 4;
+}
+
+/** The last minute `timeValue` parsed ("YYYY-MM-DDTHH:MM", 16 bytes) and its epoch milliseconds. */
+const minute = { bytes: Buffer.alloc(16), ms: Number.NaN };
+
+function sameMinute(b: Buffer, s: number): boolean {
+  const m = minute.bytes;
+  for (let k = 15; k >= 0; k--) if (b[s + k] !== m[k]) return false;
+  return true;
+}
+
+const digit = (c: number | undefined) => c !== undefined && c >= 0x30 && c <= 0x39;
+
+/**
+ * `Date.parse` of the string `b[s, e)` (a JSON string without escapes). Entries are written in time
+ * order, so most share the minute of the one before: for `YYYY-MM-DDTHH:MM:SS.sssZ` whose first 16
+ * bytes are the remembered minute, the seconds and milliseconds are added to it, which is what
+ * Date.parse gives (seconds 00-59; a minute is remembered only if it parses and its hour is not 24,
+ * which V8 accepts only as 24:00:00.000).
+ */
+function timeValue(b: Buffer, s: number, e: number): number {
+  if (
+    e - s === 24 &&
+    b[s + 16] === 0x3a &&
+    digit(b[s + 17]) &&
+    b[s + 17]! <= 0x35 &&
+    digit(b[s + 18]) &&
+    b[s + 19] === 0x2e &&
+    digit(b[s + 20]) &&
+    digit(b[s + 21]) &&
+    digit(b[s + 22]) &&
+    b[s + 23] === 0x5a
+  ) {
+    const seconds = (b[s + 17]! - 0x30) * 10 + (b[s + 18]! - 0x30);
+    const millis = (b[s + 20]! - 0x30) * 100 + (b[s + 21]! - 0x30) * 10 + (b[s + 22]! - 0x30);
+    if (!Number.isNaN(minute.ms) && sameMinute(b, s)) return minute.ms + seconds * 1000 + millis;
+    const t = Date.parse(b.toString('latin1', s, e));
+    const head = b.toString('latin1', s, s + 16);
+    if (!Number.isNaN(t) && /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}$/.test(head) && !head.startsWith('24', 11)) {
+      b.copy(minute.bytes, 0, s, s + 16);
+      minute.ms = t - seconds * 1000 - millis;
+    }
+    return t;
+  }
+  let high = 0;
+  for (let k = s; k < e; k++) high |= b[k]!;
+  return Date.parse(b.toString(high >= 0x80 ? 'utf8' : 'latin1', s, e));
+}
+
+/**
+ * The captured patients of the last scan in UTF-8 byte order (which is code point order, the order of
+ * audit-index.ts), each distinct value once: indexes into `scanned.patients`.
+ */
+function sortedPatients(b: Buffer): number[] {
+  const at = Array.from({ length: scanned.patientCount }, (_, k) => k);
+  const p = scanned.patients;
+  const cmp = (x: number, y: number) => b.compare(b, p[2 * y]!, p[2 * y + 1]!, p[2 * x]!, p[2 * x + 1]!);
+  at.sort(cmp);
+  return at.filter((k, i) => i === 0 || cmp(at[i - 1]!, k) !== 0);
 }
 
 /**
@@ -158,13 +365,86 @@ function groupRoot(row: string[]): string {
   return row[0]!;
 }
 
-/** What the last successful {@link scanEntry} found: phase 1 attempt, 2 outcome, 0 anything else. */
-const scanned = { phase: 0, idStart: 0, idEnd: 0 };
+/**
+ * What the last successful {@link scanEntry} found: phase 1 attempt, 2 outcome, 0 anything else, the
+ * request id; and the fields of the query index (audit-index.ts): `fields` holds [start, end) of each
+ * string value in slot order (time, action, outcome, purpose, projectId, actor.clientId, actor.userId;
+ * start -1 when absent or not a string), `patients` the non-empty strings of `patients`. `index` is
+ * false when those could not be read without decoding (an escape in one of them or in a key of
+ * `actor`, a repeated key): the caller then parses.
+ */
+const scanned = {
+  phase: 0,
+  idStart: 0,
+  idEnd: 0,
+  index: true,
+  fields: new Int32Array(14),
+  patients: new Int32Array(64),
+  patientCount: 0,
+};
+
+/** Keys read by the scan. Top level: 1 phase, 2 requestId, 3..7 the slots time..projectId, 8 actor,
+ * 9 patients; in `actor`: 10 clientId, 11 userId; 12 an element of `patients`. */
+const F_PHASE = 1;
+const F_REQUEST_ID = 2;
+const F_ACTOR = 8;
+const F_PATIENTS = 9;
+const F_PATIENT = 12;
+/** The slot in `scanned.fields` of a key's string value (codes 3..7, 10, 11), else -1. */
+const SLOT_OF = [-1, -1, -1, 0, 1, 2, 3, 4, -1, -1, 5, 6, -1];
+const word = (s: string) => Buffer.from(s);
+const K_PHASE = word('phase');
+const K_ACTOR = word('actor');
+const K_TIME = word('time');
+const K_ACTION = word('action');
+const K_OUTCOME = word('outcome');
+const K_PURPOSE = word('purpose');
+const K_PATIENTS = word('patients');
+const K_REQUEST_ID = word('requestId');
+const K_PROJECT_ID = word('projectId');
+const K_CLIENT_ID = word('clientId');
+const K_USER_ID = word('userId');
+
+/** The code of a top-level key `b[s, e)` (without escapes), 0 for keys verify does not read. */
+function topKey(b: Uint8Array, s: number, e: number): number {
+  const c = b[s];
+  switch (e - s) {
+    case 4:
+      return c === 0x74 && rawEquals(b, s, e, K_TIME) ? 3 : 0;
+    case 5:
+      return c === 0x70 && rawEquals(b, s, e, K_PHASE)
+        ? F_PHASE
+        : c === 0x61 && rawEquals(b, s, e, K_ACTOR)
+          ? F_ACTOR
+          : 0;
+    case 6:
+      return c === 0x61 && rawEquals(b, s, e, K_ACTION) ? 4 : 0;
+    case 7:
+      return c === 0x6f && rawEquals(b, s, e, K_OUTCOME)
+        ? 5
+        : c === 0x70 && rawEquals(b, s, e, K_PURPOSE)
+          ? 6
+          : 0;
+    case 8:
+      return c === 0x70 && rawEquals(b, s, e, K_PATIENTS) ? F_PATIENTS : 0;
+    case 9:
+      return c === 0x72 && rawEquals(b, s, e, K_REQUEST_ID)
+        ? F_REQUEST_ID
+        : c === 0x70 && rawEquals(b, s, e, K_PROJECT_ID)
+          ? 7
+          : 0;
+    default:
+      return 0;
+  }
+}
+
+/** The code of a key of `actor`. */
+function actorKey(b: Uint8Array, s: number, e: number): number {
+  return rawEquals(b, s, e, K_CLIENT_ID) ? 10 : rawEquals(b, s, e, K_USER_ID) ? 11 : 0;
+}
 
 const QUOTE = 0x22;
 const BACKSLASH = 0x5c;
-const PHASE = Buffer.from('phase');
-const REQUEST_ID = Buffer.from('requestId');
 const ATTEMPT = Buffer.from('attempt');
 const OUTCOME = Buffer.from('outcome');
 
@@ -188,12 +468,13 @@ function rawEquals(b: Uint8Array, start: number, end: number, word: Uint8Array):
  * A fast path for `JSON.parse(entry)` on the common case, as exact as the parse itself: true only when
  * `b[start, end)` decodes (UTF-8) to one JSON text that JSON.parse accepts and whose value is an
  * object; it then leaves in {@link scanned} what verify reads from that object: `phase` and, for an
- * attempt or outcome, `requestId`. Anything it is not sure of (another top-level value, a top-level key
- * with an escape or twice, an escaped or non-string phase of a write, nesting deeper than 64) returns
- * false, and the caller parses. A byte ≥ 0x80 is a character inside a string and an error outside
- * one, as after UTF-8 decoding: a decoder never consumes an ASCII byte into a replacement character.
+ * attempt or outcome, `requestId`, and (with `capture`) the fields of its query index rows. Anything
+ * it is not sure of (another top-level value, a top-level key with an escape or twice, an escaped or
+ * non-string phase of a write, nesting deeper than 64) returns false, and the caller parses. A byte ≥ 0x80 is a character
+ * inside a string and an error outside one, as after UTF-8 decoding: a decoder never consumes an ASCII
+ * byte into a replacement character.
  */
-export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
+export function scanEntry(b: Uint8Array, start: number, end: number, capture = true): boolean {
   let depth = 0;
   let i = start;
   let phaseSeen = 0;
@@ -202,8 +483,16 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
   let idStart = 0;
   let idEnd = 0;
   let idIsString = false;
-  /** The top-level key whose value comes next: 1 phase, 2 requestId, 0 another. */
+  /** The key whose value comes next (see F_PHASE …), 0 another. */
   let field = 0;
+  /** Top-level keys of the index seen (bit per code), and keys seen in `actor`. */
+  let seen = 0;
+  /** Depth 2 is the `actor` object (1) or the `patients` array (2). */
+  let inner = 0;
+  const fields = scanned.fields;
+  if (capture) fields.fill(-1);
+  let index = true;
+  let patientCount = 0;
   while (i < end && isWs(b[i]!)) i++;
   if (i >= end || b[i] !== 0x7b) return false;
   let expectValue = true;
@@ -218,13 +507,28 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
       if (ke < 0) return false;
       field = 0;
       if (depth === 1) {
-        if (hasBackslash(b, ks, ke)) return false;
-        if (rawEquals(b, ks, ke, PHASE)) {
+        if (escaped) return false;
+        field = topKey(b, ks, ke);
+        if (field === F_PHASE) {
           if (phaseSeen++ > 0) return false;
-          field = 1;
-        } else if (rawEquals(b, ks, ke, REQUEST_ID)) {
+        } else if (field === F_REQUEST_ID) {
           if (idSeen++ > 0) return false;
-          field = 2;
+        } else if (!capture) {
+          field = 0;
+        } else if (field !== 0) {
+          // JSON.parse keeps the last of repeated keys: leave those to it.
+          if (seen & (1 << field)) index = false;
+          seen |= 1 << field;
+        }
+      } else if (depth === 2 && inner === 1) {
+        // A key of `actor`: an escaped one could spell clientId.
+        if (escaped) index = false;
+        else {
+          field = actorKey(b, ks, ke);
+          if (field !== 0) {
+            if (seen & (1 << field)) index = false;
+            seen |= 1 << field;
+          }
         }
       }
       i = ke + 1;
@@ -240,17 +544,19 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
       while (i < end && isWs(b[i]!)) i++;
       if (i >= end) return false;
       const c = b[i]!;
-      const of = depth === 1 ? field : 0;
+      const of = depth === 1 ? field : depth === 2 ? (inner === 1 ? field : inner === 2 ? F_PATIENT : 0) : 0;
       field = 0;
-      if (of === 2) idIsString = c === QUOTE;
+      if (of === F_REQUEST_ID) idIsString = c === QUOTE;
       if (c === 0x7b || c === 0x5b) {
         if (depth === STACK.length) return false;
         STACK[depth++] = c === 0x7b ? 1 : 2;
+        if (depth === 2) inner = of === F_ACTOR && c === 0x7b ? 1 : of === F_PATIENTS && c === 0x5b ? 2 : 0;
         i++;
         while (i < end && isWs(b[i]!)) i++;
         if (i >= end) return false;
         if (b[i] === (c === 0x7b ? 0x7d : 0x5d)) {
           depth--;
+          if (depth < 2) inner = 0;
           i++;
           expectValue = false;
         } else if (c === 0x7b) {
@@ -261,14 +567,30 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
       if (c === QUOTE) {
         const se = scanString(b, i, end);
         if (se < 0) return false;
-        if (of === 1) {
+        if (of === F_PHASE) {
           // An escaped phase might spell attempt or outcome: let JSON.parse decide.
-          if (hasBackslash(b, i + 1, se)) return false;
+          if (escaped) return false;
           phase = rawEquals(b, i + 1, se, ATTEMPT) ? 1 : rawEquals(b, i + 1, se, OUTCOME) ? 2 : 0;
-        } else if (of === 2) {
-          if (hasBackslash(b, i + 1, se)) idIsString = false;
+        } else if (of === F_REQUEST_ID) {
+          if (escaped) idIsString = false;
           idStart = i + 1;
           idEnd = se;
+        } else if (of === F_PATIENT) {
+          if (escaped) index = false;
+          else if (se > i + 1) {
+            if (2 * patientCount + 2 > scanned.patients.length) {
+              const more = new Int32Array(scanned.patients.length * 2);
+              more.set(scanned.patients);
+              scanned.patients = more;
+            }
+            scanned.patients[2 * patientCount] = i + 1;
+            scanned.patients[2 * patientCount + 1] = se;
+            patientCount++;
+          }
+        } else if (of !== 0 && SLOT_OF[of]! >= 0) {
+          if (escaped) index = false;
+          fields[2 * SLOT_OF[of]!] = i + 1;
+          fields[2 * SLOT_OF[of]! + 1] = se;
         }
         i = se + 1;
       } else if (c === 0x2d || (c >= 0x30 && c <= 0x39)) {
@@ -308,6 +630,7 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
       else expectValue = true;
     } else if ((c === 0x7d && container === 1) || (c === 0x5d && container === 2)) {
       depth--;
+      if (depth < 2) inner = 0;
       i++;
     } else {
       return false;
@@ -318,6 +641,8 @@ export function scanEntry(b: Uint8Array, start: number, end: number): boolean {
   scanned.phase = phase;
   scanned.idStart = idSeen > 0 ? idStart : 0;
   scanned.idEnd = idSeen > 0 ? idEnd : 0;
+  scanned.index = index;
+  scanned.patientCount = patientCount;
   return true;
 }
 
@@ -342,13 +667,12 @@ export function scanEvent(
   };
 }
 
-function hasBackslash(b: Uint8Array, start: number, end: number): boolean {
-  for (let k = start; k < end; k++) if (b[k] === BACKSLASH) return true;
-  return false;
-}
+/** Whether the string {@link scanString} passed last holds an escape. */
+let escaped = false;
 
 /** From the opening quote at i: the index of the closing quote, or -1 if the string is not valid JSON. */
 function scanString(b: Uint8Array, i: number, end: number): number {
+  escaped = false;
   i++;
   while (i < end) {
     // Plain bytes first: one table look-up each.
@@ -358,6 +682,7 @@ function scanString(b: Uint8Array, i: number, end: number): number {
     if (c === QUOTE) return i;
     if (c < 0x20) return -1;
     if (c === BACKSLASH) {
+      escaped = true;
       const n = b[i + 1];
       if (n === 0x75) {
         for (let k = 2; k < 6; k++) {

@@ -9,6 +9,7 @@ import {
 } from '../phi/key-admin.ts';
 import type { ReindexResult } from '../phi/reindex.ts';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { ConfigError, loadConfig, type Config } from '../config/config.ts';
@@ -17,8 +18,25 @@ import { isCustosError } from '../kernel/errors.ts';
 import { dataPaths, openCore, runningServer, startServer, VERSION, type CustosCore } from '../server.ts';
 import { verifyAuditLog, type AuditVerifyReport } from '../audit/audit-verify.ts';
 import type { ConsistencyProof, InclusionProof, SignedCheckpoint } from '../audit/checkpoints.ts';
+import { witnessRequest, type WitnessRequest, type WitnessStatus } from '../audit/witness.ts';
 import { AuditSetupError, DEFAULT_AUDIT_APP_ROLE, setupAuditDatabase } from '../audit/audit-setup.ts';
+import {
+  archiveCommand,
+  archiveSummary,
+  AuditArchiveError,
+  verifyArchiveDir,
+  type ArchiveCheckReport,
+} from '../audit/audit-retention.ts';
+import { prepareAuditSchema } from '../audit/audit-migrations.ts';
 import type { ClientCredentials, InitResult } from '../admin/admin-service.ts';
+import {
+  BAA_SERVICES,
+  documentSha256,
+  type ProjectDetails,
+  type ProjectInfo,
+  type RecordBaaResult,
+} from '../admin/project-baa.ts';
+import type { CreatedUser, UserRef } from '../auth/users.ts';
 import { reportBundle, reportCsv } from '../audit/audit-report.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
 import { egressFetch } from '../egress/egress.ts';
@@ -182,6 +200,123 @@ export function buildCli(): Command {
       );
     });
 
+  // Projects and their BAAs (docs/phi-boundary.md).
+  const projectCmd = program
+    .command('project')
+    .description('Projects: sandbox (test data only) or production (with a recorded BAA)');
+  const projectText = (p: ProjectInfo) =>
+    [
+      `project:  ${p.projectId}`,
+      `name:     ${p.name}`,
+      `kind:     ${p.kind}`,
+      ...(p.productionRequested
+        ? [
+            `production requested: it stays a sandbox (test data only) until its BAA is recorded with\n` +
+              `  custos project baa --project ${p.projectId} --counterparty ORG --signed-by NAME --signed-at DATE --services fhir,… --document FILE`,
+          ]
+        : []),
+    ].join('\n');
+  projectCmd
+    .command('create')
+    .description('Create a project (a sandbox; with --production it is promoted when its BAA is recorded)')
+    .requiredOption('--name <name>', 'a name for administrators')
+    .option('--production', 'for real PHI: needs a BAA, recorded with `custos project baa`')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { name: string; production?: boolean; json?: boolean }) => {
+      const cfg = config();
+      const req = { name: opts.name, production: opts.production === true };
+      const r = await withBackend<ProjectInfo>(
+        cfg,
+        async (call) => (await call('/admin/projects', req)) as ProjectInfo,
+        (core) => core.admin.createProject(req),
+      );
+      print(opts.json === true, r, `Project created:\n${projectText(r)}`);
+    });
+  projectCmd
+    .command('baa')
+    .description("Record a project's Business Associate Agreement; the project becomes production (audited)")
+    .requiredOption('--project <id>', 'project id')
+    .requiredOption('--counterparty <org>', 'the other party to the agreement')
+    .requiredOption('--signed-by <name>', 'who signed it')
+    .requiredOption('--signed-at <date>', 'when: YYYY-MM-DD or an ISO 8601 date-time with a zone')
+    .requiredOption('--services <list>', `covered services, comma-separated: ${BAA_SERVICES.join(', ')}`)
+    .requiredOption(
+      '--document <file>',
+      'the signed document: its SHA-256 is recorded, the file is not stored',
+    )
+    .option('--json', 'print one JSON document')
+    .action(
+      async (opts: {
+        project: string;
+        counterparty: string;
+        signedBy: string;
+        signedAt: string;
+        services: string;
+        document: string;
+        json?: boolean;
+      }) => {
+        let bytes: Buffer;
+        try {
+          bytes = fs.readFileSync(opts.document);
+        } catch {
+          throw new ExitError(2, 'custos: --document: cannot read that file; nothing was recorded');
+        }
+        const cfg = config();
+        let recordedBy = 'installation-admin';
+        try {
+          recordedBy = os.userInfo().username || recordedBy;
+        } catch {
+          // No account name (some containers): the default stands.
+        }
+        const req = {
+          projectId: opts.project,
+          counterparty: opts.counterparty,
+          signedBy: opts.signedBy,
+          signedAt: opts.signedAt,
+          services: list(opts.services),
+          documentSha256: documentSha256(bytes),
+          recordedBy,
+        };
+        const r = await withBackend<RecordBaaResult>(
+          cfg,
+          async (call) => (await call('/admin/projects/baa', req)) as RecordBaaResult,
+          (core) => core.admin.recordBaa(req),
+        );
+        print(
+          opts.json === true,
+          r,
+          `BAA ${r.baaId} recorded for project ${r.projectId} (document SHA-256 ${r.documentSha256}; ` +
+            `services ${r.services.join(', ')}).\n` +
+            (r.promoted
+              ? 'The project is now production: it accepts real PHI.'
+              : 'The project was already production.'),
+        );
+      },
+    );
+  projectCmd
+    .command('show')
+    .description("A project's kind and its recorded BAAs")
+    .requiredOption('--project <id>', 'project id')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { project: string; json?: boolean }) => {
+      const cfg = config();
+      const r = await withBackend<ProjectDetails>(
+        cfg,
+        async (call) => (await call('/admin/projects/show', { projectId: opts.project })) as ProjectDetails,
+        (core) => core.admin.showProject(opts.project),
+      );
+      const baas = r.baas.map(
+        (b) =>
+          `  BAA ${b.baaId}: ${b.counterparty}, signed by ${b.signedBy} at ${b.signedAt}; services ${b.services.join(', ')}; ` +
+          `document SHA-256 ${b.documentSha256}; recorded by ${b.recordedBy} at ${b.recordedAt}`,
+      );
+      print(
+        opts.json === true,
+        r,
+        [projectText(r), ...(baas.length ? baas : ['  no BAA recorded'])].join('\n'),
+      );
+    });
+
   const client = program.command('client').description('OAuth clients');
   client
     .command('create')
@@ -246,6 +381,163 @@ export function buildCli(): Command {
         opts.json === true,
         r,
         `Reindexed ${r.reindexed} resources (index version ${r.indexVersion}); ${r.remaining} stale left.`,
+      );
+    });
+
+  // People (docs/users.md). Passwords are read from standard input only, never from argv (ps shows it).
+  const userCmd = program
+    .command('user')
+    .description('People who log in: users, passwords, MFA (docs/users.md)');
+  const userRef = (opts: { user?: string; project?: string; email?: string }): UserRef => {
+    if (opts.user && !opts.email) return { userId: opts.user };
+    if (!opts.user && opts.project && opts.email) return { projectId: opts.project, email: opts.email };
+    throw new ExitError(2, 'custos: name the user with --user ID, or with --project P --email E');
+  };
+  const passwordFromStdin = async (given: boolean | undefined): Promise<string> => {
+    if (!given)
+      throw new ExitError(2, 'custos: --password-stdin is required: pipe the password on standard input');
+    if (process.stdin.isTTY) process.stderr.write('custos: type the password, then Enter and Ctrl-D\n');
+    let text = '';
+    for await (const chunk of process.stdin) text += String(chunk);
+    return text.replace(/\r?\n$/, '');
+  };
+  const totpText = (r: CreatedUser) =>
+    r.totpSecret
+      ? `\nTOTP secret: ${r.totpSecret}   (shown once: add it to the authenticator app now)\nTOTP URI:    ${r.totpUri}`
+      : '';
+  const withUser = (c: Command) =>
+    c
+      .option('--user <id>', 'the user id')
+      .option('--project <id>', 'with --email: the project of the user')
+      .option('--email <email>', 'with --project: the email of the user');
+  userCmd
+    .command('create')
+    .description('Create a user; prints { "userId" } and, with --mfa, the TOTP secret once')
+    .requiredOption('--project <id>', 'project id')
+    .requiredOption('--role <role>', 'practitioner, patient, admin or auditor')
+    .requiredOption('--email <email>', 'login name, unique in the project')
+    .option(
+      '--fhir-user <ref>',
+      'Patient/<id> (required for patients), Practitioner/<id> or RelatedPerson/<id>',
+    )
+    .option('--mfa', 'enrol TOTP (required for admins and in projects that require MFA)')
+    .option('--password-stdin', 'read the password from standard input (required)')
+    .option('--json', 'print one JSON document')
+    .action(
+      async (opts: {
+        project: string;
+        role: string;
+        email: string;
+        fhirUser?: string;
+        mfa?: boolean;
+        passwordStdin?: boolean;
+        json?: boolean;
+      }) => {
+        const password = await passwordFromStdin(opts.passwordStdin);
+        const cfg = config();
+        const req = {
+          projectId: opts.project,
+          role: opts.role,
+          email: opts.email,
+          fhirUser: opts.fhirUser,
+          mfa: opts.mfa === true,
+          password,
+        };
+        const r = await withBackend<CreatedUser>(
+          cfg,
+          async (call) => (await call('/admin/users', req)) as CreatedUser,
+          (core) => core.users.create(req),
+        );
+        print(opts.json === true, r, `User created: ${r.userId}${totpText(r)}`);
+      },
+    );
+  withUser(userCmd.command('reset-password'))
+    .description("An administrator's password reset: unlocks the account and ends the user's sessions")
+    .option('--password-stdin', 'read the new password from standard input (required)')
+    .option('--json', 'print one JSON document')
+    .action(
+      async (opts: {
+        user?: string;
+        project?: string;
+        email?: string;
+        passwordStdin?: boolean;
+        json?: boolean;
+      }) => {
+        const ref = userRef(opts);
+        const password = await passwordFromStdin(opts.passwordStdin);
+        const cfg = config();
+        const r = await withBackend<{ userId: string; sessionsEnded: number }>(
+          cfg,
+          async (call) =>
+            (await call('/admin/users/reset-password', { ...ref, password })) as {
+              userId: string;
+              sessionsEnded: number;
+            },
+          (core) => core.users.resetPassword(ref, password),
+        );
+        print(
+          opts.json === true,
+          r,
+          `Password of user ${r.userId} reset; ${r.sessionsEnded} session(s) ended.`,
+        );
+      },
+    );
+  withUser(userCmd.command('reset-mfa'))
+    .description("A new TOTP secret (shown once) replaces the old one; ends the user's sessions")
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { user?: string; project?: string; email?: string; json?: boolean }) => {
+      const ref = userRef(opts);
+      const cfg = config();
+      const r = await withBackend<CreatedUser & { sessionsEnded: number }>(
+        cfg,
+        async (call) =>
+          (await call('/admin/users/reset-mfa', ref)) as CreatedUser & { sessionsEnded: number },
+        (core) => core.users.resetMfa(ref),
+      );
+      print(
+        opts.json === true,
+        r,
+        `MFA of user ${r.userId} reset; ${r.sessionsEnded} session(s) ended.${totpText(r)}`,
+      );
+    });
+  withUser(userCmd.command('deactivate'))
+    .description('Refuse every login of the user from now on and end their sessions at once')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { user?: string; project?: string; email?: string; json?: boolean }) => {
+      const ref = userRef(opts);
+      const cfg = config();
+      const r = await withBackend<{ userId: string; sessionsEnded: number }>(
+        cfg,
+        async (call) =>
+          (await call('/admin/users/deactivate', ref)) as { userId: string; sessionsEnded: number },
+        (core) => core.users.deactivate(ref),
+      );
+      print(opts.json === true, r, `User ${r.userId} deactivated; ${r.sessionsEnded} session(s) ended.`);
+    });
+  userCmd
+    .command('mfa-policy')
+    .description('Whether every user of a project must use MFA (administrators always must)')
+    .requiredOption('--project <id>', 'project id')
+    .option('--required', 'require MFA of every user of the project')
+    .option('--optional', 'require MFA of administrators and enrolled users only (the default)')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { project: string; required?: boolean; optional?: boolean; json?: boolean }) => {
+      if (!opts.required === !opts.optional) throw new ExitError(2, 'custos: give --required or --optional');
+      const cfg = config();
+      const required = opts.required === true;
+      type R = { projectId: string; mfaRequired: boolean; usersWithoutMfa: number };
+      const r = await withBackend<R>(
+        cfg,
+        async (call) => (await call('/admin/projects/mfa', { projectId: opts.project, required })) as R,
+        (core) => core.users.setProjectMfaRequired(opts.project, required),
+      );
+      print(
+        opts.json === true,
+        r,
+        `Project ${r.projectId}: MFA ${r.mfaRequired ? 'required of every user' : 'required of administrators and enrolled users'}` +
+          (r.mfaRequired && r.usersWithoutMfa > 0
+            ? `; ${r.usersWithoutMfa} active user(s) have no MFA and cannot log in until custos user reset-mfa`
+            : ''),
       );
     });
 
@@ -380,15 +672,38 @@ export function buildCli(): Command {
     .description(
       'Recompute every leaf hash, the Merkle tree head, the stored tiles and the signed checkpoints; list write attempts without outcome',
     )
+    .option('--archive <dir>', 'also check an archive written by `custos audit archive` against this log')
     .option('--json', 'print one JSON document')
-    .action(async (opts: { json?: boolean }) => {
+    .action(async (opts: { json?: boolean; archive?: string }) => {
       const cfg = config();
-      const r = await withBackend<AuditVerifyReport>(
+      // With --archive: the archive's entries, tiles, notes and proofs, against this log's key and heads.
+      type Verified = AuditVerifyReport & { archiveCheck?: ArchiveCheckReport };
+      const withArchive = async (
+        r: AuditVerifyReport,
+        consistency: (from: number, to: number) => Promise<ConsistencyProof>,
+      ): Promise<Verified> => {
+        if (!opts.archive) return r;
+        const archiveCheck = await verifyArchiveDir(opts.archive, {
+          consistency,
+          archives: r.archive?.archives ?? [],
+        });
+        return { ...r, ok: r.ok && archiveCheck.ok, archiveCheck };
+      };
+      const r = await withBackend<Verified>(
         cfg,
-        async (call) => (await call('/admin/audit/verify', {})) as AuditVerifyReport,
-        (core) => verifyAuditLog(core.audit, core.checkpoints),
+        async (call) =>
+          withArchive(
+            (await call('/admin/audit/verify', {})) as AuditVerifyReport,
+            async (from, to) => (await call('/admin/audit/consistency', { from, to })) as ConsistencyProof,
+          ),
+        async (core) =>
+          withArchive(
+            await verifyAuditLog(core.audit, core.checkpoints, { witnesses: core.witnesses }),
+            (from, to) => core.checkpoints.consistency(from, to),
+          ),
       );
       const cps = r.checkpoints;
+      const w = r.witnesses;
       const human =
         r.firstBadSeq !== undefined
           ? `audit log BROKEN at sequence number ${r.firstBadSeq} (${r.problem})`
@@ -398,12 +713,141 @@ export function buildCli(): Command {
               ? `audit log BROKEN: stored tile ${r.tiles.firstBad.level}/${r.tiles.firstBad.index} does not match the entries`
               : r.index?.firstBadSeq !== undefined
                 ? `audit log BROKEN: the query index rows of sequence number ${r.index.firstBadSeq} do not match the entries`
-                : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s), ${r.tiles?.checked ?? 0} stored tile(s) and ${r.index?.checkedRows ?? 0} query index row(s) verified`;
+                : w?.firstBad
+                  ? `audit log BROKEN: a cosignature by witness ${w.firstBad.witness} of tree size ${w.firstBad.treeSize} does not verify (${w.firstBad.problem}${w.firstBad.external ? ', in the export directory' : ''})`
+                  : r.archive?.firstBad
+                    ? `audit log BROKEN: the archive of the entries before ${r.archive.firstBad.archivedBefore} does not check out: ${r.archive.firstBad.problem}`
+                    : `audit log OK: ${r.size} entries, tree head ${r.rootHash}, ${cps?.checked ?? 0} signed checkpoint(s), ${r.tiles?.checked ?? 0} stored tile(s) and ${r.index?.checkedRows ?? 0} query index row(s) verified`;
+      const archived = r.archive
+        ? `\nentries 0 to ${r.archive.archivedBefore - 1} are archived (${r.archive.archives.length} archive(s)): rebuilt from their stored tiles, each archive's watermark, signed note and record checked`
+        : '';
+      const ac = r.archiveCheck;
+      const archiveLine = ac
+        ? ac.ok
+          ? `\narchive ${ac.dir} OK: entries ${ac.from} to ${(ac.to ?? 0) - 1} match this log's tree, its signed head and its record of the archive`
+          : `\narchive ${ac.dir} BROKEN: ${ac.problems.join('; ')}`
+        : '';
+      const witnessed = w
+        ? `\n${w.witnessed} of ${w.checkpoints} signed checkpoint(s) witnessed` +
+          (w.byWitness.length
+            ? ` (${w.byWitness.map((b) => `${b.name}: ${b.checkpoints}`).join(', ')})`
+            : '') +
+          (w.unchecked ? `; ${w.unchecked} cosignature(s) by witnesses no longer configured not checked` : '')
+        : '';
       const pending = r.attemptsWithoutOutcome.length
         ? `\n${r.attemptsWithoutOutcome.length} write attempt(s) without outcome: ${r.attemptsWithoutOutcome.join(', ')}`
         : '';
-      print(opts.json === true, r, human + pending);
+      print(opts.json === true, r, human + archived + archiveLine + witnessed + pending);
       if (!r.ok) process.exitCode = 1;
+    });
+  audit
+    .command('archive')
+    .description(
+      'Move the oldest audit entries, older than the retention period, out of the audit database into an ' +
+        'archive directory with the proofs that keep the tree verifiable (docs/audit.md, Retention)',
+    )
+    .requiredOption(
+      '--before <date>',
+      'archive entries older than this date (YYYY-MM-DD, UTC) or instant; at most now minus CUSTOS_AUDIT_RETENTION_YEARS',
+    )
+    .requiredOption('--out <dir>', 'the archive directory to create (new, or empty)')
+    .option(
+      '--admin-url <url>',
+      'with a PostgreSQL audit database (required there): postgres://ADMIN@host:port/AUDIT_DB of the role that ran ' +
+        '`custos audit setup`; leave the password out of the URL and set PGPASSWORD',
+    )
+    .option(
+      '--allow-unforwarded',
+      'archive entries a SIEM destination has not confirmed yet (they are in the archive either way)',
+    )
+    .option('--json', 'print one JSON document')
+    .addHelpText(
+      'after',
+      '\nOnly a prefix of the log, in whole tiles of 256 entries, each older than --before by its time and by\n' +
+        'the database clock. The archive is verified before anything is deleted; then one transaction appends\n' +
+        'the archive record, the watermark, and deletes the entries and their index rows. Exit 2 for usage or\n' +
+        'a --before inside the retention period, 1 when the log or the archive does not verify.',
+    )
+    .action(
+      async (opts: {
+        before: string;
+        out: string;
+        adminUrl?: string;
+        allowUnforwarded?: boolean;
+        json?: boolean;
+      }) => {
+        const cfg = config();
+        const paths = dataPaths(cfg.dataDir);
+        let r;
+        try {
+          r = await archiveCommand({
+            auditDatabaseUrl: cfg.auditDatabaseUrl,
+            adminUrl: opts.adminUrl,
+            embeddedDir: paths.audit,
+            serverRunning: runningServer(cfg.dataDir) !== undefined,
+            keyFile: paths.auditCheckpointKey,
+            // The origin the server signs checkpoints under (server.ts).
+            origin: `${new URL(cfg.publicUrl).host}/custos/audit`,
+            checkpointDir: cfg.auditCheckpointDir,
+            retentionYears: cfg.auditRetentionYears,
+            before: opts.before,
+            out: opts.out,
+            allowUnforwarded: opts.allowUnforwarded === true,
+            prepareEmbedded: (db) => prepareAuditSchema(db, { production: false }),
+          });
+        } catch (e) {
+          if (e instanceof AuditArchiveError)
+            throw new ExitError(e.exitCode, `custos: audit archive: ${e.message}`);
+          throw e;
+        }
+        print(opts.json === true, r, archiveSummary(r));
+      },
+    );
+  audit
+    .command('witness-request')
+    .description(
+      'Print the C2SP tlog-witness add-checkpoint request body for the newest signed checkpoint, with a ' +
+        'consistency proof from tree size OLD, to POST to <witness prefix>/add-checkpoint',
+    )
+    .requiredOption('--old <size>', 'the tree size the witness last cosigned (0: none; no proof lines)')
+    .option('--json', 'print one JSON document: { old, treeSize, proof, checkpoint, body }')
+    .action(async (opts: { old: string; json?: boolean }) => {
+      if (!/^\d{1,15}$/.test(opts.old))
+        throw new ExitError(2, 'custos: --old must be a non-negative integer');
+      const old = Number(opts.old);
+      const cfg = config();
+      const r = await withBackend<WitnessRequest>(
+        cfg,
+        async (call) => (await call('/admin/audit/witness-request', { old })) as WitnessRequest,
+        (core) => witnessRequest(core.checkpoints, old),
+      );
+      // The body byte for byte (it ends with the checkpoint note's newline): no newline added.
+      if (opts.json) print(true, r, '');
+      else await new Promise<void>((resolve) => process.stdout.write(r.body, () => resolve()));
+    });
+  audit
+    .command('witnesses')
+    .description('Where each configured witness (CUSTOS_AUDIT_WITNESSES) stands: cosigned size and lag')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { json?: boolean }) => {
+      const cfg = config();
+      const r = await withBackend<WitnessStatus[]>(
+        cfg,
+        async (call) => (await call('/admin/audit/witnesses', {})) as WitnessStatus[],
+        (core) => core.witnesses.status(),
+      );
+      const human = r.length
+        ? r
+            .map(
+              (s) =>
+                `${s.name} (${s.url}): cosigned tree size ${s.cosignedSize} of ${s.latestCheckpointSize}, lag ${s.lag}` +
+                (s.problem ? `; last attempt failed: ${s.problem}` : ''),
+            )
+            .join('\n')
+        : 'No witnesses configured (CUSTOS_AUDIT_WITNESSES).';
+      print(opts.json === true, r, human);
+      if (r.some((s) => s.problem !== undefined && s.problem !== 'unreachable' && s.problem !== 'http_error'))
+        process.exitCode = 1;
     });
   audit
     .command('checkpoint')

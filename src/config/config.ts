@@ -26,6 +26,16 @@ export interface Config {
   /** A directory outside both databases where every signed checkpoint is also written. */
   readonly auditCheckpointDir: string | undefined;
   /**
+   * Years audit entries are kept before `custos audit archive` may move them out (default 6; less is
+   * refused: 45 CFR 164.316(b)(2)). Nothing in Custos removes entries on its own.
+   */
+  readonly auditRetentionYears: number;
+  /**
+   * CUSTOS_AUDIT_WITNESSES: witnesses that cosign the signed checkpoints (C2SP tlog-witness), each a
+   * verifier key (signature type 0x04) and a submission prefix URL; empty = none (docs/audit.md).
+   */
+  readonly auditWitnesses: readonly { readonly vkey: string; readonly url: string }[];
+  /**
    * Search index extraction on writes (default on). `off` exists to measure its write cost in
    * bench/: resources written with it off are not found by search until `custos reindex`.
    * Production refuses it.
@@ -37,8 +47,26 @@ export interface Config {
   readonly protectContact: boolean;
   /** Expected rows per blind-indexed parameter, for planning the blind-index size (docs/encryption.md). */
   readonly blindIndexPopulation: number;
+  /** Login sessions end after this many minutes without use (HIPAA automatic logoff; docs/users.md). */
+  readonly sessionIdleMinutes: number;
+  /** Login sessions end this many hours after login, whatever the activity. */
+  readonly sessionMaxHours: number;
   /** CUSTOS_KEY_PROVIDER=pkcs11: the HSM (docs/keys.md). */
   readonly pkcs11: { module: string; tokenLabel: string; pin: string } | undefined;
+  /**
+   * CUSTOS_SIEM_URL: forward the audit log to a SIEM as RFC 5424 syslog over TLS (RFC 5425);
+   * undefined = off (docs/audit.md, "Forwarding to a SIEM"). Files are read at start.
+   */
+  readonly siem:
+    | {
+        readonly host: string;
+        readonly port: number;
+        readonly caFile: string | undefined;
+        readonly clientCertFile: string | undefined;
+        readonly clientKeyFile: string | undefined;
+        readonly retryMaxSeconds: number;
+      }
+    | undefined;
   /** CUSTOS_KEY_PROVIDER=aws-kms: the KMS region, endpoint and credentials (docs/keys.md). */
   readonly kms:
     | {
@@ -92,6 +120,109 @@ function postgresUrl(env: Env, name: string): string | undefined {
   }
   if (u.pathname.length <= 1) throw new ConfigError(name, 'must name a database');
   return v;
+}
+
+/** The default port of syslog over TLS (RFC 5425 §4.1). */
+export const SYSLOG_TLS_PORT = 6514;
+
+/** CUSTOS_SIEM_*: `syslog-tls://host[:port]` and the TLS files; all unset = forwarding off. */
+function siemConfig(env: Env, cwd: string): Config['siem'] {
+  const urlText = str(env, 'CUSTOS_SIEM_URL');
+  const caFile = str(env, 'CUSTOS_SIEM_CA_FILE');
+  const clientCertFile = str(env, 'CUSTOS_SIEM_CLIENT_CERT');
+  const clientKeyFile = str(env, 'CUSTOS_SIEM_CLIENT_KEY');
+  const retryText = str(env, 'CUSTOS_SIEM_RETRY_MAX');
+  if (urlText === undefined) {
+    const stray = [
+      ['CUSTOS_SIEM_CA_FILE', caFile],
+      ['CUSTOS_SIEM_CLIENT_CERT', clientCertFile],
+      ['CUSTOS_SIEM_CLIENT_KEY', clientKeyFile],
+      ['CUSTOS_SIEM_RETRY_MAX', retryText],
+    ].find(([, v]) => v !== undefined);
+    if (stray) throw new ConfigError(stray[0]!, 'is set but CUSTOS_SIEM_URL is not (forwarding is off)');
+    return undefined;
+  }
+  const expected = 'expected syslog-tls://host:port (RFC 5425 syslog over TLS)';
+  let u: URL;
+  try {
+    u = new URL(urlText);
+  } catch {
+    throw new ConfigError('CUSTOS_SIEM_URL', `is not a URL (${expected})`);
+  }
+  if (u.protocol !== 'syslog-tls:')
+    throw new ConfigError(
+      'CUSTOS_SIEM_URL',
+      `must start with syslog-tls:// (${expected}; plain syslog is refused)`,
+    );
+  const host = u.hostname.replace(/^\[(.*)\]$/, '$1').toLowerCase();
+  if (!host || u.username || u.password || (u.pathname && u.pathname !== '/') || u.search || u.hash)
+    throw new ConfigError('CUSTOS_SIEM_URL', `must be a host and port only (${expected})`);
+  const port = u.port === '' ? SYSLOG_TLS_PORT : Number(u.port);
+  if (!Number.isInteger(port) || port < 1 || port > 65535)
+    throw new ConfigError('CUSTOS_SIEM_URL', 'port must be from 1 to 65535');
+  if ((clientCertFile === undefined) !== (clientKeyFile === undefined))
+    throw new ConfigError(
+      clientCertFile === undefined ? 'CUSTOS_SIEM_CLIENT_CERT' : 'CUSTOS_SIEM_CLIENT_KEY',
+      'CUSTOS_SIEM_CLIENT_CERT and CUSTOS_SIEM_CLIENT_KEY must be set together',
+    );
+  const retry = retryText ?? '60';
+  if (!/^\d{1,4}$/.test(retry) || Number(retry) < 1 || Number(retry) > 3600)
+    throw new ConfigError('CUSTOS_SIEM_RETRY_MAX', 'must be a whole number of seconds from 1 to 3600');
+  const file = (f: string | undefined) => (f === undefined ? undefined : path.resolve(cwd, f));
+  return {
+    host,
+    port,
+    caFile: file(caFile),
+    clientCertFile: file(clientCertFile),
+    clientKeyFile: file(clientKeyFile),
+    retryMaxSeconds: Number(retry),
+  };
+}
+
+/**
+ * CUSTOS_AUDIT_WITNESSES: comma-separated `<vkey>=<url>`. The vkey is checked here for its shape and
+ * signature type (0x04, Ed25519 cosignature/v1); its key ID when the witness client is built
+ * (audit/witness.ts). A vkey's base64 part is 44 characters without padding (33 bytes), so the first
+ * `=` after it starts the URL.
+ */
+function witnessesConfig(env: Env, production: boolean): Config['auditWitnesses'] {
+  const name = 'CUSTOS_AUDIT_WITNESSES';
+  const text = str(env, name);
+  if (text === undefined) return [];
+  const out: { vkey: string; url: string }[] = [];
+  for (const item of text
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)) {
+    const m = /^([^\s+]+\+[0-9a-f]{8}\+([A-Za-z0-9+/]{44}))=(\S+)$/.exec(item);
+    if (!m)
+      throw new ConfigError(
+        name,
+        'each witness is <vkey>=<url>, the vkey being name+keyid+base64 (a C2SP note verifier key)',
+      );
+    const [, vkey, b64, urlText] = m as unknown as [string, string, string, string];
+    if (Buffer.from(b64, 'base64')[0] !== 0x04)
+      throw new ConfigError(
+        name,
+        `the key of ${vkey.split('+')[0]} is not an Ed25519 cosignature/v1 key (signature type 0x04)`,
+      );
+    let u: URL;
+    try {
+      u = new URL(urlText);
+    } catch {
+      throw new ConfigError(name, `the URL of witness ${vkey.split('+')[0]} is not a URL`);
+    }
+    if (u.protocol !== 'https:' && u.protocol !== 'http:')
+      throw new ConfigError(name, 'witness URLs must be http(s) submission prefixes');
+    if (u.username || u.password || u.search || u.hash)
+      throw new ConfigError(name, 'witness URLs take no credentials, query or fragment');
+    if (production && u.protocol !== 'https:')
+      throw new ConfigError(name, 'production refuses plain-HTTP witness URLs: use https://');
+    if (out.some((w) => w.vkey === vkey))
+      throw new ConfigError(name, `witness ${vkey.split('+')[0]} is listed twice`);
+    out.push({ vkey, url: u.href.replace(/\/+$/, '') });
+  }
+  return out;
 }
 
 /** The identity of a PostgreSQL database, ignoring credentials and options. */
@@ -187,6 +318,17 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const auditCheckpointIntervalSeconds = Number(intervalText);
   const checkpointDirText = str(env, 'CUSTOS_AUDIT_CHECKPOINT_DIR');
   const auditCheckpointDir = checkpointDirText ? path.resolve(cwd, checkpointDirText) : undefined;
+  const retentionText = str(env, 'CUSTOS_AUDIT_RETENTION_YEARS') ?? '6';
+  if (!/^\d{1,4}$/.test(retentionText) || Number(retentionText) < 6) {
+    throw new ConfigError(
+      'CUSTOS_AUDIT_RETENTION_YEARS',
+      'must be a whole number of years, at least 6: audit records are kept six years (45 CFR 164.316(b)(2))',
+    );
+  }
+  const auditRetentionYears = Number(retentionText);
+
+  const siem = siemConfig(env, cwd);
+  const auditWitnesses = witnessesConfig(env, mode === 'production');
 
   const searchIndexing = oneOf(env, 'CUSTOS_SEARCH_INDEXING', ['on', 'off'] as const, 'on') === 'on';
   const encryption = oneOf(env, 'CUSTOS_ENCRYPTION', ['on', 'off'] as const, 'on') === 'on';
@@ -195,6 +337,16 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   if (!/^\d{1,12}$/.test(populationText) || Number(populationText) < 4)
     throw new ConfigError('CUSTOS_BLIND_INDEX_POPULATION', 'must be a whole number of rows, at least 4');
   const blindIndexPopulation = Number(populationText);
+  const idleText = str(env, 'CUSTOS_SESSION_IDLE_MINUTES') ?? '15';
+  if (!/^\d{1,4}$/.test(idleText) || Number(idleText) < 1 || Number(idleText) > 1440)
+    throw new ConfigError('CUSTOS_SESSION_IDLE_MINUTES', 'must be a whole number of minutes from 1 to 1440');
+  const sessionIdleMinutes = Number(idleText);
+  const maxText = str(env, 'CUSTOS_SESSION_MAX_HOURS') ?? '8';
+  if (!/^\d{1,3}$/.test(maxText) || Number(maxText) < 1 || Number(maxText) > 168)
+    throw new ConfigError('CUSTOS_SESSION_MAX_HOURS', 'must be a whole number of hours from 1 to 168');
+  const sessionMaxHours = Number(maxText);
+  if (sessionIdleMinutes > sessionMaxHours * 60)
+    throw new ConfigError('CUSTOS_SESSION_IDLE_MINUTES', 'must not exceed CUSTOS_SESSION_MAX_HOURS');
 
   if (
     databaseUrl &&
@@ -258,11 +410,16 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     logLevel,
     auditCheckpointIntervalSeconds,
     auditCheckpointDir,
+    auditRetentionYears,
+    auditWitnesses: Object.freeze(auditWitnesses.map((w) => Object.freeze(w))),
     searchIndexing,
     encryption,
     protectContact,
     blindIndexPopulation,
+    sessionIdleMinutes,
+    sessionMaxHours,
     pkcs11: pkcs11 && Object.freeze(pkcs11),
     kms: kms && Object.freeze(kms),
+    siem: siem && Object.freeze(siem),
   });
 }

@@ -133,6 +133,9 @@ export interface ProtectedElement {
 const DAR = 'http://hl7.org/fhir/StructureDefinition/data-absent-reason';
 /** What stands in a protected element's place in storage and in masked responses. */
 export const MASKED_PLACEHOLDER = Object.freeze({ extension: [{ url: DAR, valueCode: 'masked' }] });
+function maskedPlaceholder(): Json {
+  return { extension: [{ url: DAR, valueCode: 'masked' }] };
+}
 export const MASKED_LABEL = {
   system: 'http://terminology.hl7.org/CodeSystem/v3-ObservationValue',
   code: 'MASKED',
@@ -203,18 +206,63 @@ export interface SplitResult {
   projection: Json | undefined;
 }
 
-/** Splits a resource into what is stored in clear and what is sealed per class. */
+/** The rules of each resource type, per policy (policies are built once and never change). */
+const rulesByType = new WeakMap<readonly PolicyRule[], Map<string, PolicyRule[]>>();
+function rulesFor(rules: readonly PolicyRule[], type: string): PolicyRule[] {
+  let byType = rulesByType.get(rules);
+  if (!byType) {
+    byType = new Map();
+    for (const r of rules) byType.set(r.type, [...(byType.get(r.type) ?? []), r]);
+    rulesByType.set(rules, byType);
+  }
+  return byType.get(type) ?? [];
+}
+
+/**
+ * The parent of `pointer` in `redacted`, a copy of `original` made on write: every object and
+ * array on the way from the root is copied once (`copied` remembers which), and nothing else is,
+ * so `original` is never modified and the parts without protected elements are shared, not cloned.
+ */
+function writableParentOf(
+  redacted: Json,
+  pointer: string,
+  copied: Set<string>,
+): { parent: Json | unknown[] | undefined; key: string } {
+  const parts = pointer.split('/').slice(1).map(unescapePointer);
+  let node = redacted as Json;
+  let at = '';
+  for (const p of parts.slice(0, -1)) {
+    at += `/${p}`;
+    const child = node[p];
+    // Inside an element an earlier rule already replaced: nothing left to protect here.
+    if (child === null || typeof child !== 'object') return { parent: undefined, key: '' };
+    if (!copied.has(at)) {
+      node[p] = Array.isArray(child) ? child.slice() : { ...(child as Json) };
+      copied.add(at);
+    }
+    node = node[p] as Json;
+  }
+  return { parent: node, key: parts[parts.length - 1]! };
+}
+
+/**
+ * Splits a resource into what is stored in clear and what is sealed per class. `resource` is not
+ * modified; the redacted copy shares the unprotected parts with it, and the elements are the
+ * original values (not copies): callers serialize them, never modify them.
+ */
 export function splitProtected(resource: Json, rules: readonly PolicyRule[]): SplitResult {
   const type = resource.resourceType as string;
-  const applicable = rules.filter((r) => r.type === type);
+  const applicable = rulesFor(rules, type);
   if (applicable.length === 0) return { redacted: resource, byClass: new Map(), projection: undefined };
-  const redacted = structuredClone(resource);
+  const redacted: Json = { ...resource };
+  const copied = new Set<string>();
   const byClass = new Map<SensitivityClass, ProtectedElement[]>();
   const projection: Json = { resourceType: type, id: resource.id };
   let any = false;
   for (const rule of applicable) {
     for (const pointer of select(resource, rule)) {
-      const { parent, key } = parentOf(redacted, pointer);
+      const { parent, key } = writableParentOf(redacted, pointer, copied);
+      if (!parent) continue;
       const value = (parent as Json)[key];
       if (value === undefined) continue;
       const el: ProtectedElement = { pointer, value };
@@ -224,9 +272,9 @@ export function splitProtected(resource: Json, rules: readonly PolicyRule[]): Sp
         const sib = (parent as Json)[`_${key}`];
         if (sib !== undefined) el.sibling = sib;
         delete (parent as Json)[key];
-        (parent as Json)[`_${key}`] = structuredClone(MASKED_PLACEHOLDER);
+        (parent as Json)[`_${key}`] = maskedPlaceholder();
       } else {
-        (parent as Json)[key] = structuredClone(MASKED_PLACEHOLDER);
+        (parent as Json)[key] = maskedPlaceholder();
       }
       const list = byClass.get(rule.class) ?? [];
       list.push(el);

@@ -88,6 +88,23 @@ export const ERROR_CATALOG = {
       'This is a sandbox project: it accepts only test data. Label the resource with meta.security ' +
       'system http://terminology.hl7.org/CodeSystem/v3-ActReason code HTEST.',
   },
+  SANDBOX_REAL_DATA: {
+    status: 422,
+    issue: 'business-rule',
+    ack: 'AR',
+    message:
+      'This is a sandbox project: it accepts only test data, and some values look real (the issues name ' +
+      'each element and what it looks like). Use fictional values (SSN area 900-999, phone 555-0100 to ' +
+      '555-0199, e-mail at example.com) or a production project with a recorded BAA (docs/phi-boundary.md).',
+  },
+  PROJECT_NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AE', message: 'No such project.' },
+  BAA_INVALID: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AR',
+    message:
+      'The BAA cannot be recorded: a field is missing or invalid (the issues name each one); nothing was written.',
+  },
   UNAUTHENTICATED: {
     status: 401,
     issue: 'login',
@@ -181,6 +198,50 @@ export const ERROR_CATALOG = {
     ack: 'AR',
     message:
       'This search would need the plaintext of protected (encrypted) elements; only exact token matches are possible.',
+  },
+  USER_EXISTS: {
+    status: 409,
+    issue: 'duplicate',
+    ack: 'AR',
+    message: 'A user with this email already exists in this project.',
+  },
+  PASSWORD_POLICY: {
+    status: 400,
+    issue: 'value',
+    ack: 'AR',
+    message: 'The password does not meet the password policy (docs/users.md); the issue names the rule.',
+  },
+  INVALID_FHIR_USER: {
+    status: 400,
+    issue: 'value',
+    ack: 'AR',
+    message:
+      'fhirUser must be Patient/<id>, Practitioner/<id> or RelatedPerson/<id> and fit the role (a patient user is bound to a Patient).',
+  },
+  LOGIN_FAILED: {
+    status: 401,
+    issue: 'login',
+    ack: 'AR',
+    message: 'The email, password or one-time code is wrong, or the account cannot log in.',
+  },
+  ACCOUNT_LOCKED: {
+    status: 429,
+    issue: 'throttled',
+    ack: 'AR',
+    message: 'Too many failed logins: the account is locked for a while. Try again later.',
+  },
+  MFA_REQUIRED: {
+    status: 401,
+    issue: 'login',
+    ack: 'AR',
+    message: 'A one-time code from the authenticator app (TOTP) is required.',
+  },
+  MFA_ENROLLMENT_REQUIRED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AR',
+    message:
+      'Multi-factor authentication is required for this account (administrators, or the project requires it) but not set up.',
   },
   ADMIN_TOKEN_INVALID: { status: 401, issue: 'login', ack: 'AR', message: 'Invalid admin token.' },
   CONFIG_INVALID: { status: 500, issue: 'exception', ack: 'AE', message: 'Invalid configuration.' },

@@ -31,7 +31,7 @@ import {
   type SearchRow,
 } from '../store/search-sql.ts';
 import { selectElements, summarize, unknownElements } from '../fhir/summary.ts';
-import { blindIndexKey, Envelope } from '../crypto/envelope.ts';
+import { blindIndexKey, Envelope, protectedIndexKeys } from '../crypto/envelope.ts';
 import {
   ALL_CLASSES,
   labelMasked,
@@ -42,6 +42,7 @@ import {
   type SensitivityClass as ProtectedClass,
 } from '../crypto/protection-policy.ts';
 import { ProtectedParams, visibleClasses } from './minimum-necessary.ts';
+import { detectRealLookingPhi, phiFindingIssues } from './phi-detector.ts';
 
 /** The SMART interactions a scope grants: create, read, update, delete, search. */
 export type Interaction = 'c' | 'r' | 'u' | 'd' | 's';
@@ -202,6 +203,12 @@ export class PhiSession {
   private freshBuffer: StoredVersion[] | undefined;
   /** The data and blind-index keys of this project's current epoch, loaded before a write transaction. */
   private keys: { epoch: number; dek: Buffer; blindKey: Buffer } | undefined;
+  /**
+   * The plaintext of the protected elements of each version this session wrote, per class: the
+   * write's response is revealed from it (masked exactly as a read would) instead of re-opening
+   * what was just sealed. Only versions this session made are in it.
+   */
+  private readonly plaintextOf = new WeakMap<object, ReadonlyMap<string, readonly ProtectedElement[]>>();
 
   constructor(
     private readonly deps: SessionDeps,
@@ -285,10 +292,16 @@ export class PhiSession {
     if (!v.sealed || !v.json || !enc) return v;
     const visible = visibleClasses(this.purpose);
     const resource = JSON.parse(v.json) as Record<string, unknown>;
+    const known = this.plaintextOf.get(v);
     let masked = false;
     for (const [cls, blob] of Object.entries(v.sealed)) {
       if (!visible.has(cls)) {
         masked = true;
+        continue;
+      }
+      const elements = known?.get(cls);
+      if (elements) {
+        restoreProtected(resource, elements);
         continue;
       }
       const ctx = {
@@ -297,7 +310,9 @@ export class PhiSession {
         id: v.id,
         version: v.versionId,
       };
-      const plain = await enc.envelope.open({ ...ctx, cls: cls as ProtectedClass }, blob, q);
+      const sealCtx = { ...ctx, cls: cls as ProtectedClass };
+      // Synchronously when the data key is cached (most reads), else through an unwrap.
+      const plain = enc.envelope.openCached(sealCtx, blob) ?? (await enc.envelope.open(sealCtx, blob, q));
       restoreProtected(resource, JSON.parse(plain.toString('utf8')) as ProtectedElement[]);
     }
     if (masked) labelMasked(resource);
@@ -506,7 +521,6 @@ export class PhiSession {
     }
     const req = parseSearch(types, opts.query, { strict: opts.strict });
     const elementIssues = req.elements && types.length === 1 ? unknownElements(types[0]!, req.elements) : [];
-    const db = this.deps.store.db;
     const timeout = this.deps.searchTimeoutMs;
     const access = this.searchAccess(opts.patient);
     const enc = this.deps.encryption;
@@ -518,11 +532,8 @@ export class PhiSession {
         blind: (k) => (blindKey ? blindIndexKey(blindKey, bits, k) : k),
       };
     }
-    const raw = await db.transaction(async (q) => {
-      if (db.kind === 'postgres' && timeout)
-        await q.query(`SET LOCAL statement_timeout = ${Math.floor(timeout)}`);
-      return runSearch(q, req, access);
-    });
+    // No transaction: each statement is bounded on its own (searchQueries), with no round trips added.
+    const raw = await runSearch(this.deps.store.searchQueries(timeout), req, access);
     const visible = visibleClasses(this.purpose);
     if (raw.blindChecks.some((c) => !visible.has(c.cls))) {
       // Searching by what the purpose of use may not see would reveal it through the matches.
@@ -605,6 +616,7 @@ export class PhiSession {
     type: string,
     body: unknown,
     id: string | undefined,
+    action: AuditAction = id === undefined ? 'create' : 'update',
   ): Promise<Record<string, unknown>> {
     if (body === null || typeof body !== 'object' || Array.isArray(body))
       throw new CustosError('BAD_REQUEST');
@@ -613,6 +625,22 @@ export class PhiSession {
     if (id !== undefined && r.id !== undefined && r.id !== id) throw new CustosError('ID_MISMATCH');
     const project = await this.getProject();
     if (project.kind === 'sandbox' && !hasTestLabel(r)) throw new CustosError('SANDBOX_REQUIRES_TEST_LABEL');
+    if (project.kind === 'sandbox') {
+      // Labelled test data that looks real (src/phi/phi-detector.ts): refused, audited, never echoed.
+      const findings = detectRealLookingPhi(r);
+      if (findings.length > 0) {
+        await this.audit(
+          this.event({
+            phase: 'access',
+            action,
+            outcome: 'refused',
+            code: 'SANDBOX_REAL_DATA',
+            resource: { type, id },
+          }),
+        );
+        throw new CustosError('SANDBOX_REAL_DATA', phiFindingIssues(findings));
+      }
+    }
     const issues = this.deps.validate(r);
     if (issues.some((i) => i.severity === 'error')) throw new CustosError('VALIDATION_FAILED', issues);
     return r;
@@ -757,6 +785,7 @@ export class PhiSession {
     let index: SearchIndex | undefined = EMPTY_INDEX;
     let resource = input.resource;
     let seal: ((versionId: number) => Record<string, string> | undefined) | undefined;
+    let written: ReadonlyMap<string, readonly ProtectedElement[]> | undefined;
     if (resource) {
       const full = { ...resource, resourceType: input.resourceType, id: input.id };
       const split = this.deps.encryption ? splitProtected(full, this.deps.encryption.policy) : undefined;
@@ -782,22 +811,29 @@ export class PhiSession {
       else {
         index = extractSearchIndex(split?.byClass.size ? split.redacted : full, this.deps.fhirBaseUrl);
         if (split?.projection && this.keys) {
-          const blind = extractSearchIndex(split.projection, this.deps.fhirBaseUrl);
-          const bits = this.deps.encryption!.envelope.blindBits;
+          // Blind keys only for the parameters that reach protected elements (protectedIndexKeys).
+          const params = this.deps.protectedParams;
           const keys = new Set(index.keys);
-          for (const k of blind.keys)
-            keys.add(k.endsWith('?') ? k : blindIndexKey(this.keys.blindKey, bits, k));
+          for (const k of protectedIndexKeys(
+            extractSearchIndex(split.projection, this.deps.fhirBaseUrl).keys,
+            (code) => params?.classOf(input.resourceType, code) !== undefined,
+            this.keys.blindKey,
+            this.deps.encryption!.envelope.blindBits,
+          ))
+            keys.add(k);
           index = { ...index, keys: [...keys] };
         }
       }
+      written = split?.byClass.size ? split.byClass : undefined;
     }
     const w = { ...input, resource, index, seal };
+    let v: StoredVersion;
     if (w.fresh && this.freshBuffer) {
-      const v = this.deps.store.prepareFresh(w);
+      v = this.deps.store.prepareFresh(w);
       this.freshBuffer.push(v);
-      return v;
-    }
-    return this.deps.store.write(q, w);
+    } else v = await this.deps.store.write(q, w);
+    if (written && v.sealed) this.plaintextOf.set(v, written);
+    return v;
   }
 
   // Write steps, each run inside the caller's transaction `q`. Single interactions and
@@ -898,7 +934,7 @@ export class PhiSession {
     } catch {
       throw new CustosError('INVALID_PATCH');
     }
-    const resource = await this.checkBody(type, patched, id);
+    const resource = await this.checkBody(type, patched, id, 'patch');
     if (resource.id !== id) throw new CustosError('ID_MISMATCH');
     return {
       status: 200,
@@ -1011,7 +1047,7 @@ export class PhiSession {
 
   async conditionalUpdate(type: string, query: string, body: unknown): Promise<InteractionResult> {
     await this.guard('update', type, 'u');
-    const resource = await this.checkBody(type, body, undefined);
+    const resource = await this.checkBody(type, body, undefined, 'update');
     const criteria = parseCriteria(query);
     const step = await this.audited('update', { type }, () =>
       this.deps.store.db.transaction((q) => this.conditionalUpdateIn(q, type, criteria, resource)),
@@ -1171,7 +1207,7 @@ export class PhiSession {
             } else if (p.method === 'DELETE' && id && !hist) {
               step = await this.deleteIn(q, type, id);
             } else if (p.method === 'POST' && !id) {
-              const resource = await this.checkBody(type, body, undefined);
+              const resource = await this.checkBody(type, body, undefined, 'transaction');
               const criteria = p.entry.request?.ifNoneExist
                 ? parseCriteria(p.entry.request.ifNoneExist)
                 : undefined;
@@ -1191,7 +1227,7 @@ export class PhiSession {
                 q,
                 type,
                 id,
-                await this.checkBody(type, body, id),
+                await this.checkBody(type, body, id, 'transaction'),
                 parseIfMatch(p.entry.request?.ifMatch),
               );
             } else if (p.method === 'PUT' && !id && p.query) {
@@ -1199,7 +1235,7 @@ export class PhiSession {
                 q,
                 type,
                 parseCriteria(p.query),
-                await this.checkBody(type, body, undefined),
+                await this.checkBody(type, body, undefined, 'transaction'),
               );
             } else if (p.method === 'PATCH' && id) {
               step = await this.patchIn(
@@ -1405,8 +1441,15 @@ function passesBlindChecks(
 ): boolean {
   const mine = checks.filter((c) => c.resourceType === row.resourceType);
   if (mine.length === 0) return true;
+  // A plain key in the stored index (row.keys holds the checks' plain keys it has) came from an
+  // unprotected element, which decryption leaves as it is: it decides its check without re-indexing.
+  const stored = new Set(row.keys);
+  const decided = (c: BlindCheck) => c.keys.some((k) => stored.has(k));
+  if (mine.some((c) => c.negate && decided(c))) return false;
+  const open = mine.filter((c) => !decided(c));
+  if (open.length === 0) return true;
   const keys = new Set(extractSearchIndex(JSON.parse(row.json) as Record<string, unknown>, baseUrl).keys);
-  return mine.every((c) => c.keys.some((k) => keys.has(k)) !== c.negate);
+  return open.every((c) => c.keys.some((k) => keys.has(k)) !== c.negate);
 }
 
 /** The searchset Bundle of a page, built as text around the stored JSON of each resource. */

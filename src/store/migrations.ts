@@ -196,6 +196,75 @@ CREATE TABLE key_destruction (
 );
 `,
   },
+  {
+    version: 6,
+    name: 'identities: credentials, MFA, lockout, FHIR binding, sessions',
+    sql: `
+-- People who log in (src/auth/users.ts, docs/users.md). password_hash is an Argon2id PHC string;
+-- mfa_secret is the TOTP secret sealed (AES-256-GCM) under <data dir>/keys/totp-secret.key, never
+-- in clear; mfa_last_step is the last TOTP time step accepted (replay refusal).
+ALTER TABLE project ADD COLUMN mfa_required boolean NOT NULL DEFAULT false;
+ALTER TABLE app_user ADD COLUMN fhir_user text;
+ALTER TABLE app_user ADD COLUMN password_hash text;
+ALTER TABLE app_user ADD COLUMN password_changed_at timestamptz;
+ALTER TABLE app_user ADD COLUMN mfa_secret text;
+ALTER TABLE app_user ADD COLUMN mfa_last_step bigint;
+ALTER TABLE app_user ADD COLUMN failed_logins integer NOT NULL DEFAULT 0;
+ALTER TABLE app_user ADD COLUMN lockouts integer NOT NULL DEFAULT 0;
+ALTER TABLE app_user ADD COLUMN locked_until timestamptz;
+ALTER TABLE app_user ADD COLUMN last_login_at timestamptz;
+ALTER TABLE app_user ADD COLUMN deactivated_at timestamptz;
+ALTER TABLE app_user ADD CONSTRAINT app_user_password_argon2id
+  CHECK (password_hash IS NULL OR password_hash LIKE '$argon2id$%') NOT VALID;
+ALTER TABLE app_user ADD CONSTRAINT app_user_patient_bound
+  CHECK (role <> 'patient' OR fhir_user LIKE 'Patient/%') NOT VALID;
+CREATE INDEX app_user_email ON app_user (lower(email));
+-- Login sessions: only the SHA-256 of each session id is stored.
+CREATE TABLE user_session (
+  id_hash text PRIMARY KEY,
+  user_id text NOT NULL REFERENCES app_user(id),
+  project_id text NOT NULL REFERENCES project(id),
+  amr text[] NOT NULL,
+  created_at timestamptz NOT NULL,
+  last_seen_at timestamptz NOT NULL,
+  expires_at timestamptz NOT NULL,
+  ended_at timestamptz,
+  end_reason text
+);
+CREATE INDEX user_session_live ON user_session (user_id) WHERE ended_at IS NULL;
+`,
+  },
+  {
+    version: 7,
+    name: 'project BAAs: production only with a recorded BAA',
+    sql: `
+-- Business Associate Agreements of projects (src/admin/project-baa.ts, docs/phi-boundary.md). The
+-- signed document itself is not stored: only its SHA-256, to prove later which document it was.
+ALTER TABLE project ADD COLUMN production_requested boolean NOT NULL DEFAULT false;
+CREATE TABLE project_baa (
+  id text PRIMARY KEY,
+  project_id text NOT NULL REFERENCES project(id),
+  counterparty text NOT NULL CHECK (length(counterparty) BETWEEN 1 AND 200),
+  signed_by text NOT NULL CHECK (length(signed_by) BETWEEN 1 AND 200),
+  signed_at text NOT NULL,
+  document_sha256 text NOT NULL CHECK (document_sha256 ~ '^[0-9a-f]{64}$'),
+  services text[] NOT NULL CHECK (cardinality(services) > 0),
+  recorded_by text NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX project_baa_project ON project_baa (project_id, recorded_at);
+-- A project is production only with a recorded BAA, whatever writes the row.
+CREATE FUNCTION project_production_needs_baa() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.kind = 'production' AND NOT EXISTS (SELECT 1 FROM project_baa WHERE project_id = NEW.id) THEN
+    RAISE EXCEPTION 'a production project needs a recorded BAA' USING ERRCODE = 'check_violation';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER project_production_needs_baa BEFORE INSERT OR UPDATE OF kind ON project
+  FOR EACH ROW EXECUTE FUNCTION project_production_needs_baa();
+`,
+  },
 ];
 
 /** One schema step: SQL, and optionally work in the same transaction once the SQL ran (filling a

@@ -1,4 +1,5 @@
 import type { SqlDriver, SqlQueryable } from './sql-driver.ts';
+import type { BoundedQueries } from './pg/pg-driver.ts';
 import { CustosError } from '../kernel/errors.ts';
 import type { SearchIndex } from '../fhir/search-index.ts';
 import { INDEX_VERSION } from '../fhir/search-parameters.ts';
@@ -103,6 +104,17 @@ const COLS = 'resource_type, id, version_id, last_updated, deleted, content::tex
  */
 export class ResourceStore {
   constructor(readonly db: SqlDriver) {}
+
+  /**
+   * Where a search runs its statements: outside any transaction (they only read, and each sees
+   * committed data, as in a READ COMMITTED transaction), each bounded by `timeoutMs` on a
+   * PostgreSQL server (a statement running longer is cancelled: SQLSTATE 57014). PGlite cannot
+   * cancel a statement (one in-process connection), so there the bound is the search limits alone.
+   */
+  searchQueries(timeoutMs: number | undefined): SqlQueryable {
+    const db = this.db as SqlDriver & Partial<BoundedQueries>;
+    return timeoutMs && db.bounded ? db.bounded(timeoutMs) : db;
+  }
 
   async getProject(id: string): Promise<Project | undefined> {
     const r = await this.db.query<{

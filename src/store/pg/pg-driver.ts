@@ -5,18 +5,58 @@ import type { SqlDriver, SqlQueryable } from '../sql-driver.ts';
 // bigint (int8) columns come back as JS numbers: our sequence numbers and versions stay far below 2^53.
 pg.types.setTypeParser(20, (v) => Number(v));
 
+/**
+ * A driver that can run statements each bounded in time (`statement_timeout`) without a
+ * transaction around them: searches use it (ResourceStore.searchQueries).
+ */
+export interface BoundedQueries {
+  bounded(timeoutMs: number): SqlQueryable;
+}
+
 /** A PostgreSQL server through node-postgres' pool. */
-export class PgDriver implements SqlDriver {
+export class PgDriver implements SqlDriver, BoundedQueries {
   readonly kind = 'postgres' as const;
-  private constructor(private readonly pool: pg.Pool) {}
+  /** Pools whose connections carry a statement_timeout, by timeout (see `bounded`). */
+  private readonly boundedPools = new Map<number, { pool: pg.Pool; q: SqlQueryable }>();
+  private constructor(
+    private readonly pool: pg.Pool,
+    private readonly url: string,
+    private readonly max: number,
+  ) {}
 
   static async open(url: string, opts: { max?: number } = {}): Promise<PgDriver> {
-    const pool = new pg.Pool({ connectionString: url, max: opts.max ?? 10 });
+    const max = opts.max ?? 10;
+    const pool = new pg.Pool({ connectionString: url, max });
     // An idle client's error (server restart) must not crash the process; callers see it on next use.
     pool.on('error', () => {});
     const c = await pool.connect();
     c.release();
-    return new PgDriver(pool);
+    return new PgDriver(pool, url, max);
+  }
+
+  /**
+   * Statements each bounded by `timeoutMs` (PostgreSQL cancels one that runs longer: SQLSTATE
+   * 57014), outside any transaction. The timeout is a startup parameter of the connections of a
+   * second pool (opened on first use, idle connections closed after 10 s), so bounding costs no
+   * round trip; `SET LOCAL statement_timeout` needed BEGIN, SET and COMMIT around every search.
+   */
+  bounded(timeoutMs: number): SqlQueryable {
+    const ms = Math.max(1, Math.floor(timeoutMs));
+    let b = this.boundedPools.get(ms);
+    if (!b) {
+      const pool = new pg.Pool({ connectionString: this.url, max: this.max, statement_timeout: ms });
+      pool.on('error', () => {});
+      b = {
+        pool,
+        q: {
+          query: async <R>(sql: string, params: readonly unknown[] = []) => ({
+            rows: (await pool.query(sql, params as unknown[])).rows as R[],
+          }),
+        },
+      };
+      this.boundedPools.set(ms, b);
+    }
+    return b.q;
   }
 
   async query<R>(sql: string, params: readonly unknown[] = []): Promise<{ rows: R[] }> {
@@ -69,6 +109,8 @@ export class PgDriver implements SqlDriver {
   }
 
   async close(): Promise<void> {
-    await this.pool.end();
+    const pools = [...this.boundedPools.values()].map((b) => b.pool);
+    this.boundedPools.clear();
+    await Promise.all([this.pool.end(), ...pools.map((p) => p.end())]);
   }
 }
