@@ -196,7 +196,7 @@ function luhnValid(digits: string): boolean {
 
 // ---- free text -----------------------------------------------------------------------------
 
-// Formatted SSNs: 123-45-6789 or 123 45 6789, not inside a longer token.
+// Formatted SSNs: AAA-GG-SSSS or AAA GG SSSS, not inside a longer token.
 const TEXT_SSN = /(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-])/g;
 // Unformatted SSNs only next to a keyword (nine bare digits are too often something else).
 const TEXT_SSN_KEYWORD =
