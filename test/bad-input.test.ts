@@ -655,14 +655,24 @@ describe('validation', () => {
     }
   });
 
-  test('unlabelled data in the sandbox: 422 SANDBOX_REQUIRES_TEST_LABEL', async () => {
+  test('unlabelled data in the sandbox: 422 SANDBOX_REQUIRES_TEST_LABEL, and the refusal is audited', async () => {
     const p = testPatient();
     delete p.meta;
+    const audit = h.server.core.audit;
+    const before = await audit.size();
     await rejected(
       await post('/Patient', JSON.stringify(p)),
       422,
       'SANDBOX_REQUIRES_TEST_LABEL',
       'business-rule',
+    );
+    const events = (await audit.read(before, (await audit.size()) - before)).map(
+      (r) => JSON.parse(r.entry.toString('utf8')) as { code?: string; outcome?: string; action?: string },
+    );
+    assert.ok(
+      events.some(
+        (e) => e.code === 'SANDBOX_REQUIRES_TEST_LABEL' && e.outcome === 'refused' && e.action === 'create',
+      ),
     );
   });
 });

@@ -624,21 +624,20 @@ export class PhiSession {
     if (r.resourceType !== type) throw new CustosError('TYPE_MISMATCH');
     if (id !== undefined && r.id !== undefined && r.id !== id) throw new CustosError('ID_MISMATCH');
     const project = await this.getProject();
-    if (project.kind === 'sandbox' && !hasTestLabel(r)) throw new CustosError('SANDBOX_REQUIRES_TEST_LABEL');
     if (project.kind === 'sandbox') {
-      // Labelled test data that looks real (src/phi/phi-detector.ts): refused, audited, never echoed.
-      const findings = detectRealLookingPhi(r);
-      if (findings.length > 0) {
+      // A sandbox takes only data labelled as test data, and of that nothing that looks real
+      // (src/phi/phi-detector.ts). Either refusal is audited; the values are never echoed.
+      const findings = hasTestLabel(r) ? detectRealLookingPhi(r) : undefined;
+      const code = !findings
+        ? 'SANDBOX_REQUIRES_TEST_LABEL'
+        : findings.length > 0
+          ? 'SANDBOX_REAL_DATA'
+          : undefined;
+      if (code) {
         await this.audit(
-          this.event({
-            phase: 'access',
-            action,
-            outcome: 'refused',
-            code: 'SANDBOX_REAL_DATA',
-            resource: { type, id },
-          }),
+          this.event({ phase: 'access', action, outcome: 'refused', code, resource: { type, id } }),
         );
-        throw new CustosError('SANDBOX_REAL_DATA', phiFindingIssues(findings));
+        throw new CustosError(code, findings ? phiFindingIssues(findings) : []);
       }
     }
     const issues = this.deps.validate(r);
