@@ -21,6 +21,7 @@ import { classifyDatabaseError } from '../store/sql-driver.ts';
 import { patientCompartment } from '../fhir/patient-compartment.ts';
 import { BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from './purpose-of-use.ts';
 import { TtlCache } from '../kernel/ttl-cache.ts';
+import type { SmartScope } from '../auth/smart-scopes.ts';
 import { extractSearchIndex, type SearchIndex } from '../fhir/search-index.ts';
 import { parseSearch, type SearchRequest } from '../fhir/search-request.ts';
 import {
@@ -55,7 +56,16 @@ export type Interaction = 'c' | 'r' | 'u' | 'd' | 's';
 export interface Principal {
   projectId: string;
   clientId: string;
+  /** Set when a person is behind the request (a token from the authorization code flow). */
   userId?: string;
+  /** The person's role in the project (users.ts USER_ROLES); absent for system clients. */
+  userRole?: 'practitioner' | 'patient' | 'admin' | 'auditor';
+  /** The person's FHIR identity (`Patient/123`, `Practitioner/abc`), the token's `fhirUser`. */
+  fhirUser?: string;
+  /** SMART launch context (`launch/patient`): the Patient id the token's `patient/` scopes are confined to. */
+  launchPatient?: string;
+  /** The token's granted SMART resource scopes (all contexts), already narrowed to the client's registration. */
+  scopes?: readonly SmartScope[];
   roles: readonly string[];
   allowedPurposes: readonly string[];
   mayBreakGlass: boolean;
