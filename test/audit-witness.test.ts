@@ -169,6 +169,11 @@ describe('scheduled checkpoints are cosigned by a witness', () => {
     const next = stub.requests.find((r) => r.status === 200 && r.old === before)!;
     assert.ok(next, 'a request from the size the witness had');
     assert.ok(next.proofLines > 0, 'with a consistency proof');
+    // The witness answers before the server stores its cosignature: wait for the stored one.
+    await until(
+      'the stored cosignature at the new size',
+      async () => ((await h.server.core.witnesses.status())[0]?.cosignedSize ?? 0) >= size,
+    );
     const status = await h.server.core.witnesses.status();
     assert.equal(status.length, 1);
     assert.equal(status[0]!.name, stub.name);
