@@ -19,7 +19,7 @@ import { AuditLog } from '../src/audit/audit-log.ts';
 import { Checkpoints } from '../src/audit/checkpoints.ts';
 import { canonicalJson, encodeAuditEvent, leafHash, type AuditEvent } from '../src/audit/audit-event.ts';
 import {
-  entryIndexText,
+  entryIndexRecords,
   indexColumns,
   indexRowsOf,
   INDEX_COLUMNS,
@@ -751,12 +751,12 @@ describe("verify reads each entry once: the index rows from the scan equal the p
     cases.push(Buffer.from('null'), Buffer.from('[]'), Buffer.from('{"patients":["\xff"]}', 'latin1'));
     for (const [i, entry] of cases.entries()) {
       const r = processBatch(packRows([{ seq: i, entry, leafHash: leafHash(entry) }]), 1, true);
-      const want = hash('sha256', entryIndexText(i, entry, 0, entry.length), 'hex');
+      const want = hash('sha256', entryIndexRecords(i, entry, 0, entry.length), 'hex');
       assert.equal(r.indexDigest, want, entry.toString('latin1'));
     }
     const rows = cases.map((entry, seq) => ({ seq, entry, leafHash: leafHash(entry) }));
     const r = processBatch(packRows(rows), rows.length, true);
-    const want = rows.map((x) => entryIndexText(x.seq, x.entry, 0, x.entry.length)).join('');
+    const want = Buffer.concat(rows.map((x) => entryIndexRecords(x.seq, x.entry, 0, x.entry.length)));
     assert.equal(r.indexDigest, hash('sha256', want, 'hex'));
   });
 });

@@ -4,6 +4,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { canonicalJson, leafHash } from '../src/audit/audit-event.ts';
 import { MerkleAccumulator } from '../src/audit/merkle-proof.ts';
 import { CopySplitter, copyHeader, packRows, processBatch, scanEvent } from '../src/audit/verify-batch.ts';
+import { FIRST_MS, LAST_MS, writeMicros } from '../src/audit/audit-index.ts';
 
 // The per-entry work of `custos audit verify`: the COPY stream splitter and the JSON fast path must
 // give exactly what the plain code (JSON.parse on the decoded entry) gives.
@@ -210,5 +211,17 @@ describe('the COPY stream splitter', () => {
     for (let i = 256; i < 512; i++) tree.add(leafHash(rows[i]!.entry));
     assert.ok(r.roots.subarray(32, 64).equals(tree.root()), 'the second group of 256 leaves');
     assert.deepEqual(r.eventKinds.length, Math.ceil(600 / 7));
+  });
+});
+
+describe('the index rows in binary form', () => {
+  test('timestamps are written as PostgreSQL sends them (int64 microseconds since 2000), exactly', () => {
+    const out = Buffer.alloc(8);
+    const cases = [FIRST_MS, LAST_MS, 0, -1, 1, 946_684_800_000, 946_684_799_999, 1_780_000_000_123];
+    for (let i = 0; i < 5000; i++) cases.push(FIRST_MS + Math.floor(Math.random() * (LAST_MS - FIRST_MS)));
+    for (const ms of cases) {
+      assert.equal(writeMicros(out, 0, ms), 8);
+      assert.equal(out.readBigInt64BE(0), (BigInt(ms) - 946_684_800_000n) * 1000n, String(ms));
+    }
   });
 });

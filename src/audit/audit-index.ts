@@ -119,74 +119,113 @@ function utf8Order(a: string, b: string): number {
   return a.length - b.length;
 }
 
+/** PostgreSQL type OIDs of the index columns, as `record_send` writes them. */
+export const OID_INT8 = 20;
+export const OID_TEXT = 25;
+export const OID_TIMESTAMPTZ = 1184;
+
+/** Milliseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z). */
+const PG_EPOCH_MS = 946_684_800_000;
+
 /**
- * One row as the text both sides of verify's comparison hash: exactly what PostgreSQL's
- * `json_build_array(…)::text` writes for it (see STORED_DIGEST_SQL), the time as epoch ms.
+ * The timestamptz `ms` (epoch milliseconds, an integer within FIRST_MS..LAST_MS) as PostgreSQL sends it:
+ * int64 microseconds since 2000-01-01, big-endian, at `o`; returns the position after it. Exact without
+ * BigInt: the microseconds pass 2^53, so they are put together from 20-bit and 12-bit halves.
  */
-export function rowText(seq: number, r: Omit<AuditIndexRow, 'seq'>): string {
-  const ms = r.time === null ? null : Date.parse(r.time);
-  const values = [seq, r.patient, ms, r.action, r.outcome, r.purpose, r.projectId, r.clientId, r.userId];
-  return `[${values.map((v) => JSON.stringify(v)).join(', ')}]\n`;
+export function writeMicros(out: Uint8Array, o: number, ms: number): number {
+  const d = ms - PG_EPOCH_MS;
+  const dh = Math.floor(d / 1_048_576);
+  const dl = d - dh * 1_048_576;
+  const a = dh * 1000;
+  let hi = Math.floor(a / 4096);
+  let lo = (a - hi * 4096) * 1_048_576 + dl * 1000;
+  if (lo >= 0x1_0000_0000) {
+    lo -= 0x1_0000_0000;
+    hi += 1;
+  }
+  for (const v of [hi, lo]) {
+    out[o++] = v >>> 24;
+    out[o++] = (v >>> 16) & 0xff;
+    out[o++] = (v >>> 8) & 0xff;
+    out[o++] = v & 0xff;
+  }
+  return o;
+}
+
+/**
+ * One row as both sides of verify's comparison hash it: exactly what PostgreSQL's `record_send` writes
+ * for the row (see storedDigestSql): the column count, then each column's type OID, length (-1 for
+ * NULL) and binary value (int8, UTF-8 text, timestamptz as microseconds since 2000).
+ */
+export function rowRecord(seq: number, r: Omit<AuditIndexRow, 'seq'>): Buffer {
+  const texts = [r.action, r.outcome, r.purpose, r.projectId, r.clientId, r.userId].map((v) =>
+    v === null ? null : Buffer.from(v, 'utf8'),
+  );
+  const patient = Buffer.from(r.patient, 'utf8');
+  const out = Buffer.alloc(
+    4 + 16 + 8 + patient.length + 16 + 8 * 6 + texts.reduce((n, t) => n + (t?.length ?? 0), 0),
+  );
+  let o = out.writeInt32BE(9, 0);
+  o = out.writeInt32BE(OID_INT8, o);
+  o = out.writeInt32BE(8, o);
+  o = out.writeBigInt64BE(BigInt(seq), o);
+  o = out.writeInt32BE(OID_TEXT, o);
+  o = out.writeInt32BE(patient.length, o);
+  o += patient.copy(out, o);
+  o = out.writeInt32BE(OID_TIMESTAMPTZ, o);
+  const ms = r.time === null ? Number.NaN : Date.parse(r.time);
+  if (Number.isNaN(ms)) o = out.writeInt32BE(-1, o);
+  else o = writeMicros(out, out.writeInt32BE(8, o), ms);
+  for (const t of texts) {
+    o = out.writeInt32BE(OID_TEXT, o);
+    o = out.writeInt32BE(t === null ? -1 : t.length, o);
+    if (t) o += t.copy(out, o);
+  }
+  return out.subarray(0, o);
 }
 
 /**
  * The stored rows of a sequence range, digested by the database, so that verify transfers 64
- * characters per batch rather than its rows. The text of each row is {@link rowText}'s
- * (test/audit-query.test.ts checks that they agree).
+ * characters per batch rather than its rows. Each row is hashed as `record_send` writes it, which is
+ * {@link rowRecord}'s bytes (test/audit-query.test.ts checks that they agree), in (seq, patient) order:
+ * the primary key's order where the database sorts text by code point (collation C, POSIX or C.UTF-8),
+ * else an explicit `COLLATE "C"` sort. A difference from the expected digest is rechecked row by row
+ * ({@link AuditIndexCheck.report}), so the digest's order is a matter of speed, not of correctness.
  */
-export const STORED_DIGEST_SQL = `
+export function storedDigestSql(codePointOrder: boolean): string {
+  return `
 SELECT count(*)::int AS n,
-       encode(sha256(convert_to(coalesce(string_agg(
-         json_build_array(seq, patient, (extract(epoch FROM event_time) * 1000)::bigint, action, outcome,
-                          purpose, project_id, client_id, user_id)::text || chr(10),
-         '' ORDER BY seq, patient COLLATE "C"), ''), 'UTF8')), 'hex') AS digest
-  FROM audit_index WHERE seq >= $1 AND seq <= $2`;
+       encode(sha256(coalesce(string_agg(record_send(x), ''::bytea), ''::bytea)), 'hex') AS digest
+  FROM (SELECT ${INDEX_COLUMNS} FROM audit_index WHERE seq >= $1 AND seq <= $2
+         ORDER BY seq, patient${codePointOrder ? '' : ' COLLATE "C"'}) x`;
+}
+
+/** {@link storedDigestSql} for any database collation. */
+export const STORED_DIGEST_SQL = storedDigestSql(false);
 
 /** Epoch milliseconds of 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z: the instants {@link instant} keeps. */
 export const FIRST_MS = -62_167_219_200_000;
 export const LAST_MS = 253_402_300_799_999;
 
-function jsonString(v: unknown): string {
-  return typeof v === 'string' ? JSON.stringify(v) : 'null';
-}
-
 /**
- * The expected index rows of a stored entry (`b[start, end)`) as comparison text; '' for an entry that
- * does not decode (verify reports that entry itself). The same text as {@link indexRowsOf} then
- * {@link rowText} (a test holds them equal). verify-batch.ts derives it without decoding the entry
- * for ordinary entries, and calls this (or {@link indexTextOf} with the entry it already parsed) for
- * the others.
+ * The expected index rows of a stored entry (`b[start, end)`) as comparison bytes; empty for an entry
+ * that does not decode (verify reports that entry itself). The same bytes as {@link indexRowsOf} then
+ * {@link rowRecord}. verify-batch.ts derives them without decoding the entry for ordinary entries, and
+ * calls this (or {@link indexRecordsOf} with the entry it already parsed) for the others.
  */
-export function entryIndexText(seq: number, b: Buffer, start: number, end: number): string {
+export function entryIndexRecords(seq: number, b: Buffer, start: number, end: number): Buffer {
   let e: unknown;
   try {
     e = JSON.parse(b.toString('utf8', start, end));
   } catch {
-    return '';
+    return Buffer.alloc(0);
   }
-  return indexTextOf(seq, e);
+  return indexRecordsOf(seq, e);
 }
 
-/** {@link entryIndexText} of an entry already decoded (`JSON.parse` of its bytes). */
-export function indexTextOf(seq: number, parsed: unknown): string {
-  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) return '';
-  const e = parsed as Record<string, unknown>;
-  const actor = e.actor !== null && typeof e.actor === 'object' ? (e.actor as Record<string, unknown>) : {};
-  const t = typeof e.time === 'string' ? Date.parse(e.time) : NaN;
-  const ms = t >= FIRST_MS && t <= LAST_MS ? String(t) : 'null';
-  const tail = `, ${ms}, ${jsonString(e.action)}, ${jsonString(e.outcome)}, ${jsonString(e.purpose)}, ${jsonString(e.projectId)}, ${jsonString(actor.clientId)}, ${jsonString(actor.userId)}]\n`;
-  const head = `[${seq}, `;
-  const ps = e.patients;
-  if (!Array.isArray(ps) || ps.length === 0) return `${head}""${tail}`;
-  if (ps.length === 1 && typeof ps[0] === 'string' && ps[0] !== '')
-    return `${head}${JSON.stringify(ps[0])}${tail}`;
-  const patients = [...new Set(ps.filter((p): p is string => typeof p === 'string' && p !== ''))].sort(
-    utf8Order,
-  );
-  if (patients.length === 0) return `${head}""${tail}`;
-  let text = '';
-  for (const p of patients) text += `${head}${JSON.stringify(p)}${tail}`;
-  return text;
+/** {@link entryIndexRecords} of an entry already decoded (`JSON.parse` of its bytes). */
+export function indexRecordsOf(seq: number, parsed: unknown): Buffer {
+  return Buffer.concat(indexRowsOf(parsed).map((r) => rowRecord(seq, r)));
 }
 
 /** COPY text escaping: backslash, tab, newline and carriage return; `\N` for null. */
@@ -208,9 +247,9 @@ export function indexCopyLines(seq: number, e: unknown): string {
   return out;
 }
 
-/** SHA-256 (hex) of comparison text. */
-export function indexDigest(text: string): string {
-  return hash('sha256', text, 'hex');
+/** SHA-256 (hex) of comparison bytes. */
+export function indexDigest(bytes: Uint8Array | string): string {
+  return hash('sha256', bytes, 'hex');
 }
 
 /** Column arrays of `rows` for an `unnest` insert, in {@link INDEX_COLUMNS} order (seq first). */
@@ -281,63 +320,35 @@ export interface IndexReport {
   firstBadSeq: number | undefined;
 }
 
-interface StoredRow {
-  seq: number | string;
-  patient: string;
-  event_time: Date | string | null;
-  action: string | null;
-  outcome: string | null;
-  purpose: string | null;
-  project_id: string | null;
-  client_id: string | null;
-  user_id: string | null;
-}
-
-function storedRow(r: StoredRow): AuditIndexRow {
-  const t = r.event_time === null ? null : new Date(r.event_time);
-  return {
-    seq: Number(r.seq),
-    patient: r.patient,
-    time: t && !Number.isNaN(t.getTime()) ? t.toISOString() : null,
-    action: r.action,
-    outcome: r.outcome,
-    purpose: r.purpose,
-    projectId: r.project_id,
-    clientId: r.client_id,
-    userId: r.user_id,
-  };
-}
-
-function sortRows(rows: AuditIndexRow[]): AuditIndexRow[] {
-  return rows.sort((a, b) => a.seq - b.seq || utf8Order(a.patient, b.patient));
-}
-
 /**
  * The index half of `custos audit verify`. For each batch of entries verify-batch.ts returns the
  * digest of the rows expected for them; the database digests the stored rows of the same sequence
  * range (asked when the batch is submitted, so it overlaps the hashing) and {@link expect} compares.
- * On the first difference, that range is re-read row by row to name the entry. One pass over the index.
+ * Ranges that differ are re-read row by row at the end to name the first entry whose rows differ. One
+ * pass over the index.
  */
 export class AuditIndexCheck {
   private checkedRows = 0;
-  private firstBadRange: { lo: number; hi: number } | undefined;
+  /** Ranges whose digests differed, in order (kept while none of them is known to hold a bad row). */
+  private readonly differing: { lo: number; hi: number }[] = [];
   private nextLo = 0;
   private lastSeq = -1;
 
-  private constructor(private readonly db: SqlDriver) {}
+  private constructor(
+    private readonly db: SqlDriver,
+    private readonly digestSql: string,
+  ) {}
 
   /** Undefined when the audit database has no index table (nothing to check). */
   static async open(db: SqlDriver): Promise<AuditIndexCheck | undefined> {
-    const r = await db.query<{ t: string | null }>("SELECT to_regclass('audit_index')::text AS t");
-    return r.rows[0]?.t ? new AuditIndexCheck(db) : undefined;
-  }
-
-  private async rows(lo: number, hi: number): Promise<AuditIndexRow[]> {
-    const r = await this.db.query<StoredRow>(
-      `SELECT ${INDEX_COLUMNS} FROM audit_index WHERE seq >= $1 AND seq <= $2`,
-      [lo, hi],
+    const r = await db.query<{ t: string | null; collation: string | null }>(
+      `SELECT to_regclass('audit_index')::text AS t,
+              (SELECT datcollate FROM pg_database WHERE datname = current_database())::text AS collation`,
     );
-    return sortRows(r.rows.map(storedRow));
+    if (!r.rows[0]?.t) return undefined;
+    // Collations that sort text by code point (= UTF-8 bytes): the primary key's order is the digest's.
+    const codePoint = /^(C|POSIX|C\.UTF-?8)$/i.test(r.rows[0].collation ?? '');
+    return new AuditIndexCheck(db, storedDigestSql(codePoint));
   }
 
   /**
@@ -353,7 +364,7 @@ export class AuditIndexCheck {
       hi < lo
         ? Promise.resolve({ n: 0, digest: indexDigest('') })
         : this.db
-            .query<{ n: number; digest: string }>(STORED_DIGEST_SQL, [lo, hi])
+            .query<{ n: number; digest: string }>(this.digestSql, [lo, hi])
             .then((r) => ({ n: Number(r.rows[0]!.n), digest: r.rows[0]!.digest }));
     stored.catch(() => {}); // awaited in expect(); not an unhandled rejection meanwhile
     return { lo, hi, stored };
@@ -366,41 +377,65 @@ export class AuditIndexCheck {
   ): Promise<void> {
     const stored = await range.stored;
     this.checkedRows += stored.n;
-    if (this.firstBadRange || expectedDigest === undefined) return;
-    if (stored.digest !== expectedDigest) this.firstBadRange = { lo: range.lo, hi: range.hi };
+    if (expectedDigest === undefined) return;
+    if (stored.digest !== expectedDigest) this.differing.push({ lo: range.lo, hi: range.hi });
   }
 
   /**
-   * Finishes: index rows past the last entry read whose entry does not exist (left by a truncation),
-   * and, if a range differed, the first entry in it whose rows differ.
+   * The first entry in `lo..hi` whose stored index rows differ from the expected ones (changed, missing,
+   * extra), compared per entry with both sides in code point order; undefined when none does.
+   */
+  private async firstDifference(
+    lo: number,
+    hi: number,
+    readEntries: (from: number, limit: number) => Promise<{ seq: number; entry: Buffer }[]>,
+  ): Promise<number | undefined> {
+    const expected = new Map<number, Buffer>();
+    for (const e of await readEntries(lo, hi - lo + 1)) {
+      if (e.seq > hi) break;
+      expected.set(e.seq, entryIndexRecords(e.seq, e.entry, 0, e.entry.length));
+    }
+    const r = await this.db.query<{ seq: number | string; p: Uint8Array; r: Uint8Array }>(
+      `SELECT x.seq, convert_to(x.patient, 'UTF8') AS p, record_send(x) AS r
+         FROM (SELECT ${INDEX_COLUMNS} FROM audit_index WHERE seq >= $1 AND seq <= $2) x`,
+      [lo, hi],
+    );
+    const rows = r.rows
+      .map((x) => ({ seq: Number(x.seq), p: Buffer.from(x.p), r: Buffer.from(x.r) }))
+      .sort((a, b) => a.seq - b.seq || Buffer.compare(a.p, b.p));
+    const stored = new Map<number, Buffer[]>();
+    for (const x of rows) {
+      const list = stored.get(x.seq);
+      if (list) list.push(x.r);
+      else stored.set(x.seq, [x.r]);
+    }
+    const seqs = [...new Set([...expected.keys(), ...stored.keys()])].sort((a, b) => a - b);
+    const none = Buffer.alloc(0);
+    return seqs.find((s) => !(expected.get(s) ?? none).equals(Buffer.concat(stored.get(s) ?? [])));
+  }
+
+  /**
+   * Finishes: if ranges differed, the first entry whose rows differ; else index rows past the last
+   * entry read whose entry does not exist (left by a truncation).
    * `readEntries(from, n)` reads stored entries (AuditLog.read).
    */
   async report(
     readEntries: (from: number, limit: number) => Promise<{ seq: number; entry: Buffer }[]>,
   ): Promise<IndexReport> {
-    let firstBadSeq: number | undefined;
-    if (this.firstBadRange) {
-      const { lo, hi } = this.firstBadRange;
-      const expected = new Map<number, string>();
-      for (const e of await readEntries(lo, hi - lo + 1)) {
-        if (e.seq > hi) break;
-        expected.set(e.seq, entryIndexText(e.seq, e.entry, 0, e.entry.length));
-      }
-      const stored = new Map<number, string>();
-      for (const r of await this.rows(lo, hi))
-        stored.set(r.seq, (stored.get(r.seq) ?? '') + rowText(r.seq, r));
-      const seqs = [...new Set([...expected.keys(), ...stored.keys()])].sort((a, b) => a - b);
-      firstBadSeq = seqs.find((s) => (expected.get(s) ?? '') !== (stored.get(s) ?? '')) ?? lo;
-    } else {
-      // Rows of entries appended while verify ran have their entries (same transaction): not strays.
-      const r = await this.db.query<{ seq: number | string | null }>(
-        `SELECT min(i.seq) AS seq FROM audit_index i
-          WHERE i.seq > $1 AND NOT EXISTS (SELECT 1 FROM audit_entry e WHERE e.seq = i.seq)`,
-        [this.lastSeq],
-      );
-      const stray = r.rows[0]?.seq;
-      if (stray !== null && stray !== undefined) firstBadSeq = Number(stray);
+    for (const { lo, hi } of this.differing) {
+      const firstBadSeq = await this.firstDifference(lo, hi, readEntries);
+      if (firstBadSeq !== undefined) return { checkedRows: this.checkedRows, firstBadSeq };
     }
-    return { checkedRows: this.checkedRows, firstBadSeq };
+    // Rows of entries appended while verify ran have their entries (same transaction): not strays.
+    const r = await this.db.query<{ seq: number | string | null }>(
+      `SELECT min(i.seq) AS seq FROM audit_index i
+        WHERE i.seq > $1 AND NOT EXISTS (SELECT 1 FROM audit_entry e WHERE e.seq = i.seq)`,
+      [this.lastSeq],
+    );
+    const stray = r.rows[0]?.seq;
+    return {
+      checkedRows: this.checkedRows,
+      firstBadSeq: stray !== null && stray !== undefined ? Number(stray) : undefined,
+    };
   }
 }

@@ -178,6 +178,7 @@ export async function verifyAuditLog(
   const exec = workers > 0 ? await WorkerPool.start(workers).catch(() => undefined) : undefined;
   try {
     const splitter = new CopySplitter(batchRows, onSeq);
+    if (exec) exec.onReturn = (buf) => splitter.recycle(buf);
     const inFlight: {
       start: number;
       result: Promise<BatchResult>;
@@ -192,7 +193,10 @@ export async function verifyAuditLog(
         start: submitted,
         result: exec
           ? exec.run(b, !!indexCheck)
-          : Promise.resolve(processBatch(b.buf, b.count, !!indexCheck)),
+          : Promise.resolve(processBatch(b.buf, b.count, !!indexCheck)).then((r) => {
+              if (b.buf.byteOffset === 0) splitter.recycle(b.buf.buffer as ArrayBuffer);
+              return r;
+            }),
         index,
       });
       submitted += b.count;
@@ -363,10 +367,13 @@ class WorkerPool {
     number,
     { resolve: (r: BatchResult) => void; reject: (e: Error) => void }
   >();
+  /** Called with each batch's buffer when its worker hands it back. */
+  onReturn: (buf: ArrayBuffer) => void = () => {};
 
   private constructor(private readonly workers: Worker[]) {
     for (const w of workers) {
-      w.on('message', (m: { id: number; result?: BatchResult; error?: string }) => {
+      w.on('message', (m: { id: number; result?: BatchResult; error?: string; buf?: ArrayBuffer }) => {
+        if (m.buf) this.onReturn(m.buf);
         const p = this.waiting.get(m.id);
         if (!p) return;
         this.waiting.delete(m.id);

@@ -12,7 +12,16 @@
  */
 import { isUtf8 } from 'node:buffer';
 import { hash } from 'node:crypto';
-import { entryIndexText, FIRST_MS, indexTextOf, LAST_MS } from './audit-index.ts';
+import {
+  entryIndexRecords,
+  FIRST_MS,
+  indexRecordsOf,
+  LAST_MS,
+  OID_INT8,
+  OID_TEXT,
+  OID_TIMESTAMPTZ,
+  writeMicros,
+} from './audit-index.ts';
 
 const HASH = 32;
 const GROUP = 256;
@@ -38,7 +47,7 @@ export interface BatchResult {
  * Processes `count` tuples packed in `buf` (no COPY header or trailer). `buf` is left as it was.
  * `index`: also derive each entry's query index rows and return their digest. Each entry is read
  * once: the scan that finds its write phase also finds its index fields (see {@link scanEntry}), and
- * the rows' text is assembled from the entry's bytes; only an entry the scan is not sure of is
+ * the rows' bytes are assembled from the entry's bytes; only an entry the scan is not sure of is
  * parsed, once, for both.
  */
 export function processBatch(buf: Buffer, count: number, index = false): BatchResult {
@@ -49,8 +58,8 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
   const eventKinds: number[] = [];
   const eventIds: unknown[] = [];
   const row: string[] = new Array<string>(GROUP);
-  // The batch's index rows as UTF-8 text, hashed once at the end.
-  const text = index ? new TextOut(count * 192) : undefined;
+  // The batch's index rows in PostgreSQL's binary record format, hashed once at the end.
+  const text = index ? new RecordOut(count * 256) : undefined;
   let o = 0;
   for (let i = 0; i < count; i++) {
     o += 2; // field count, checked by the splitter
@@ -88,7 +97,7 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
         eventIds.push(buf.toString('utf8', scanned.idStart, scanned.idEnd));
       }
       if (text && !(scanned.index && text.rows(seq, buf)))
-        text.string(entryIndexText(seq, buf, entryStart, entryEnd));
+        text.bytes(entryIndexRecords(seq, buf, entryStart, entryEnd));
     } else {
       let e: EventFields | null = null;
       try {
@@ -108,7 +117,7 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
           eventIds.push(e.requestId);
         }
         // The rows of the entry just parsed (none for one that is not an object).
-        if (text) text.string(indexTextOf(seq, e));
+        if (text) text.bytes(indexRecordsOf(seq, e));
       }
     }
     if (bad === undefined && (mismatch || undecodable)) {
@@ -116,7 +125,7 @@ export function processBatch(buf: Buffer, count: number, index = false): BatchRe
     }
   }
   const result: BatchResult = { count, leafHashes, roots, bad, ...compressEvents(eventKinds, eventIds) };
-  if (text) result.indexDigest = hash('sha256', text.bytes(), 'hex');
+  if (text) result.indexDigest = hash('sha256', text.written(), 'hex');
   return result;
 }
 
@@ -127,11 +136,11 @@ interface EventFields {
 }
 
 /**
- * The index rows of a batch as UTF-8 bytes: the text audit-index.ts's `rowText` writes (and PostgreSQL's
- * `json_build_array(…)::text` for the stored rows), assembled from the entries' bytes for the entries
- * {@link scanEntry} read whole, from a string for the others.
+ * The index rows of a batch as the bytes audit-index.ts's `rowRecord` writes (and PostgreSQL's
+ * `record_send` for the stored rows), assembled from the entries' bytes for the entries
+ * {@link scanEntry} read whole, given whole for the others.
  */
-class TextOut {
+class RecordOut {
   private buf: Buffer;
   private o = 0;
 
@@ -146,20 +155,20 @@ class TextOut {
     this.buf = bigger;
   }
 
-  bytes(): Buffer {
+  written(): Buffer {
     return this.buf.subarray(0, this.o);
   }
 
-  string(s: string): void {
-    if (s === '') return;
-    this.room(s.length * 3);
-    this.o += this.buf.write(s, this.o, 'utf8');
+  bytes(b: Buffer): void {
+    if (b.length === 0) return;
+    this.room(b.length);
+    this.o += b.copy(this.buf, this.o);
   }
 
   /**
    * The rows of the entry {@link scanEntry} just read, from its bytes: a JSON string without escapes is
-   * its bytes, quoted, provided they are UTF-8 (else decoding would have replaced some). False, with
-   * nothing written, when a value is not UTF-8: the caller then decodes the entry.
+   * its bytes, provided they are UTF-8 (else decoding would have replaced some). False, with nothing
+   * written, when a value is not UTF-8: the caller then decodes the entry.
    */
   rows(seq: number, b: Buffer): boolean {
     const f = scanned.fields;
@@ -182,16 +191,19 @@ class TextOut {
     let tailStart = 0;
     let tailEnd = 0;
     for (let r = 0; r < rows; r++) {
-      out[o++] = 0x5b; // [
-      o = writeInt(out, o, seq);
-      out[o++] = 0x2c;
-      out[o++] = 0x20;
-      out[o++] = QUOTE;
+      o = put32(out, o, 9);
+      o = put32(out, o, OID_INT8);
+      o = put32(out, o, 8);
+      o = put32(out, o, Math.floor(seq / 0x1_0000_0000));
+      o = put32(out, o, seq >>> 0);
+      o = put32(out, o, OID_TEXT);
+      const lenAt = o;
+      o += 4;
       if (np > 0) {
         const at = order ? order[r]! : 0;
         for (let k = p[2 * at]!, e = p[2 * at + 1]!; k < e; k++) high |= out[o++] = b[k]!;
       }
-      out[o++] = QUOTE;
+      put32(out, lenAt, o - lenAt - 4);
       if (r > 0) {
         // The same fields as the first row.
         out.copyWithin(o, tailStart, tailEnd);
@@ -199,29 +211,35 @@ class TextOut {
         continue;
       }
       tailStart = o;
-      out[o++] = 0x2c;
-      out[o++] = 0x20;
-      o = Number.isNaN(ms) ? writeNull(out, o) : writeInt(out, o, ms);
+      o = put32(out, o, OID_TIMESTAMPTZ);
+      if (Number.isNaN(ms)) o = put32(out, o, -1);
+      else o = writeMicros(out, put32(out, o, 8), ms);
       for (let k = 2; k < 14; k += 2) {
-        out[o++] = 0x2c;
-        out[o++] = 0x20;
+        o = put32(out, o, OID_TEXT);
         const s = f[k]!;
         if (s < 0) {
-          o = writeNull(out, o);
+          o = put32(out, o, -1);
           continue;
         }
-        out[o++] = QUOTE;
-        for (let q = s, e = f[k + 1]!; q < e; q++) high |= out[o++] = b[q]!;
-        out[o++] = QUOTE;
+        const e = f[k + 1]!;
+        o = put32(out, o, e - s);
+        for (let q = s; q < e; q++) high |= out[o++] = b[q]!;
       }
-      out[o++] = 0x5d; // ]
-      out[o++] = 0x0a;
       tailEnd = o;
     }
     if (high >= 0x80 && !capturedUtf8(b)) return false;
     this.o = o;
     return true;
   }
+}
+
+/** A 32-bit integer, big-endian, at `o` (its low 32 bits); returns the position after it. */
+function put32(out: Uint8Array, o: number, v: number): number {
+  out[o] = v >>> 24;
+  out[o + 1] = (v >>> 16) & 0xff;
+  out[o + 2] = (v >>> 8) & 0xff;
+  out[o + 3] = v & 0xff;
+  return o + 4;
 }
 
 /** Whether every string value the last scan captured is UTF-8. */
@@ -232,31 +250,6 @@ function capturedUtf8(b: Buffer): boolean {
   for (let k = 0; k < scanned.patientCount; k++)
     if (!isUtf8(b.subarray(p[2 * k]!, p[2 * k + 1]!))) return false;
   return true;
-}
-
-const DIGITS = new Uint8Array(24);
-
-/** The decimal digits of the integer `n` (|n| < 2^53) at `o`; returns the position after them. */
-function writeInt(out: Buffer, o: number, n: number): number {
-  if (n < 0) {
-    out[o++] = 0x2d;
-    n = -n;
-  }
-  let k = 0;
-  do {
-    DIGITS[k++] = 0x30 + (n % 10);
-    n = Math.floor(n / 10);
-  } while (n > 0);
-  while (k > 0) out[o++] = DIGITS[--k]!;
-  return o;
-}
-
-function writeNull(out: Buffer, o: number): number {
-  out[o] = 0x6e;
-  out[o + 1] = 0x75;
-  out[o + 2] = 0x6c;
-  out[o + 3] = 0x6c;
-  return o + 4;
 }
 
 /** The last minute `timeValue` parsed ("YYYY-MM-DDTHH:MM", 16 bytes) and its epoch milliseconds. */
@@ -741,6 +734,11 @@ function scanNumber(b: Uint8Array, i: number, end: number): number {
   return i;
 }
 
+/** The signed big-endian 32-bit integer at `o` (bounds checked by the caller). */
+function int32(b: Uint8Array, o: number): number {
+  return (b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!;
+}
+
 const SIGNATURE = Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1');
 
 /** The COPY BINARY header (signature, flags, no extension). */
@@ -810,6 +808,28 @@ export class CopySplitter {
     let p = 0;
     let runStart = 0;
     while (p < n) {
+      // Fast path: whole ordinary tuples (3 fields, an 8-byte seq, lengths >= 0) inside this chunk are
+      // passed over with a few reads each; anything else (a split tuple, NULL, the trailer) goes on
+      // through the state machine below.
+      if (this.state === 'fields' && this.skip === 0 && this.have === 0) {
+        const c = chunk;
+        while (p + 18 <= n && c[p] === 0 && c[p + 1] === 3 && int32(c, p + 2) === 8) {
+          const entryLen = int32(c, p + 14);
+          const leafAt = p + 18 + entryLen;
+          if (entryLen < 0 || leafAt + 4 > n) break;
+          const leafLen = int32(c, leafAt);
+          const end = leafAt + 4 + leafLen;
+          if (leafLen < 0 || end > n) break;
+          this.onSeq(int32(c, p + 6) * 0x1_0000_0000 + (int32(c, p + 10) >>> 0));
+          p = end;
+          if (++this.rows === this.batchRows) {
+            this.append(c, runStart, p);
+            runStart = p;
+            out.push(this.take());
+          }
+        }
+        if (p >= n) break;
+      }
       if (this.skip > 0) {
         const k = Math.min(this.skip, n - p);
         this.skip -= k;
@@ -907,9 +927,24 @@ export class CopySplitter {
     this.length += to - from;
   }
 
+  /** Batch buffers handed back once processed ({@link recycle}): fresh memory costs a page fault per 4 KiB. */
+  private readonly spare: ArrayBuffer[] = [];
+
+  /** Gives back the memory of a batch this splitter made, once nothing reads it any more. */
+  recycle(buf: ArrayBuffer): void {
+    if (this.spare.length < 16) this.spare.push(buf);
+  }
+
+  private fresh(size: number): Buffer {
+    const i = this.spare.findIndex((b) => b.byteLength >= size);
+    if (i < 0) return Buffer.allocUnsafeSlow(size);
+    const b = this.spare.splice(i, 1)[0]!;
+    return Buffer.from(b, 0, b.byteLength);
+  }
+
   private take(): Batch {
     const b = { buf: this.batch.subarray(0, this.length), count: this.rows };
-    this.batch = Buffer.allocUnsafeSlow(Math.max(1 << 16, Math.ceil(this.length * 1.25)));
+    this.batch = this.fresh(Math.max(1 << 16, Math.ceil(this.length * 1.25)));
     this.length = 0;
     this.rows = 0;
     return b;
