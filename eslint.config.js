@@ -2,6 +2,7 @@
 // proves each one bites).
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
+import custos from './eslint-rules/no-outbound-client.js';
 
 /** Rule 1: only the PHI gateway (src/phi) reaches the resource store. */
 export const STORE_RULE = {
@@ -51,12 +52,18 @@ export default tseslint.config(
   },
   {
     files: ['src/**/*.ts'],
+    plugins: { custos },
     rules: {
       'no-console': 'error',
+      // Default and namespace imports, require, import(), globalThis.fetch (ADR 0009).
+      'custos/no-outbound-client': 'error',
       'no-restricted-imports': ['error', { paths: OUTBOUND_IMPORTS, patterns: [STORE_RULE, CRYPTO_RULE] }],
       'no-restricted-globals': [
         'error',
-        { name: 'fetch', message: 'Outbound connections go through src/egress.' },
+        ...['fetch', 'WebSocket', 'EventSource', 'XMLHttpRequest'].map((name) => ({
+          name,
+          message: 'Outbound connections go through src/egress.',
+        })),
       ],
     },
   },
@@ -77,7 +84,11 @@ export default tseslint.config(
   },
   {
     files: ['src/egress/**/*.ts'],
-    rules: { 'no-restricted-imports': ['error', { patterns: [STORE_RULE] }], 'no-restricted-globals': 'off' },
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [STORE_RULE] }],
+      'no-restricted-globals': 'off',
+      'custos/no-outbound-client': 'off',
+    },
   },
   {
     files: ['src/cli/**/*.ts', 'bench/**/*.ts', 'scripts/**/*.ts', 'test/**/*.ts', 'bin/**'],

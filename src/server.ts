@@ -32,6 +32,9 @@ import { AdminService } from './admin/admin-service.ts';
 import { registerAdminRoutes } from './admin/admin-routes.ts';
 import { readOrCreateKeyFile } from './kernel/key-file.ts';
 import { newId } from './kernel/ids.ts';
+import { EgressGateway } from './egress/egress.ts';
+import { VendorRegistry } from './egress/vendor-registry.ts';
+import { infrastructureVendors } from './egress/infrastructure.ts';
 
 import { reindex, type ReindexResult } from './phi/reindex.ts';
 import type { KeyAdminDeps } from './phi/key-admin.ts';
@@ -50,6 +53,8 @@ export function dataPaths(dataDir: string) {
     audit: path.join(dataDir, 'audit'),
     clientSecretKey: path.join(dataDir, 'keys', 'client-secret.key'),
     tokenSigningKeys: path.join(dataDir, 'keys', 'token-signing.jwks.json'),
+    /** Keys of the authorization server's signed cookies and the login form's CSRF tokens. */
+    oauthCookieKeys: path.join(dataDir, 'keys', 'oauth-cookie.keys.json'),
     auditCheckpointKey: path.join(dataDir, 'keys', 'audit-checkpoint.skey'),
     /** AES-256-GCM key of the sealed fields of audit events (audit-sealer.ts). */
     auditFieldKey: path.join(dataDir, 'keys', 'audit-field.key'),
@@ -85,6 +90,10 @@ export interface CustosCore {
   /** The audit log as AuditEvent resources (GET /fhir/R4/AuditEvent), and its reports (docs/audit.md). */
   auditQuery: AuditQueryDeps;
   reports: AuditReports;
+  /** The vendor registry: registered vendors and the configured infrastructure (docs/phi-boundary.md). */
+  vendors: VendorRegistry;
+  /** The egress gateway: every outbound connection (ADR 0009). */
+  egress: EgressGateway;
   close(): Promise<void>;
 }
 
@@ -99,6 +108,7 @@ async function openEncryption(
   paths: ReturnType<typeof dataPaths>,
   db: SqlDriver,
   audit: AuditLog,
+  egress: EgressGateway,
 ): Promise<{ envelope: Envelope; policy: readonly PolicyRule[] }> {
   let provider: KeyProvider;
   if (config.pkcs11) {
@@ -109,6 +119,7 @@ async function openEncryption(
     provider = await openAwsKmsProvider({
       region: config.kms.region,
       endpoint: config.kms.endpoint,
+      egress,
       credentials: {
         accessKeyId: config.kms.accessKeyId,
         secretAccessKey: config.kms.secretAccessKey,
@@ -180,6 +191,19 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     throw e;
   }
   const audit = new AuditLog(auditDb, { sealer });
+  // Vendors: registered ones (resource database) and what the environment configures (ADR 0009).
+  const vendors = new VendorRegistry({
+    db: resourceDb,
+    audit,
+    infrastructure: infrastructureVendors(config),
+    log,
+  });
+  const egress = new EgressGateway({
+    destinations: vendors,
+    audit,
+    log,
+    onAllowed: (d) => vendors.warnOne(d),
+  });
   // The checkpoint origin names this log: the public host plus a fixed path (C2SP tlog-checkpoint).
   const checkpoints = new Checkpoints({
     audit,
@@ -195,6 +219,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
       witnesses: config.auditWitnesses,
       exportDir: config.auditCheckpointDir,
       log,
+      egress,
     });
   } catch (e) {
     await resourceDb.close().catch(() => {});
@@ -219,7 +244,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
   let encryption: CustosCore['encryption'];
   if (config.encryption) {
     try {
-      encryption = await openEncryption(config, paths, resourceDb, audit);
+      encryption = await openEncryption(config, paths, resourceDb, audit, egress);
     } catch (e) {
       await resourceDb.close().catch(() => {});
       await auditDb.close().catch(() => {});
@@ -242,8 +267,11 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
       reindex({ db: resourceDb, audit, baseUrl: `${config.publicUrl}/fhir/R4`, encryption }, opts),
     auditQuery,
     reports: new AuditReports(auditQuery),
+    vendors,
+    egress,
     async close() {
       await witnesses.close();
+      await egress.close();
       await encryption?.envelope.provider.close().catch(() => {});
       await resourceDb.close().catch(() => {});
       await auditDb.close().catch(() => {});
@@ -292,9 +320,21 @@ export async function buildApp(
     clients: core.clients,
     signingKeyFile: paths.tokenSigningKeys,
     log,
+    users: core.users,
+    sessions: core.sessions,
+    audit: core.audit,
+    cookieKeyFile: paths.oauthCookieKeys,
+    // The patient picker of a standalone launch: existence only, never content (docs/users.md).
+    patientExists: async (projectId, id) =>
+      (
+        await core.resourceDb.query(
+          `SELECT 1 FROM resource WHERE project_id = $1 AND resource_type = 'Patient' AND id = $2 AND NOT deleted`,
+          [projectId, id],
+        )
+      ).rows.length > 0,
   });
   const verify = createAccessTokenVerifier({ issuer: config.publicUrl, jwks: () => authServer.jwks() });
-  const authenticate = createAuthenticator({ verify, clients: core.clients });
+  const authenticate = createAuthenticator({ verify, clients: core.clients, users: core.users });
   return createHttpApp({
     config,
     log,
@@ -350,9 +390,15 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
             hostname: new URL(config.publicUrl).hostname.replace(/^\[(.*)\]$/, '$1'),
             log,
             retryMaxMs: config.siem.retryMaxSeconds * 1000,
+            egress: core.egress,
           })
         : undefined;
     siem?.start();
+    // Vendor BAAs expiring within 30 days, or expired: a warning now and daily (docs/phi-boundary.md).
+    const warnVendors = () => void core.vendors.warnExpiring().catch(() => {});
+    warnVendors();
+    const vendorTimer = setInterval(warnVendors, 86_400_000);
+    vendorTimer.unref();
     log.info('server.listening', {
       host: config.host,
       port,
@@ -371,6 +417,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
           /* already gone */
         }
         stopCheckpoints();
+        clearInterval(vendorTimer);
         await siem?.stop();
         await app.close();
         await core.close();

@@ -3,6 +3,10 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { CustosError } from '../kernel/errors.ts';
 import type { AdminService, CreateClientRequest } from './admin-service.ts';
 import { documentSha256 } from './project-baa.ts';
+import { registerVendorRoutes } from './vendor-routes.ts';
+import { registerPolicyRoutes } from './policy-routes.ts';
+import type { SqlDriver } from '../store/sql-driver.ts';
+import type { VendorRegistry } from '../egress/vendor-registry.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { Checkpoints } from '../audit/checkpoints.ts';
 import { witnessRequest, type Witnesses } from '../audit/witness.ts';
@@ -44,6 +48,8 @@ export function registerAdminRoutes(
     reports: AuditReports;
     auditQuery: { fhirBaseUrl: string };
     users: UserService;
+    vendors: VendorRegistry;
+    resourceDb: SqlDriver;
   },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
@@ -234,6 +240,8 @@ export function registerAdminRoutes(
     if (typeof id !== 'string' || id === '') throw new CustosError('PROJECT_NOT_FOUND');
     return admin.showProject(id);
   });
+  registerVendorRoutes(app, core.vendors, check);
+  registerPolicyRoutes(app, core, check);
   app.post('/admin/clients', async (req) => {
     check(req);
     const b = (req.body ?? {}) as Partial<CreateClientRequest>;
@@ -246,6 +254,8 @@ export function registerAdminRoutes(
         purposes: b.purposes.map(String),
         jwks: b.jwks,
         name: typeof b.name === 'string' ? b.name : undefined,
+        ...(Array.isArray(b.redirectUris) ? { redirectUris: b.redirectUris.map(String) } : {}),
+        ...(b.public === true ? { public: true } : {}),
       },
       req.id,
     );

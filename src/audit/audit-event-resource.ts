@@ -43,6 +43,7 @@ export const FHIR_ACTION: Readonly<Record<AuditAction, 'C' | 'R' | 'U' | 'D' | '
   admin: 'E',
   key: 'E',
   'audit-read': 'E',
+  egress: 'E',
 };
 
 /** FHIR AuditEvent.outcome (http://hl7.org/fhir/audit-event-outcome) of each of our outcomes. */

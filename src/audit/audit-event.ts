@@ -39,6 +39,20 @@ export interface AuditEvent {
    * `v1.<nonce>.<ciphertext and tag>` (base64url). Never present in clear. See audit-sealer.ts.
    */
   sealed?: string;
+  /**
+   * Action `egress`: where an outbound request went (host and port, never a path or query), the
+   * vendor and endpoint it matched, the class of data it carried and why (src/egress/egress.ts).
+   */
+  egress?: {
+    vendorId?: string;
+    endpointId?: string;
+    host: string;
+    port: number;
+    dataClass: string;
+    purpose: string;
+    /** 0 for the first request, n for the n-th redirect followed. */
+    hop: number;
+  };
 }
 
 export type AuditAction =
@@ -57,7 +71,9 @@ export type AuditAction =
   /** Key access log: every unwrap of a data key from the key provider (issue 5). */
   | 'key'
   /** A read of the audit log itself: an AuditEvent search or read, a report (docs/audit.md). */
-  | 'audit-read';
+  | 'audit-read'
+  /** An outbound connection attempt through the egress gateway, allowed or refused (src/egress). */
+  | 'egress';
 
 /**
  * A successful administrative action (`action: admin`): what the CLI and admin API do to clients,

@@ -3,7 +3,8 @@ import { X509Certificate, createPrivateKey } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import pg from 'pg';
 import { ConfigError, type Config } from '../config/config.ts';
-import { egressConnectTls } from '../egress/egress.ts';
+import { EgressGateway, egressConnectTls } from '../egress/egress.ts';
+import { siemVendor } from '../egress/infrastructure.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
 import { BREAK_GLASS_PURPOSES } from '../phi/purpose-of-use.ts';
 import type { SqlDriver, SqlQueryable } from '../store/sql-driver.ts';
@@ -282,6 +283,8 @@ export interface SiemForwarderOptions {
   lagLogMs?: number;
   /** Retry period of a standby process (another one holds the leader lock). */
   standbyMs?: number;
+  /** The egress gateway (default: one that knows only this SIEM, as infrastructure). */
+  egress?: EgressGateway;
 }
 
 /** What the forwarder is doing (for tests and the lag line). */
@@ -366,8 +369,10 @@ export class SiemForwarder {
   private loopDone: Promise<void> | undefined;
   private wake: (() => void) | undefined;
   private readonly abort = new AbortController();
+  private readonly egress: EgressGateway;
 
   constructor(private readonly opts: SiemForwarderOptions) {
+    this.egress = opts.egress ?? EgressGateway.of([siemVendor(opts.host, opts.port)], { log: opts.log });
     if (opts.db.kind === 'postgres' && !opts.databaseUrl)
       throw new Error('SiemForwarder: a PostgreSQL audit database needs databaseUrl');
     const host = opts.host.includes(':') ? `[${opts.host}]` : opts.host;
@@ -544,18 +549,17 @@ export class SiemForwarder {
   }
 
   private async connect(): Promise<void> {
-    const socket = await egressConnectTls(
-      {
-        purpose: 'audit-siem',
-        host: this.opts.host,
-        port: this.opts.port,
-        ca: this.opts.tls.ca,
-        cert: this.opts.tls.cert,
-        key: this.opts.tls.key,
-        signal: this.abort.signal,
-      },
-      this.opts.log,
-    );
+    const socket = await egressConnectTls(this.egress, {
+      purpose: 'audit-siem',
+      // Audit events: records named by ids Custos assigned, PHI-bearing fields sealed (ADR 0009).
+      dataClass: 'deidentified',
+      host: this.opts.host,
+      port: this.opts.port,
+      ca: this.opts.tls.ca,
+      cert: this.opts.tls.cert,
+      key: this.opts.tls.key,
+      signal: this.abort.signal,
+    });
     this.socketDead = undefined;
     this.connectedAt = Date.now();
     socket.setKeepAlive(true, 30_000);

@@ -19,7 +19,8 @@ import { createHash, createPublicKey, verify, type KeyObject } from 'node:crypto
 import fs from 'node:fs';
 import path from 'node:path';
 import { ConfigError } from '../config/config.ts';
-import { egressFetch } from '../egress/egress.ts';
+import { EgressGateway, egressFetch } from '../egress/egress.ts';
+import { witnessVendor } from '../egress/infrastructure.ts';
 import { CustosError } from '../kernel/errors.ts';
 import { newId } from '../kernel/ids.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
@@ -411,6 +412,7 @@ export class Witnesses implements CosignatureVerifier {
   private readonly witnesses: WitnessState[];
   private round: Promise<WitnessResult[]> | undefined;
   private readonly abort = new AbortController();
+  private readonly egress: EgressGateway;
 
   constructor(
     private readonly opts: {
@@ -421,8 +423,16 @@ export class Witnesses implements CosignatureVerifier {
       log: Logger;
       /** Per request (default 10 s). */
       timeoutMs?: number;
+      /** The egress gateway (default: one that knows only these witnesses, as infrastructure). */
+      egress?: EgressGateway;
     },
   ) {
+    this.egress =
+      opts.egress ??
+      EgressGateway.of(
+        opts.witnesses.map((w, i) => witnessVendor(w.url, i)),
+        { audit: opts.audit, log: opts.log },
+      );
     this.witnesses = opts.witnesses.map((w) => {
       let key: WitnessKey;
       try {
@@ -518,22 +528,21 @@ export class Witnesses implements CosignatureVerifier {
       let res: Response;
       let text: string;
       try {
-        res = await egressFetch(
-          {
-            purpose: 'audit-witness',
-            url: `${w.url}/add-checkpoint`,
-            init: {
-              method: 'POST',
-              headers: { 'content-type': 'text/plain; charset=utf-8' },
-              body: req.body,
-              signal: AbortSignal.any([
-                this.abort.signal,
-                AbortSignal.timeout(this.opts.timeoutMs ?? DEFAULT_TIMEOUT_MS),
-              ]),
-            },
+        res = await egressFetch(this.egress, {
+          purpose: 'audit-witness',
+          // Signed tree heads and hashes: no PHI (ADR 0009).
+          dataClass: 'none',
+          url: `${w.url}/add-checkpoint`,
+          init: {
+            method: 'POST',
+            headers: { 'content-type': 'text/plain; charset=utf-8' },
+            body: req.body,
+            signal: AbortSignal.any([
+              this.abort.signal,
+              AbortSignal.timeout(this.opts.timeoutMs ?? DEFAULT_TIMEOUT_MS),
+            ]),
           },
-          this.opts.log,
-        );
+        });
         text = await readLimited(res);
       } catch {
         status = undefined;

@@ -37,9 +37,12 @@ import {
   type RecordBaaResult,
 } from '../admin/project-baa.ts';
 import type { CreatedUser, UserRef } from '../auth/users.ts';
+import { vendorCommand } from './vendor-command.ts';
+import { policyCommand } from './policy-command.ts';
 import { reportBundle, reportCsv } from '../audit/audit-report.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
-import { egressFetch } from '../egress/egress.ts';
+import { EgressGateway, egressFetch } from '../egress/egress.ts';
+import { selfVendor } from '../egress/infrastructure.ts';
 
 /**
  * The `custos` command (INTERFACE.md, "Command line"). Exit 0 on success, 1 when the thing checked
@@ -75,9 +78,12 @@ async function withBackend<T>(
   if (server) {
     process.stderr.write(`custos: using the running server's admin API (pid ${server.pid})\n`);
     const token = fs.readFileSync(dataPaths(cfg.dataDir).adminToken, 'utf8').trim();
+    // The built-in `self` destination: this installation's own admin API (ADR 0009).
+    const egress = EgressGateway.of([selfVendor(server.url)]);
     return viaApi(async (p, body) => {
-      const res = await egressFetch({
+      const res = await egressFetch(egress, {
         purpose: 'admin-api',
+        dataClass: 'full',
         url: `${server.url}${p}`,
         init: {
           method: 'POST',
@@ -146,6 +152,8 @@ export function buildCli(): Command {
       'Custos: a FHIR R4 server in which every access to PHI is authorized, justified and audited.',
     )
     .version(VERSION)
+    // Program options only before a command: `custos policy show --version 2` is the policy's version.
+    .enablePositionalOptions()
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
@@ -317,14 +325,38 @@ export function buildCli(): Command {
       );
     });
 
+  // The vendor registry (docs/phi-boundary.md): src/cli/vendor-command.ts.
+  vendorCommand(program, {
+    config,
+    withBackend,
+    print,
+    list,
+    usage: (message) => new ExitError(2, message),
+  });
+  // Access policies and break-glass alerts (docs/access-policies.md): src/cli/policy-command.ts.
+  policyCommand(program, { config, withBackend, print, usage: (message) => new ExitError(2, message) });
+
   const client = program.command('client').description('OAuth clients');
   client
     .command('create')
-    .description('Register a system client (client credentials; SMART Backend Services with --jwks)')
+    .description(
+      'Register a client: a system client (client credentials; SMART Backend Services with --jwks), ' +
+        'or a SMART app with --public or --confidential and --redirect-uri',
+    )
     .requiredOption('--project <id>', 'project id')
-    .requiredOption('--scopes <scopes>', 'SMART scopes, e.g. "system/*.cruds"')
+    .requiredOption(
+      '--scopes <scopes>',
+      'SMART scopes, e.g. "system/*.cruds", or for an app "openid fhirUser launch/patient offline_access patient/*.rs"',
+    )
     .requiredOption('--purposes <codes>', 'purposes of use the client may claim, e.g. TREAT,HOPERAT')
     .option('--jwks <file>', 'public JWKS for private_key_jwt (no secret is issued)')
+    .option('--public', 'a SMART app that cannot keep a secret (browser, native): PKCE, no secret')
+    .option('--confidential', 'a SMART app with a client secret (or --jwks)')
+    .option(
+      '--redirect-uri <url>',
+      'a redirect URI of the SMART app (https, or http on a loopback address); repeat for several',
+      (v: string, prev: string[] = []) => [...prev, v],
+    )
     .option('--name <name>', 'a label for administrators')
     .option('--json', 'print one JSON document')
     .action(
@@ -333,10 +365,19 @@ export function buildCli(): Command {
         scopes: string;
         purposes: string;
         jwks?: string;
+        public?: boolean;
+        confidential?: boolean;
+        redirectUri?: string[];
         name?: string;
         json?: boolean;
       }) => {
         const cfg = config();
+        if (opts.public && opts.confidential)
+          throw new ExitError(2, 'custos: --public and --confidential exclude each other');
+        if ((opts.public || opts.confidential) && !opts.redirectUri?.length)
+          throw new ExitError(2, 'custos: a SMART app (--public or --confidential) needs --redirect-uri');
+        if (opts.redirectUri?.length && !opts.public && !opts.confidential)
+          throw new ExitError(2, 'custos: with --redirect-uri, say --public or --confidential');
         let jwks: { keys: Record<string, unknown>[] } | undefined;
         if (opts.jwks) {
           try {
@@ -351,6 +392,8 @@ export function buildCli(): Command {
           purposes: list(opts.purposes),
           jwks,
           name: opts.name,
+          ...(opts.redirectUri ? { redirectUris: opts.redirectUri } : {}),
+          ...(opts.public ? { public: true } : {}),
         };
         const r = await withBackend<ClientCredentials>(
           cfg,

@@ -8,7 +8,8 @@ import {
   type KMSClientConfig,
 } from '@aws-sdk/client-kms';
 import { FetchHttpHandler } from '@smithy/fetch-http-handler';
-import { egressFetch } from '../egress/egress.ts';
+import { EgressGateway, egressFetch } from '../egress/egress.ts';
+import { kmsVendor } from '../egress/infrastructure.ts';
 import type { Logger } from '../log/logger.ts';
 import { KeyProviderError, type KeyProvider, type KeyProviderErrorCode } from './key-provider.ts';
 
@@ -49,6 +50,8 @@ export interface AwsKmsProviderOptions {
   maxAttempts?: number;
   /** Where egress logs each request's destination host. */
   log?: Logger;
+  /** The egress gateway (default: one that knows only this KMS endpoint, as infrastructure). */
+  egress?: EgressGateway;
 }
 
 /** The encryption-context key under which the AAD is bound. */
@@ -130,19 +133,19 @@ export class AwsKmsProvider implements KeyProvider {
     }
     if (opts.endpoint !== undefined) checkEndpoint(opts.endpoint);
     if (!opts.credentials) fail('misconfigured', 'AWS KMS credentials are missing');
-    const log = opts.log;
+    const egress =
+      opts.egress ?? EgressGateway.of([kmsVendor(opts.region, opts.endpoint)], { log: opts.log });
     const viaEgress = async (input: RequestInfo | URL, init?: RequestInit): Promise<Response> => {
       const req = input instanceof Request ? input : new Request(input, init);
       const body =
         req.method === 'GET' || req.method === 'HEAD' ? undefined : Buffer.from(await req.arrayBuffer());
-      return egressFetch(
-        {
-          purpose: 'aws-kms',
-          url: req.url,
-          init: { method: req.method, headers: req.headers, body, signal: req.signal, redirect: 'error' },
-        },
-        log,
-      );
+      return egressFetch(egress, {
+        purpose: 'aws-kms',
+        // Wrapped data keys and key ids: no PHI (ADR 0009).
+        dataClass: 'none',
+        url: req.url,
+        init: { method: req.method, headers: req.headers, body, signal: req.signal, redirect: 'error' },
+      });
     };
     this.#client = new KMSClient({
       region: opts.region,

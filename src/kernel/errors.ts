@@ -105,6 +105,66 @@ export const ERROR_CATALOG = {
     message:
       'The BAA cannot be recorded: a field is missing or invalid (the issues name each one); nothing was written.',
   },
+  VENDOR_INVALID: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AR',
+    message:
+      'The vendor, endpoint or vendor BAA cannot be recorded: a field is missing or invalid (the issues name each one); nothing was written.',
+  },
+  VENDOR_NOT_FOUND: { status: 404, issue: 'not-found', ack: 'AE', message: 'No such vendor.' },
+  VENDOR_CONFLICT: {
+    status: 409,
+    issue: 'conflict',
+    ack: 'AE',
+    message: 'A vendor of that name, or that endpoint, is already registered; nothing was written.',
+  },
+  EGRESS_DESTINATION_UNREGISTERED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AE',
+    message:
+      'Outbound request refused: the destination is not a registered vendor endpoint. Nothing was sent.',
+  },
+  EGRESS_PRIVATE_ADDRESS: {
+    status: 403,
+    issue: 'security',
+    ack: 'AE',
+    message:
+      'Outbound request refused: the destination is (or resolves to) a private, loopback or link-local address not registered for it. Nothing was sent.',
+  },
+  EGRESS_INSECURE: {
+    status: 403,
+    issue: 'security',
+    ack: 'AE',
+    message:
+      'Outbound request refused: it needs TLS 1.2 or newer with a verified certificate (plain HTTP only to a private endpoint registered for it). Nothing was sent.',
+  },
+  EGRESS_CLASS_NOT_ALLOWED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AE',
+    message: 'Outbound request refused: the vendor may not receive this class of data. Nothing was sent.',
+  },
+  EGRESS_BAA_INACTIVE: {
+    status: 403,
+    issue: 'security',
+    ack: 'AE',
+    message:
+      'Outbound request refused: PHI needs an executed BAA with the vendor, and there is none. Nothing was sent.',
+  },
+  EGRESS_BAA_EXPIRED: {
+    status: 403,
+    issue: 'security',
+    ack: 'AE',
+    message: "Outbound request refused: the vendor's BAA has expired. Nothing was sent.",
+  },
+  EGRESS_TOO_MANY_REDIRECTS: {
+    status: 502,
+    issue: 'transient',
+    ack: 'AE',
+    message: 'Outbound request stopped: more than 5 redirects.',
+  },
   UNAUTHENTICATED: {
     status: 401,
     issue: 'login',
@@ -136,6 +196,24 @@ export const ERROR_CATALOG = {
     issue: 'security',
     ack: 'AR',
     message: 'This principal may not break glass (ETREAT with X-Break-Glass-Reason).',
+  },
+  FORBIDDEN_POLICY: {
+    status: 403,
+    issue: 'forbidden',
+    ack: 'AR',
+    message: "The access policy of the user's role does not allow this interaction on this resource.",
+  },
+  POLICY_INVALID: {
+    status: 400,
+    issue: 'invalid',
+    ack: 'AR',
+    message: 'The access policy is not valid.',
+  },
+  BREAK_GLASS_REVIEWED: {
+    status: 409,
+    issue: 'conflict',
+    ack: 'AE',
+    message: 'This break-glass alert has already been reviewed.',
   },
   AUDIT_UNAVAILABLE: {
     status: 503,

@@ -265,6 +265,85 @@ CREATE TRIGGER project_production_needs_baa BEFORE INSERT OR UPDATE OF kind ON p
   FOR EACH ROW EXECUTE FUNCTION project_production_needs_baa();
 `,
   },
+  {
+    version: 8,
+    name: 'vendor registry: vendors, endpoints, vendor BAAs',
+    sql: `
+-- The vendor registry (src/egress/vendor-registry.ts, docs/phi-boundary.md): the only destinations
+-- the egress gateway sends to. The signed BAA document is not stored, only its SHA-256.
+CREATE TABLE vendor (
+  id text PRIMARY KEY,
+  name text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+  services text[] NOT NULL DEFAULT '{}',
+  phi_class text NOT NULL CHECK (phi_class IN ('full', 'limited', 'deidentified', 'none')),
+  created_by text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX vendor_name ON vendor (lower(name));
+CREATE TABLE vendor_endpoint (
+  id text PRIMARY KEY,
+  vendor_id text NOT NULL REFERENCES vendor(id),
+  host text NOT NULL CHECK (length(host) BETWEEN 1 AND 253),
+  port integer NOT NULL CHECK (port BETWEEN 1 AND 65535),
+  protocol text NOT NULL CHECK (protocol IN ('https', 'tls', 'http')),
+  allow_private boolean NOT NULL DEFAULT false,
+  created_by text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (host, port),
+  -- Plain http only to a private or loopback test server registered as such.
+  CHECK (protocol <> 'http' OR allow_private)
+);
+CREATE INDEX vendor_endpoint_vendor ON vendor_endpoint (vendor_id);
+CREATE TABLE vendor_baa (
+  id text PRIMARY KEY,
+  vendor_id text NOT NULL REFERENCES vendor(id),
+  executed boolean NOT NULL,
+  executed_at text,
+  expires_on text CHECK (expires_on ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'),
+  document_sha256 text CHECK (document_sha256 ~ '^[0-9a-f]{64}$'),
+  recorded_by text NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now(),
+  CHECK (NOT executed OR (executed_at IS NOT NULL AND expires_on IS NOT NULL AND document_sha256 IS NOT NULL))
+);
+CREATE INDEX vendor_baa_vendor ON vendor_baa (vendor_id, recorded_at);
+`,
+  },
+  {
+    version: 9,
+    name: 'access policies (versioned) and break-glass alerts',
+    sql: `
+-- Access policies (src/phi/access-policy.ts, docs/access-policies.md): every change is a new
+-- version row; the highest version of a (project, role) is in force; no row: the built-in default.
+CREATE TABLE access_policy (
+  project_id text NOT NULL REFERENCES project(id),
+  role text NOT NULL CHECK (role IN ('practitioner', 'patient', 'admin', 'auditor')),
+  version integer NOT NULL CHECK (version > 0),
+  policy jsonb NOT NULL,
+  changed_by text NOT NULL,
+  changed_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (project_id, role, version)
+);
+-- Break-glass grants, each an alert an administrator reviews. No reason here: it could hold PHI, so
+-- it is only in the audit events of request_id, sealed.
+CREATE TABLE break_glass (
+  id text PRIMARY KEY,
+  project_id text NOT NULL REFERENCES project(id),
+  user_id text NOT NULL,
+  client_id text NOT NULL,
+  role text NOT NULL,
+  purpose text NOT NULL,
+  request_id text NOT NULL,
+  started_at timestamptz NOT NULL,
+  expires_at timestamptz NOT NULL CHECK (expires_at > started_at),
+  reviewed_at timestamptz,
+  reviewed_by text,
+  outcome text CHECK (outcome IN ('justified', 'not-justified')),
+  CHECK ((reviewed_at IS NULL) = (outcome IS NULL))
+);
+CREATE INDEX break_glass_live ON break_glass (project_id, user_id, expires_at);
+CREATE INDEX break_glass_pending ON break_glass (started_at) WHERE reviewed_at IS NULL;
+`,
+  },
 ];
 
 /** One schema step: SQL, and optionally work in the same transaction once the SQL ran (filling a
