@@ -427,7 +427,9 @@ test('discovery and JWKS: URLs from the configured issuer, public keys only, key
   assert.equal(discovery.jwks_uri, `${issuer}/oauth/jwks`);
   assert.equal(discovery.introspection_endpoint, `${issuer}/oauth/introspect`);
   assert.equal(discovery.revocation_endpoint, `${issuer}/oauth/revoke`);
-  assert.deepEqual(discovery.grant_types_supported, ['client_credentials']);
+  // Without people (no users given) there is no authorization code flow.
+  assert.ok((discovery.grant_types_supported as string[]).includes('client_credentials'));
+  assert.ok(!(discovery.grant_types_supported as string[]).includes('authorization_code'));
   assert.ok((discovery.token_endpoint_auth_signing_alg_values_supported as string[]).includes('RS384'));
   assert.ok((discovery.token_endpoint_auth_signing_alg_values_supported as string[]).includes('ES384'));
 
@@ -565,13 +567,19 @@ test('smart-scopes: v1 and v2 parsing, allows, covers', () => {
     'system/Patient.rr',
     'system/patient.read',
     'admin/Patient.read',
-    'system/Observation.rs?category=laboratory',
+    'system/*.rs?category=laboratory',
+    'system/Observation.read?category=laboratory',
     'system/*.readwrite',
     '',
   ]) {
     assert.equal(parseSmartScope(invalid), null, invalid);
   }
   assert.equal(parseSmartScopes('openid system/*.rs bogus').length, 1);
+  // A granular v2 scope keeps its criteria, and never counts as the unrestricted scope.
+  const granular = parseSmartScope('system/Observation.rs?category=laboratory');
+  assert.equal(granular?.query, 'category=laboratory');
+  assert.equal(allows([granular!], 'Observation', 'r'), false);
+  assert.equal(covers([granular!], parseSmartScope('system/Observation.rs')!), false);
 
   assert.ok(allows(['system/*.rs'], 'Patient', 'r'));
   assert.ok(allows(['system/*.rs'], 'Patient', 's'));

@@ -18,6 +18,7 @@ function setup() {
       secretVersion: 0,
       jwks: undefined,
       scopes: ['system/Patient.rs'],
+      redirectUris: [],
       purposes: ['TREAT'],
       mayBreakGlass: false,
       active: true,

@@ -38,6 +38,10 @@ export interface CreateClientRequest {
   purposes: string[];
   jwks?: { keys: Record<string, unknown>[] };
   name?: string;
+  /** A SMART app's redirect URIs (authorization code flow with PKCE). */
+  redirectUris?: string[];
+  /** A public SMART app (PKCE, no secret); needs `redirectUris`. */
+  public?: boolean;
 }
 
 export const DEMO_ADMIN_EMAIL = 'admin@example.org';
@@ -143,16 +147,22 @@ export class AdminService {
       }
       if (BREAK_GLASS_PURPOSES.has(p)) {
         throw new CustosError('BAD_REQUEST', [
-          { severity: 'error', code: 'business-rule', diagnostics: 'System clients may not break glass.' },
+          {
+            severity: 'error',
+            code: 'business-rule',
+            diagnostics: 'No client may break glass: break-glass is claimed by a person, per request.',
+          },
         ]);
       }
     }
     const { clientId, clientSecret } = await this.deps.clients.create({
       projectId: req.projectId,
-      name: req.name ?? 'system client',
+      name: req.name ?? (req.redirectUris?.length ? 'SMART app' : 'system client'),
       scopes: req.scopes,
       purposes: req.purposes,
       jwks: req.jwks as never,
+      ...(req.redirectUris ? { redirectUris: req.redirectUris } : {}),
+      ...(req.public ? { public: true } : {}),
     });
     await this.auditAdmin(requestId, 'client.created', clientId, req.projectId);
     return { projectId: req.projectId, clientId, clientSecret, ...this.urls() };

@@ -24,6 +24,8 @@ export interface AccessTokenClaims {
   jti?: string;
   /** Expiry, seconds since the epoch. */
   expiresAt: number;
+  /** A person's token (authorization code flow): the user, their role, FHIR identity and launch patient. */
+  user?: { id: string; role: string; fhirUser?: string; patient?: string };
 }
 
 /**
@@ -59,15 +61,30 @@ export function createAccessTokenVerifier(opts: {
         requiredClaims: ['exp', 'iat'],
       });
       const { client_id: clientId, scope, purpose_of_use: purpose, jti, exp } = payload;
+      const { sub, user_role: role, fhirUser, patient } = payload;
       if (typeof clientId !== 'string' || typeof exp !== 'number') throw new Error('claims');
       if (scope !== undefined && typeof scope !== 'string') throw new Error('claims');
       if (purpose !== undefined && typeof purpose !== 'string') throw new Error('claims');
+      const optionalString = (v: unknown) => v === undefined || typeof v === 'string';
+      if (!optionalString(role) || !optionalString(fhirUser) || !optionalString(patient))
+        throw new Error('claims');
+      if (role !== undefined && (typeof sub !== 'string' || sub === clientId)) throw new Error('claims');
       return {
         clientId,
         scopes: scope ? scope.split(' ') : [],
         ...(purpose !== undefined ? { purposeOfUse: purpose } : {}),
         ...(jti !== undefined ? { jti } : {}),
         expiresAt: exp,
+        ...(role !== undefined
+          ? {
+              user: {
+                id: sub!,
+                role: role as string,
+                ...(fhirUser !== undefined ? { fhirUser: fhirUser as string } : {}),
+                ...(patient !== undefined ? { patient: patient as string } : {}),
+              },
+            }
+          : {}),
       };
     } catch {
       throw new CustosError('UNAUTHENTICATED');

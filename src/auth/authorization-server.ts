@@ -1,15 +1,23 @@
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { JSONWebKeySet, JWK } from 'jose';
-import { Provider, errors } from 'oidc-provider';
+import { decodeJwt, type JSONWebKeySet, type JWK } from 'jose';
+import { Provider, errors, interactionPolicy, type KoaContext } from 'oidc-provider';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
 import { CustosError } from '../kernel/errors.ts';
+import { newId } from '../kernel/ids.ts';
+import { RateLimiter } from '../kernel/rate-limit.ts';
+import type { AuditLog } from '../audit/audit-log.ts';
+import type { AuditEvent } from '../audit/audit-event.ts';
 import type { ClientRegistry } from './client-registry.ts';
+import type { UserService } from './users.ts';
+import type { SessionStore } from './sessions.ts';
 import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from '../kernel/key-file.ts';
 import { CLIENT_PURPOSES_METADATA, CLIENT_SCOPES_METADATA, createOidcAdapter } from './oidc-adapter.ts';
 import { covers, parseSmartScope, parseSmartScopes } from './smart-scopes.ts';
 import { ACCESS_TOKEN_ALG, ACCESS_TOKEN_TTL, fhirAudience as audienceOf } from './access-token.ts';
+import { LAUNCH_SCOPES, loadLaunchContext } from './smart-launch.ts';
+import { createInteractionHandler, SESSION_COOKIE } from './interactions.ts';
 
 /** Seconds of clock skew allowed on client assertions (oidc-provider's default). */
 const CLOCK_TOLERANCE = 15;
@@ -22,6 +30,24 @@ export interface AuthorizationServerOptions {
   /** JWKS file holding the private signing key(s); created (mode 0600) when missing. Never in the database. */
   signingKeyFile: string;
   log: Logger;
+  /**
+   * People and their login sessions: with both, the authorization code flow (SMART App Launch) is
+   * served, with login and consent pages at `/oauth/interaction/:uid`. Without, client credentials only.
+   */
+  users?: UserService;
+  sessions?: SessionStore;
+  /** Where token issuance and refusals, and refused logins, are audited (fail-closed: no audit, no token). */
+  audit?: AuditLog;
+  /** Keys for the provider's cookies and our CSRF tokens (created, mode 0600, when missing). */
+  cookieKeyFile?: string;
+  /** Whether a live Patient with this id exists in the project: the patient picker of a standalone launch. */
+  patientExists?: (projectId: string, id: string) => Promise<boolean>;
+  /** Login attempts per client address: burst and per-minute refill (default 10 and 10). */
+  loginRateLimit?: { capacity: number; perMinute: number };
+  /** Token requests per client address (default 60 at once, 600 a minute). */
+  tokenRateLimit?: { capacity: number; perMinute: number };
+  /** Refresh token lifetime in seconds (default 30 days; rotated at every use). */
+  refreshTokenTtl?: number;
 }
 
 export interface AuthorizationServer {
@@ -38,10 +64,18 @@ interface OidcClient {
   [metadata: string]: unknown;
 }
 interface OidcContext {
-  oidc: { params?: Record<string, unknown>; client?: OidcClient };
+  oidc: {
+    params?: Record<string, unknown>;
+    client?: OidcClient;
+    entities?: Record<string, { scope?: string } | undefined>;
+    result?: { consent?: unknown };
+  };
 }
 interface OidcToken {
   clientId?: string;
+  accountId?: string;
+  grantId?: string;
+  kind?: string;
 }
 
 const ROUTES = {
@@ -49,8 +83,8 @@ const ROUTES = {
   jwks: '/oauth/jwks',
   introspection: '/oauth/introspect',
   revocation: '/oauth/revoke',
-  // Not served yet (no authorization code flow), but kept under /oauth/ so the HTTP layer's mount covers them.
   authorization: '/oauth/authorize',
+  // Not served (no userinfo, no logout yet), but kept under /oauth/ so the HTTP layer's mount covers them.
   end_session: '/oauth/logout',
   userinfo: '/oauth/userinfo',
   pushed_authorization_request: '/oauth/par',
@@ -59,19 +93,30 @@ const ROUTES = {
 /**
  * Custos' OAuth 2.0 authorization server, built on oidc-provider (OpenID certified).
  *
- * Today it issues access tokens to systems with the client credentials grant, authenticated by a
- * client secret (HTTP Basic or form body) or, as SMART Backend Services specifies, by a signed JWT
- * assertion (`private_key_jwt`, RS384/ES384, also RS256/ES256):
- * https://hl7.org/fhir/smart-app-launch/backend-services.html#obtaining-an-access-token
+ * - Systems: the client credentials grant, authenticated by a client secret (HTTP Basic or form
+ *   body) or, as SMART Backend Services specifies, by a signed JWT assertion (`private_key_jwt`,
+ *   RS384/ES384, also RS256/ES256):
+ *   https://hl7.org/fhir/smart-app-launch/backend-services.html#obtaining-an-access-token
+ *   Only `system/` scopes are granted this way.
+ * - People, through SMART apps (when `users` and `sessions` are given): the authorization code flow
+ *   with PKCE (S256 only, always, for public and confidential apps), login and consent pages
+ *   (interactions.ts), rotating refresh tokens for `offline_access`, an id_token with `fhirUser`, and
+ *   the launch context (patient, purpose of use) chosen on the consent page in every access token
+ *   and in the token response (https://hl7.org/fhir/smart-app-launch/app-launch.html). Only
+ *   `patient/` and `user/` scopes are granted this way. Standalone launch only (no EHR launch).
  *
  * Access tokens are JWTs (RFC 9068, `typ: at+jwt`) for audience `${issuer}/fhir/R4`, signed ES256 with
  * a key from `signingKeyFile`, valid {@link ACCESS_TOKEN_TTL} seconds, carrying `client_id`, `scope`
- * and, when the client is registered with exactly one purpose of use, `purpose_of_use`.
+ * and, when the client is registered with exactly one purpose of use, `purpose_of_use`; a person's
+ * token also `sub`, `user_role`, `fhirUser`, `patient` and the purpose chosen at consent.
  *
  * Scopes: each requested SMART scope is granted if the client's registered scopes cover it
  * (`system/Patient.rs` under `system/*.cruds`); others are dropped, and the response's `scope` says
  * what was granted (RFC 6749 section 5.1). A request with no grantable scope, or no scope at all, is
  * refused with `invalid_scope`.
+ *
+ * Every token issued and every token request refused is audited (`authenticate` events); if the
+ * audit cannot be written, no token is given (503 `temporarily_unavailable`).
  *
  * @example
  * const auth = await createAuthorizationServer({ issuer: 'http://127.0.0.1:8080', db, clients, signingKeyFile, log });
@@ -89,16 +134,49 @@ export async function createAuthorizationServer(
   const tokenUrl = `${issuerUrl}${ROUTES.token}`;
   const privateJwks = loadSigningKeys(opts.signingKeyFile);
   const publicJwks: JSONWebKeySet = { keys: privateJwks.keys.map(publicPart) };
-  const { log } = opts;
+  const cookieKeys = opts.cookieKeyFile
+    ? loadCookieKeys(opts.cookieKeyFile)
+    : [randomBytes(32).toString('base64url')];
+  const { log, users, sessions } = opts;
+  const people = users !== undefined && sessions !== undefined;
+  const tokenLimiter = new RateLimiter(opts.tokenRateLimit ?? { capacity: 60, perMinute: 600 });
+
+  const policy = interactionPolicy.base();
+  // A login is good for as long as the person's Custos session (idle timeout, absolute lifetime,
+  // deactivation, password reset: sessions.ts), not for as long as oidc-provider's own session.
+  policy.get('login')!.checks.add(
+    new interactionPolicy.Check('custos_session', 'the Custos login session has ended', async (ctx) => {
+      const accountId = ctx.oidc?.session?.accountId;
+      if (!accountId || !sessions) return interactionPolicy.Check.REQUEST_PROMPT;
+      const sid = ctx.cookies.get(SESSION_COOKIE);
+      const check = sid ? await sessions.validate(sid) : undefined;
+      return check?.ok && check.session.userId === accountId
+        ? interactionPolicy.Check.NO_NEED_TO_PROMPT
+        : interactionPolicy.Check.REQUEST_PROMPT;
+    }),
+  );
+  // Consent every time: the purpose of use and the patient are chosen per launch.
+  policy
+    .get('consent')!
+    .checks.add(
+      new interactionPolicy.Check('custos_launch', 'the launch context is chosen at every launch', (ctx) =>
+        (ctx.oidc as { result?: { consent?: unknown } } | undefined)?.result?.consent
+          ? interactionPolicy.Check.NO_NEED_TO_PROMPT
+          : interactionPolicy.Check.REQUEST_PROMPT,
+      ),
+    );
 
   const provider = new Provider(issuerUrl, {
     adapter: createOidcAdapter(opts.db, opts.clients),
     jwks: privateJwks,
     routes: ROUTES,
-    // SMART scopes are not static scopes: they are granted per client in getResourceServerInfo below.
-    scopes: ['openid'],
-    responseTypes: [],
-    clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+    // SMART resource scopes are not static scopes: they are granted per client in getResourceServerInfo below.
+    scopes: [...LAUNCH_SCOPES],
+    claims: { openid: ['sub'], fhirUser: ['fhirUser'] },
+    // `fhirUser` goes into the id_token itself (SMART), not only to a userinfo endpoint we do not serve.
+    conformIdTokenClaims: false,
+    responseTypes: people ? ['code'] : [],
+    clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', 'none'],
     clientDefaults: {
       grant_types: ['client_credentials'],
       response_types: [],
@@ -111,6 +189,36 @@ export async function createAuthorizationServer(
       clientAuthSigningAlgValues: ['RS384', 'ES384', 'RS256', 'ES256'],
       idTokenSigningAlgValues: [ACCESS_TOKEN_ALG],
     },
+    // PKCE for every authorization code, confidential apps included (OAuth 2.1); S256 only (the
+    // library refuses `plain`).
+    pkce: { required: () => true },
+    cookies: { keys: cookieKeys },
+    findAccount: async (ctx: OidcContext, sub: string) => {
+      const user = users ? await users.find({ userId: sub }) : undefined;
+      const client = ctx.oidc.client;
+      const registration = client ? await opts.clients.find(client.clientId) : undefined;
+      if (!user || !user.active || (registration && registration.projectId !== user.projectId))
+        return undefined;
+      return {
+        accountId: user.id,
+        claims: () => ({
+          sub: user.id,
+          ...(user.fhirUser ? { fhirUser: `${fhirAudience}/${user.fhirUser}` } : {}),
+        }),
+      };
+    },
+    loadExistingGrant: async (ctx: {
+      oidc: { result?: { consent?: { grantId?: string } }; provider: Provider };
+    }) => {
+      // Only the grant of the consent just given: every launch asks again (see the consent check).
+      const grantId = ctx.oidc.result?.consent?.grantId;
+      return grantId ? ctx.oidc.provider.Grant.find(grantId) : undefined;
+    },
+    interactions: {
+      url: (_ctx: unknown, interaction: { uid: string }) => `/oauth/interaction/${interaction.uid}`,
+      policy,
+    },
+    rotateRefreshToken: () => true,
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
@@ -138,7 +246,19 @@ export async function createAuthorizationServer(
       rpInitiatedLogout: { enabled: false },
       userinfo: { enabled: false },
     },
-    extraTokenClaims: (ctx: OidcContext) => {
+    extraTokenClaims: async (ctx: OidcContext, token: OidcToken) => {
+      if (token.accountId && token.grantId) {
+        // A person's token: who, in which role, for which patient and purpose (smart-launch.ts).
+        const launch = await loadLaunchContext(opts.db, token.grantId);
+        if (!launch) throw new errors.InvalidGrant('the launch context has expired');
+        return {
+          user_role: launch.role,
+          ...(launch.fhirUser ? { fhirUser: launch.fhirUser } : {}),
+          ...(launch.patient ? { patient: launch.patient } : {}),
+          ...(launch.encounter ? { encounter: launch.encounter } : {}),
+          ...(launch.purpose ? { purpose_of_use: launch.purpose } : {}),
+        };
+      }
       // IHE IUA / HL7 B2B: a default purpose of use the resource server may apply (INTERFACE.md).
       const purposes = ctx.oidc.client?.[CLIENT_PURPOSES_METADATA];
       return Array.isArray(purposes) && purposes.length === 1 ? { purpose_of_use: purposes[0] } : undefined;
@@ -158,13 +278,15 @@ export async function createAuthorizationServer(
       AccessToken: ACCESS_TOKEN_TTL,
       ClientCredentials: ACCESS_TOKEN_TTL,
       AuthorizationCode: 60,
-      Grant: 3600,
+      Grant: opts.refreshTokenTtl ?? 30 * 24 * 3600,
       IdToken: ACCESS_TOKEN_TTL,
       Interaction: 600,
+      RefreshToken: opts.refreshTokenTtl ?? 30 * 24 * 3600,
       Session: 3600,
     },
-    // Backend services call from servers, never from browsers.
-    clientBasedCORS: () => false,
+    // Browser apps may call the token endpoint from the origins of their registered redirect URIs.
+    clientBasedCORS: (_ctx: unknown, origin: string, client: { redirectUris?: string[] }) =>
+      (client.redirectUris ?? []).some((u) => new URL(u).origin === origin),
     // Error pages show the OAuth error code only, never a description that could echo input.
     renderError: (ctx: { type: string; body: unknown }, out: { error?: string }) => {
       ctx.type = 'text/plain';
@@ -176,20 +298,123 @@ export async function createAuthorizationServer(
   // from Host or X-Forwarded-* headers a client controls: we set those headers ourselves and let Koa
   // believe them (`proxy`). This also serves an https issuer from behind a TLS-terminating proxy.
   provider.proxy = true;
-  // oidc-provider's error_description can quote input (a client id, an Origin header), and its CORS
-  // handling reflects Origin. Error bodies keep only the OAuth error code; a reflected origin goes.
   provider.use(async (ctx, next) => {
+    const isToken = ctx.path === ROUTES.token && ctx.method === 'POST';
+    if (isToken) {
+      const wait = tokenLimiter.take(ctx.ip || 'unknown');
+      if (wait > 0) {
+        ctx.status = 429;
+        ctx.set('Retry-After', String(wait));
+        ctx.set('Cache-Control', 'no-store');
+        ctx.body = { error: 'slow_down' };
+        await auditToken(ctx, 'refused', 'oauth.rate_limited').catch(() => undefined);
+        return;
+      }
+    }
+    if (ctx.path === ROUTES.authorization && typeof ctx.query.scope === 'string') {
+      // oidc-provider keeps `offline_access` only with prompt=consent (OpenID Connect Core 11); we ask
+      // for consent at every launch anyway, so say so and let SMART apps get their refresh token.
+      const scopes = ctx.query.scope.split(' ');
+      const prompt = typeof ctx.query.prompt === 'string' ? ctx.query.prompt.split(' ') : [];
+      if (scopes.includes('offline_access') && !prompt.includes('consent') && !prompt.includes('none')) {
+        const q = new URLSearchParams(ctx.querystring);
+        q.set('prompt', [...prompt, 'consent'].join(' '));
+        ctx.querystring = q.toString();
+      }
+    }
     await next();
-    const allowOrigin = ctx.response.get('Access-Control-Allow-Origin');
-    if (allowOrigin && allowOrigin !== '*') ctx.remove('Access-Control-Allow-Origin');
+    // oidc-provider's error_description can quote input (a client id, an Origin header): error
+    // bodies keep only the OAuth error code.
     const body = ctx.body as { error?: unknown } | undefined;
     if (ctx.status >= 400 && body && typeof body === 'object' && typeof body.error === 'string') {
       ctx.body = { error: body.error };
     }
+    if (!isToken) return;
+    if (ctx.status === 200 && body && typeof body === 'object' && 'access_token' in body) {
+      const issued = body as Record<string, unknown>;
+      const claims = decodeJwt(String(issued.access_token));
+      // SMART: the launch context also in the token response.
+      if (typeof claims.patient === 'string') {
+        issued.patient = claims.patient;
+        issued.need_patient_banner = true;
+      }
+      if (typeof claims.encounter === 'string') issued.encounter = claims.encounter;
+      // SMART apps read the granted launch and OpenID scopes (`offline_access`, `openid`) from the
+      // response's `scope`; oidc-provider reports only the resource scopes there.
+      const grant = ctx.oidc?.entities?.Grant as { getOIDCScope?: () => string } | undefined;
+      const oidcScopes = grant?.getOIDCScope?.().split(' ').filter(Boolean) ?? [];
+      if (oidcScopes.length && typeof issued.scope === 'string') {
+        issued.scope = [...new Set([...oidcScopes, ...issued.scope.split(' ')])].join(' ');
+      }
+      try {
+        await auditToken(ctx, 'success', 'token.issued', claims);
+      } catch (e) {
+        log.error('oauth.audit_failed', errorFields(e));
+        ctx.status = 503;
+        ctx.body = { error: 'temporarily_unavailable' };
+      }
+    } else if (ctx.status >= 400) {
+      const code =
+        typeof (ctx.body as { error?: unknown })?.error === 'string'
+          ? (ctx.body as { error: string }).error
+          : 'error';
+      await auditToken(ctx, 'refused', `oauth.${code}`).catch((e: unknown) =>
+        log.error('oauth.audit_failed', errorFields(e)),
+      );
+    }
   });
+
+  /** One `authenticate` audit event for a token request: who (client, user), what, never a secret. */
+  async function auditToken(
+    ctx: KoaContext,
+    outcome: 'success' | 'refused',
+    code: string,
+    claims?: Record<string, unknown>,
+  ): Promise<void> {
+    if (!opts.audit) return;
+    const clientId = ctx.oidc?.client?.clientId;
+    const registration = clientId ? await opts.clients.find(clientId) : undefined;
+    const userId = typeof claims?.sub === 'string' && claims.sub !== clientId ? claims.sub : undefined;
+    const event: AuditEvent = {
+      v: 1,
+      id: newId(),
+      time: new Date().toISOString(),
+      phase: 'access',
+      action: 'authenticate',
+      outcome,
+      code,
+      requestId: newId(),
+      ...(registration ? { projectId: registration.projectId } : {}),
+      actor: {
+        ...(clientId ? { clientId } : {}),
+        ...(userId ? { userId } : {}),
+        ...(typeof claims?.user_role === 'string' ? { roles: [claims.user_role] } : {}),
+      },
+      ...(typeof claims?.purpose_of_use === 'string' ? { purposeOfUse: claims.purpose_of_use } : {}),
+      source: { ip: ctx.ip },
+    };
+    await opts.audit.append(event);
+  }
+
   const host = issuer.host;
   const proto = issuer.protocol.slice(0, -1);
   const callback = provider.callback();
+  const interactions =
+    people && opts.patientExists
+      ? createInteractionHandler({
+          provider,
+          db: opts.db,
+          clients: opts.clients,
+          users,
+          sessions,
+          csrfKey: Buffer.from(cookieKeys[0]!, 'base64url'),
+          secureCookies: issuer.protocol === 'https:',
+          origin: issuerUrl,
+          loginLimiter: new RateLimiter(opts.loginRateLimit ?? { capacity: 10, perMinute: 10 }),
+          log,
+          patientExists: opts.patientExists,
+        })
+      : undefined;
 
   observe(provider, log);
 
@@ -200,6 +425,10 @@ export async function createAuthorizationServer(
       req.headers.host = host;
       req.headers['x-forwarded-host'] = host;
       req.headers['x-forwarded-proto'] = proto;
+      if (interactions && (req.url ?? '').startsWith('/oauth/interaction/')) {
+        void interactions(req, res);
+        return;
+      }
       callback(req, res);
     },
   };
@@ -207,16 +436,21 @@ export async function createAuthorizationServer(
 
 /**
  * The requested scopes that the client's registered scopes cover. Scope strings that are not SMART
- * resource scopes (`openid`, typos, granular `?` scopes) are never granted.
+ * resource scopes (`openid`, typos) are never granted here. The client credentials grant gets only
+ * `system/` scopes; the authorization code flow (a person) only `patient/` and `user/` scopes.
+ * At the token endpoint of a code or refresh grant, the scope is the code's or refresh token's.
  */
 function grantableScopes(ctx: OidcContext, client: OidcClient): string[] {
-  const requested = ctx.oidc.params?.scope;
+  const entities = ctx.oidc.entities ?? {};
+  const requested =
+    ctx.oidc.params?.scope ?? entities.AuthorizationCode?.scope ?? entities.RefreshToken?.scope;
   const registered = client[CLIENT_SCOPES_METADATA];
   if (typeof requested !== 'string' || !Array.isArray(registered)) return [];
+  const system = ctx.oidc.params?.grant_type === 'client_credentials';
   const allowed = parseSmartScopes(registered as string[]);
   return [...new Set(requested.split(' '))].filter((s) => {
     const parsed = parseSmartScope(s);
-    return parsed !== null && covers(allowed, parsed);
+    return parsed !== null && (parsed.context === 'system') === system && covers(allowed, parsed);
   });
 }
 
@@ -282,6 +516,22 @@ function loadSigningKeys(file: string): JSONWebKeySet {
     throw new CustosError('CONFIG_INVALID');
   }
   return { keys: keys as JWK[] };
+}
+
+/** The keys of the provider's signed cookies (and our CSRF tokens), created with one key when missing. */
+function loadCookieKeys(file: string): string[] {
+  const text = readOrCreateKeyFile(
+    file,
+    () => JSON.stringify({ keys: [randomBytes(32).toString('base64url')] }) + '\n',
+  );
+  try {
+    const keys = (JSON.parse(text) as { keys?: unknown }).keys;
+    if (Array.isArray(keys) && keys.length > 0 && keys.every((k) => typeof k === 'string' && k.length >= 32))
+      return keys as string[];
+  } catch {
+    // Reported below.
+  }
+  throw new CustosError('CONFIG_INVALID');
 }
 
 /** The public members of a private JWK. */

@@ -4,6 +4,7 @@ import type { SqlDriver } from '../store/sql-driver.ts';
 import { CustosError } from '../kernel/errors.ts';
 import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from '../kernel/key-file.ts';
 import { parseSmartScope } from './smart-scopes.ts';
+import { isLaunchScope } from './smart-launch.ts';
 
 /** How a client proves who it is at the token endpoint. */
 export type ClientAuthMethod = 'client_secret' | 'private_key_jwt' | 'none';
@@ -23,6 +24,13 @@ export interface ClientRegistration {
   readonly purposes: readonly string[];
   readonly mayBreakGlass: boolean;
   readonly active: boolean;
+  /** Registered redirect URIs of a SMART app (authorization code flow); empty for system clients. */
+  readonly redirectUris: readonly string[];
+}
+
+/** The browser origins a client's pages run on: those of its redirect URIs (CORS, docs/users.md). */
+export function allowedOrigins(client: ClientRegistration): string[] {
+  return [...new Set(client.redirectUris.map((u) => new URL(u).origin))];
 }
 
 export interface CreateClientInput {
@@ -33,6 +41,14 @@ export interface CreateClientInput {
   /** Public keys for `private_key_jwt` (SMART Backend Services); without it the client gets a secret. */
   jwks?: JSONWebKeySet;
   mayBreakGlass?: boolean;
+  /**
+   * A SMART app: the redirect URIs of the authorization code flow (https, or http on a loopback
+   * address for native and development apps, RFC 8252). Its scopes may then include `patient/` and
+   * `user/` scopes and the launch scopes (`openid`, `fhirUser`, `launch/patient`, `offline_access`, ...).
+   */
+  redirectUris?: string[];
+  /** A public SMART app (a browser or native app that cannot keep a secret): PKCE, no secret. */
+  public?: boolean;
 }
 
 interface ClientRow {
@@ -46,10 +62,11 @@ interface ClientRow {
   purposes: string[];
   may_break_glass: boolean;
   active: boolean;
+  redirect_uris: string[];
 }
 
 const COLUMNS =
-  'id, project_id, name, auth_method, secret_version, jwks, scopes, purposes, may_break_glass, active';
+  'id, project_id, name, auth_method, secret_version, jwks, scopes, purposes, may_break_glass, active, redirect_uris';
 const PURPOSE = /^[A-Z]{2,12}$/;
 
 /**
@@ -85,17 +102,31 @@ export class ClientRegistry {
    */
   async create(input: CreateClientInput): Promise<{ clientId: string; clientSecret?: string }> {
     if (typeof input.name !== 'string' || input.name.trim() === '') throw new CustosError('BAD_REQUEST');
-    if (input.scopes.length === 0 || input.scopes.some((s) => parseSmartScope(s) === null)) {
+    const redirectUris = [...new Set(input.redirectUris ?? [])];
+    redirectUris.forEach(assertRedirectUri);
+    const app = redirectUris.length > 0;
+    if (input.public && !app) throw badField('A public client needs a redirect URI.', 'redirectUris');
+    if (input.public && input.jwks) throw badField('A public client has no keys.', 'jwks');
+    const resourceScopes = input.scopes.filter((s) => !(app && isLaunchScope(s)));
+    if (resourceScopes.length === 0 || resourceScopes.some((s) => parseSmartScope(s) === null)) {
       throw new CustosError('BAD_REQUEST');
+    }
+    // A system scope on an app would let a browser hold a token for the whole project.
+    if (input.public && resourceScopes.some((s) => parseSmartScope(s)?.context === 'system')) {
+      throw badField('A public client may not have system scopes.', 'scopes');
     }
     if (input.purposes.some((p) => !PURPOSE.test(p))) throw new CustosError('BAD_REQUEST');
     if (input.jwks !== undefined) assertPublicJwks(input.jwks);
 
     const id = randomBytes(16).toString('base64url');
-    const authMethod: ClientAuthMethod = input.jwks ? 'private_key_jwt' : 'client_secret';
+    const authMethod: ClientAuthMethod = input.public
+      ? 'none'
+      : input.jwks
+        ? 'private_key_jwt'
+        : 'client_secret';
     await this.insert(
-      `INSERT INTO oauth_client (id, project_id, name, auth_method, jwks, scopes, purposes, may_break_glass)
-       VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)`,
+      `INSERT INTO oauth_client (id, project_id, name, auth_method, jwks, scopes, purposes, may_break_glass, redirect_uris)
+       VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)`,
       [
         id,
         input.projectId,
@@ -105,6 +136,7 @@ export class ClientRegistry {
         [...new Set(input.scopes)],
         [...new Set(input.purposes)],
         input.mayBreakGlass ?? false,
+        redirectUris,
       ],
     );
     return authMethod === 'client_secret'
@@ -192,7 +224,35 @@ function toRegistration(r: ClientRow): ClientRegistration {
     purposes: r.purposes,
     mayBreakGlass: r.may_break_glass,
     active: r.active,
+    redirectUris: r.redirect_uris ?? [],
   };
+}
+
+function badField(diagnostics: string, expression: string): CustosError {
+  return new CustosError('BAD_REQUEST', [{ severity: 'error', code: 'value', diagnostics, expression }]);
+}
+
+/** https, or http on a loopback address (RFC 8252 section 7.3); absolute, no fragment, no credentials. */
+function assertRedirectUri(uri: unknown): void {
+  let u: URL;
+  try {
+    u = new URL(String(uri));
+  } catch {
+    throw badField('A redirect URI must be an absolute URL.', 'redirectUris');
+  }
+  const loopback = ['127.0.0.1', '[::1]', 'localhost'].includes(u.hostname);
+  if (
+    !(u.protocol === 'https:' || (u.protocol === 'http:' && loopback)) ||
+    u.hash ||
+    u.username ||
+    u.password ||
+    String(uri).length > 2000
+  ) {
+    throw badField(
+      'A redirect URI must be https (http only on a loopback address), without fragment or credentials.',
+      'redirectUris',
+    );
+  }
 }
 
 /** Refuses a JWKS that is malformed or holds private key material (a client must never send us its private key). */

@@ -110,15 +110,25 @@ export class PostgresOidcAdapter implements Adapter {
 }
 
 /**
- * OAuth client metadata (RFC 7591 names) of a registration. Only the client credentials grant
- * exists for now; public and confidential SMART apps (authorization code + PKCE) come with users.
+ * OAuth client metadata (RFC 7591 names) of a registration. A client with redirect URIs is a SMART
+ * app: authorization code (PKCE always, src/auth/authorization-server.ts) and rotating refresh
+ * tokens; a confidential one may also use client credentials for its system scopes. A client without
+ * is a system client: client credentials only.
  */
 function clientMetadata(client: ClientRegistration, secret: string | undefined): AdapterPayload | undefined {
+  const app = client.redirectUris.length > 0;
   const common = {
     client_id: client.id,
-    grant_types: ['client_credentials'],
-    response_types: [],
-    redirect_uris: [],
+    client_name: client.name,
+    grant_types: app
+      ? [
+          'authorization_code',
+          'refresh_token',
+          ...(client.authMethod === 'none' ? [] : ['client_credentials']),
+        ]
+      : ['client_credentials'],
+    response_types: app ? ['code'] : [],
+    redirect_uris: [...client.redirectUris],
     [CLIENT_SCOPES_METADATA]: [...client.scopes],
     [CLIENT_PURPOSES_METADATA]: [...client.purposes],
   };
@@ -128,6 +138,8 @@ function clientMetadata(client: ClientRegistration, secret: string | undefined):
       return { ...common, token_endpoint_auth_method: 'client_secret_basic', client_secret: secret };
     case 'private_key_jwt':
       return { ...common, token_endpoint_auth_method: 'private_key_jwt', jwks: client.jwks };
+    case 'none':
+      return app ? { ...common, token_endpoint_auth_method: 'none' } : undefined;
     default:
       return undefined;
   }

@@ -34,14 +34,80 @@ declare module 'oidc-provider' {
     on(event: string, listener: (...args: unknown[]) => void): this;
     /** Koa middleware, run around every oidc-provider route. */
     use(middleware: (ctx: KoaContext, next: () => Promise<void>) => Promise<void>): void;
+    /** The pending interaction of the request (its `_interaction` cookie must match the uid). */
+    interactionDetails(req: IncomingMessage, res: ServerResponse): Promise<Interaction>;
+    /** Records the result and answers with a 303 back to the authorization endpoint. */
+    interactionFinished(
+      req: IncomingMessage,
+      res: ServerResponse,
+      result: Record<string, unknown>,
+      options?: { mergeWithLastSubmission?: boolean },
+    ): Promise<void>;
+    readonly Grant: GrantStatic;
+  }
+
+  export interface Interaction {
+    uid: string;
+    prompt: { name: string; reasons: string[]; details: Record<string, unknown> };
+    params: Record<string, unknown>;
+    session?: { accountId?: string };
+    grantId?: string;
+    lastSubmission?: Record<string, unknown>;
+  }
+
+  export interface Grant {
+    addOIDCScope(scope: string): void;
+    addOIDCClaims(claims: string[]): void;
+    /** Marks OIDC scopes as seen and refused: the consent prompt stops asking for them. */
+    rejectOIDCScope(scope: string): void;
+    addResourceScope(resource: string, scope: string): void;
+    save(): Promise<string>;
+  }
+  export interface GrantStatic {
+    new (init: { accountId: string; clientId: string }): Grant;
+    find(id: string): Promise<Grant | undefined>;
   }
 
   /** The part of Koa's context our middleware touches. */
   export interface KoaContext {
     status: number;
     body: unknown;
+    path: string;
+    method: string;
+    ip: string;
+    query: Record<string, string | string[] | undefined>;
+    querystring: string;
     response: { get(field: string): string };
     remove(field: string): void;
+    set(field: string, value: string): void;
+    get(field: string): string;
+    cookies: { get(name: string, opts?: { signed?: boolean }): string | undefined };
+    oidc?: {
+      client?: { clientId: string; [metadata: string]: unknown };
+      params?: Record<string, unknown>;
+      session?: { accountId?: string };
+      entities?: Record<string, { accountId?: string; scope?: string; grantId?: string } | undefined>;
+    };
+  }
+
+  export namespace interactionPolicy {
+    class Check {
+      constructor(
+        reason: string,
+        description: string,
+        check: (ctx: KoaContext) => boolean | Promise<boolean>,
+      );
+      static REQUEST_PROMPT: true;
+      static NO_NEED_TO_PROMPT: false;
+    }
+    interface Prompt {
+      name: string;
+      checks: { add(check: Check, index?: number): void };
+    }
+    interface Policy extends Array<Prompt> {
+      get(name: string): Prompt | undefined;
+    }
+    function base(): Policy;
   }
 
   class OIDCProviderError extends Error {
@@ -57,6 +123,9 @@ declare module 'oidc-provider' {
     }
     class InvalidTarget extends OIDCProviderError {
       constructor(description?: string);
+    }
+    class InvalidGrant extends OIDCProviderError {
+      constructor(detail?: string);
     }
     class InvalidClientAuth extends OIDCProviderError {
       constructor(detail?: string);

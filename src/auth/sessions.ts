@@ -182,6 +182,10 @@ export class SessionStore {
         WHERE user_id = $1 AND ended_at IS NULL RETURNING id_hash`,
       [userId, new Date(this.now()).toISOString(), reason],
     );
+    // And the user's OAuth grants: refresh tokens, unused codes, the authorization server's own
+    // sessions (src/auth/authorization-server.ts). Access tokens, at most five minutes long, stop at
+    // the resource server's next check of the user (authenticate.ts) for a deactivation.
+    await tx.query(`DELETE FROM oidc_payload WHERE payload->>'accountId' = $1`, [userId]);
     return rows.length;
   }
 

@@ -500,6 +500,27 @@ export class UserService {
     return row;
   }
 
+  /**
+   * Audits a login refused before any account was looked at (rate limit, bad form): an
+   * `authenticate` event with no user, so failed attempts are in the log too.
+   */
+  async auditRefusedLogin(code: string, ctx: LoginContext, projectId?: string): Promise<void> {
+    const event: AuditEvent = {
+      v: 1,
+      id: newId(),
+      time: new Date(this.now()).toISOString(),
+      phase: 'access',
+      action: 'authenticate',
+      outcome: 'refused',
+      code,
+      requestId: ctx.requestId ?? newId(),
+      projectId,
+      actor: {},
+      source: { ip: ctx.ip },
+    };
+    await this.audit.append(event, ctx.userAgent ? { userAgent: ctx.userAgent } : undefined);
+  }
+
   private async auditAdmin(
     code: string,
     requestId: string,

@@ -90,11 +90,12 @@ export function capabilityStatement(opts: {
             },
           ],
           description:
-            'OAuth 2.0 client credentials (client secret or SMART Backend Services private_key_jwt). Every request needs a purpose of use (X-Purpose-Of-Use).',
+            'SMART App Launch (standalone, authorization code with PKCE) and OAuth 2.0 client credentials (client secret or SMART Backend Services private_key_jwt). Every request needs a purpose of use (X-Purpose-Of-Use or the token).',
           extension: [
             {
               url: 'http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris',
               extension: [
+                { url: 'authorize', valueUri: `${opts.publicUrl}/oauth/authorize` },
                 { url: 'token', valueUri: `${opts.publicUrl}/oauth/token` },
                 { url: 'introspect', valueUri: `${opts.publicUrl}/oauth/introspect` },
                 { url: 'revoke', valueUri: `${opts.publicUrl}/oauth/revoke` },
@@ -140,21 +141,53 @@ export function capabilityStatement(opts: {
   };
 }
 
-/** SMART discovery (https://hl7.org/fhir/smart-app-launch/conformance.html). */
+/**
+ * SMART discovery (https://hl7.org/fhir/smart-app-launch/conformance.html): backend services and
+ * the standalone launch of patient-facing and provider-facing apps (no EHR launch: docs/users.md).
+ */
 export function smartConfiguration(publicUrl: string): unknown {
   return {
     issuer: publicUrl,
     jwks_uri: `${publicUrl}/oauth/jwks`,
+    authorization_endpoint: `${publicUrl}/oauth/authorize`,
     token_endpoint: `${publicUrl}/oauth/token`,
     introspection_endpoint: `${publicUrl}/oauth/introspect`,
     revocation_endpoint: `${publicUrl}/oauth/revoke`,
-    grant_types_supported: ['client_credentials'],
-    token_endpoint_auth_methods_supported: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+    grant_types_supported: ['authorization_code', 'refresh_token', 'client_credentials'],
+    response_types_supported: ['code'],
+    token_endpoint_auth_methods_supported: [
+      'client_secret_basic',
+      'client_secret_post',
+      'private_key_jwt',
+      'none',
+    ],
     token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384', 'RS256', 'ES256'],
-    scopes_supported: ['system/*.cruds', 'system/*.read', 'system/*.write', 'system/*.*'],
+    scopes_supported: [
+      'openid',
+      'fhirUser',
+      'launch/patient',
+      'offline_access',
+      'online_access',
+      'patient/*.rs',
+      'patient/*.cruds',
+      'user/*.rs',
+      'user/*.cruds',
+      'system/*.cruds',
+      'system/*.read',
+      'system/*.write',
+      'system/*.*',
+    ],
     capabilities: [
+      'launch-standalone',
+      'client-public',
       'client-confidential-symmetric',
       'client-confidential-asymmetric',
+      'context-standalone-patient',
+      'sso-openid-connect',
+      'permission-offline',
+      'permission-online',
+      'permission-patient',
+      'permission-user',
       'permission-v1',
       'permission-v2',
     ],

@@ -43,6 +43,19 @@ import {
   type SensitivityClass as ProtectedClass,
 } from '../crypto/protection-policy.ts';
 import { ProtectedParams, visibleClasses } from './minimum-necessary.ts';
+import {
+  AccessControl,
+  careTeamPatients,
+  openBreakGlass,
+  or,
+  DEFAULT_BREAK_GLASS_MINUTES,
+  loadPolicies,
+  needsCareTeam,
+  practitionerOf,
+  type StoredPolicy,
+  type UserRole,
+  type VersionFacts,
+} from './access-policy.ts';
 import { detectRealLookingPhi, phiFindingIssues } from './phi-detector.ts';
 
 /** The SMART interactions a scope grants: create, read, update, delete, search. */
@@ -107,17 +120,23 @@ export interface GatewayDeps {
   searchIndexing?: boolean;
   /** Upper bound on one search's SQL statements (PostgreSQL only), in ms. */
   searchTimeoutMs?: number;
+  /** Length of a break-glass grant in minutes, unless the role policy sets its own (default 60). */
+  breakGlassMinutes?: number;
   now?: () => Date;
 }
 
 type SessionDeps = Omit<GatewayDeps, 'db'> & {
   store: ResourceStore;
   loadProject: (id: string) => Promise<Project | undefined>;
+  loadPolicies: (projectId: string) => Promise<Map<UserRole, StoredPolicy>>;
   protectedParams: ProtectedParams | undefined;
 };
 
 /** How long a project record (kind, provenance setting) is reused before it is read again. */
 export const PROJECT_CACHE_MS = 2000;
+
+/** How long a project's access policies are reused before they are read again: a change takes effect within this time. */
+export const POLICY_CACHE_MS = 2000;
 
 /** What one write step did: its status and the versions it wrote (or found, for a matched condition). */
 interface StepResult {
@@ -139,6 +158,30 @@ export interface InteractionResult {
 export interface WriteOptions {
   ifMatch?: number;
   ifNoneExist?: string;
+}
+
+/** History for a person whose access is narrowed: at most this many batches are read per page. */
+const HISTORY_SCAN_ROUNDS = 10;
+
+/** Opens (or finds) the break-glass grant of a person, the alert an administrator reviews. */
+async function openBreakGlassGrant(
+  deps: SessionDeps,
+  p: Principal,
+  purpose: string,
+  requestId: string,
+  now: Date,
+  minutes: number | undefined,
+): Promise<void> {
+  await openBreakGlass(deps.store.db, {
+    projectId: p.projectId,
+    userId: p.userId!,
+    clientId: p.clientId,
+    role: p.userRole ?? 'unknown',
+    purpose,
+    requestId,
+    now,
+    minutes: minutes ?? deps.breakGlassMinutes ?? DEFAULT_BREAK_GLASS_MINUTES,
+  });
 }
 
 const EMPTY_INDEX: SearchIndex = { keys: [], strings: [], dates: [], numbers: [] };
@@ -165,7 +208,15 @@ export class PhiGateway {
       return project;
     };
     const protectedParams = deps.encryption ? new ProtectedParams(deps.encryption.policy) : undefined;
-    this.deps = { ...deps, store, loadProject, protectedParams };
+    const policies = new TtlCache<string, Map<UserRole, StoredPolicy>>(1000);
+    const loadPolicyMap = async (projectId: string) => {
+      const cached = policies.get(projectId);
+      if (cached) return cached;
+      const loaded = await loadPolicies(store.db, projectId);
+      policies.set(projectId, loaded, Date.now() + POLICY_CACHE_MS);
+      return loaded;
+    };
+    this.deps = { ...deps, store, loadProject, loadPolicies: loadPolicyMap, protectedParams };
   }
 
   session(principal: Principal, facts: RequestFacts): PhiSession {
@@ -205,7 +256,7 @@ type BundleEntry = {
 
 export class PhiSession {
   private readonly purpose: string | undefined;
-  private readonly purposeError: ErrorCode | undefined;
+  private purposeError: ErrorCode | undefined;
   /** The query string of the search (or audit-log read) this session runs, sealed into its events. */
   private sensitiveQuery: string | undefined;
   private project: Project | undefined;
@@ -219,6 +270,9 @@ export class PhiSession {
    * what was just sealed. Only versions this session made are in it.
    */
   private readonly plaintextOf = new WeakMap<object, ReadonlyMap<string, readonly ProtectedElement[]>>();
+  /** A person's effective access (access-policy.ts), once loaded; undefined for system clients. */
+  private accessCtl: AccessControl | undefined;
+  private accessReady: Promise<void> | undefined;
 
   constructor(
     private readonly deps: SessionDeps,
@@ -230,9 +284,89 @@ export class PhiSession {
     if (!claimed) this.purposeError = 'PURPOSE_REQUIRED';
     else if (!PURPOSES_OF_USE.has(claimed)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
     else if (BREAK_GLASS_PURPOSES.has(claimed)) {
-      if (!principal.mayBreakGlass || !facts.breakGlassReason?.trim())
-        this.purposeError = 'BREAK_GLASS_NOT_ALLOWED';
+      // Break-glass is for people (INTERFACE.md): a system client never, whatever its registration
+      // says; a person only with a reason, and only if their role policy allows it (prepareAccess).
+      if (!principal.userId || !facts.breakGlassReason?.trim()) this.purposeError = 'BREAK_GLASS_NOT_ALLOWED';
     } else if (!principal.allowedPurposes.includes(claimed)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
+  }
+
+  /** Whether this session runs under a person's role policy (a token with a user behind it). */
+  private get isPerson(): boolean {
+    return this.principal.userId !== undefined;
+  }
+
+  /**
+   * Loads a person's effective access once per session: the role policy of the project, the
+   * purposes it allows, a break-glass grant (opened, with its alert, on the first request that
+   * breaks the glass), and the care team when the policy narrows to it.
+   */
+  private prepareAccess(): Promise<void> {
+    this.accessReady ??= (async () => {
+      if (!this.isPerson) return;
+      const p = this.principal;
+      const role = p.userRole;
+      const stored = role ? (await this.deps.loadPolicies(p.projectId)).get(role) : undefined;
+      const policy = stored?.policy ?? { rules: [], purposes: [], breakGlass: false };
+      let breakGlass = false;
+      if (!this.purposeError && this.purpose) {
+        if (BREAK_GLASS_PURPOSES.has(this.purpose)) {
+          if (!policy.breakGlass) this.purposeError = 'BREAK_GLASS_NOT_ALLOWED';
+          else {
+            await openBreakGlassGrant(
+              this.deps,
+              p,
+              this.purpose,
+              this.facts.requestId,
+              this.now(),
+              policy.breakGlassMinutes,
+            );
+            breakGlass = true;
+          }
+        } else if (!policy.purposes.includes(this.purpose)) this.purposeError = 'PURPOSE_NOT_ALLOWED';
+      }
+      const practitioner = practitionerOf(p);
+      const careTeam =
+        !breakGlass && needsCareTeam(policy) && practitioner
+          ? await careTeamPatients(this.deps.store.db, p.projectId, practitioner)
+          : [];
+      this.accessCtl = new AccessControl({
+        principal: p,
+        policy,
+        breakGlass,
+        careTeam,
+        baseUrl: this.deps.fhirBaseUrl ?? '',
+      });
+    })();
+    return this.accessReady;
+  }
+
+  /** What of one stored version a predicate is evaluated on (compartment, index keys as stored). */
+  private versionFacts(v: { patients: readonly string[]; json?: string }): VersionFacts {
+    let keys: ReadonlySet<string> | undefined;
+    return {
+      patients: v.patients,
+      keys: () =>
+        (keys ??= new Set(
+          v.json
+            ? extractSearchIndex(JSON.parse(v.json) as Record<string, unknown>, this.deps.fhirBaseUrl).keys
+            : [],
+        )),
+    };
+  }
+
+  /** Whether this person's access reaches one version (true for system clients). */
+  private reaches(type: string, i: Interaction, v: { patients: readonly string[]; json?: string }): boolean {
+    const ctl = this.accessCtl;
+    if (!ctl) return true;
+    const pred = ctl.predicate(type, i);
+    return pred.op === 'true' || (pred.op !== 'false' && ctl.allows(type, i, this.versionFacts(v)));
+  }
+
+  /** The classes the purpose of use reveals, narrowed by the role policy (minimum necessary). */
+  private visible(): ReadonlySet<string> {
+    const byPurpose = visibleClasses(this.purpose);
+    const byRole = this.accessCtl?.visibleClasses;
+    return byRole ? new Set([...byPurpose].filter((c) => byRole.includes(c))) : byPurpose;
   }
 
   private now(): Date {
@@ -300,7 +434,7 @@ export class PhiSession {
   >(v: T, q?: SqlQueryable): Promise<T> {
     const enc = this.deps.encryption;
     if (!v.sealed || !v.json || !enc) return v;
-    const visible = visibleClasses(this.purpose);
+    const visible = this.visible();
     const resource = JSON.parse(v.json) as Record<string, unknown>;
     const known = this.plaintextOf.get(v);
     let masked = false;
@@ -356,8 +490,15 @@ export class PhiSession {
     // written to or read from the resource store.
     if (type === 'AuditEvent' && action !== 'audit-read') throw new CustosError('AUDIT_EVENT_READ_ONLY');
     if (id !== undefined && !isFhirId(id)) throw new CustosError('INVALID_ID');
+    await this.prepareAccess();
     let refusal: ErrorCode | undefined = this.purposeError;
-    if (!refusal && !this.principal.can(type, interaction)) refusal = 'FORBIDDEN_SCOPE';
+    const ctl = this.accessCtl;
+    if (!refusal && ctl) {
+      refusal = ctl.denial(type, interaction);
+      // The audit log is read whole or not at all: no per-resource narrowing applies to it.
+      if (!refusal && action === 'audit-read' && ctl.predicate(type, interaction).op !== 'true')
+        refusal = 'FORBIDDEN_POLICY';
+    } else if (!refusal && !this.principal.can(type, interaction)) refusal = 'FORBIDDEN_SCOPE';
     if (refusal) {
       await this.audit(
         this.event(
@@ -403,6 +544,21 @@ export class PhiSession {
     found: StoredVersion | undefined,
   ): Promise<InteractionResult> {
     let v = found;
+    if (v && !this.reaches(type, 'r', v)) {
+      // Outside the person's policy: audited as the refusal it is, answered as not found so that
+      // the answer does not tell whether the resource exists.
+      await this.audit(
+        this.event({
+          phase: 'access',
+          action,
+          outcome: 'refused',
+          code: 'FORBIDDEN_POLICY',
+          resource: { type, id },
+          patients: v.patients,
+        }),
+      );
+      throw new CustosError('NOT_FOUND');
+    }
     try {
       if (v && !v.deleted) v = await this.reveal(v);
     } catch (e) {
@@ -441,7 +597,7 @@ export class PhiSession {
   ): Promise<InteractionResult> {
     const count = Math.min(Math.max(opts.count ?? 50, 1), 1000);
     if (opts.type) await this.guard('history', opts.type, 'r', opts.id);
-    else if (this.purposeError || !this.principal.can('*', 'r')) {
+    else if ((await this.prepareAccess(), this.purposeError) || !this.systemHistoryAllowed()) {
       // System history spans every type: it needs read access to all of them.
       const code: ErrorCode = this.purposeError ?? 'FORBIDDEN_SCOPE';
       await this.audit(this.event({ phase: 'access', action: 'history', outcome: 'refused', code }));
@@ -451,12 +607,8 @@ export class PhiSession {
       opts.cursor === undefined ? undefined : decodeHistoryCursor(opts.cursor, this.deps.isResourceType);
     if (opts.since !== undefined && Number.isNaN(Date.parse(opts.since)))
       throw new CustosError('BAD_REQUEST');
-    const versions = await this.deps.store.history(this.principal.projectId, {
-      ...opts,
-      count: count + 1,
-      before,
-    });
-    const page = await this.revealAll(versions.slice(0, count));
+    const { page: allowed, more } = await this.historyPage(opts, count, before);
+    const page = await this.revealAll(allowed);
     const patients = [...new Set(page.flatMap((v) => v.patients))].sort();
     await this.audit(
       this.event({
@@ -471,9 +623,10 @@ export class PhiSession {
     const self = `${baseUrl}/${[opts.type, opts.id].filter(Boolean).join('/')}${opts.type ? '/' : ''}_history`;
     const links = [{ relation: 'self', url: self }];
     const last = page[page.length - 1];
-    if (versions.length > count && last) {
+    const at = more ?? last;
+    if (more && at) {
       const cursor = Buffer.from(
-        JSON.stringify([last.lastUpdated, last.resourceType, last.id, last.versionId]),
+        JSON.stringify([at.lastUpdated, at.resourceType, at.id, at.versionId]),
       ).toString('base64url');
       const qs = new URLSearchParams({ _count: String(count), _cursor: cursor });
       if (opts.since) qs.set('_since', opts.since);
@@ -496,6 +649,72 @@ export class PhiSession {
     return { status: 200, body };
   }
 
+  /** System history spans every type: read access to all of them (a person: unrestricted on each). */
+  private systemHistoryAllowed(): boolean {
+    const ctl = this.accessCtl;
+    if (!ctl) return this.principal.can('*', 'r');
+    return [...this.deps.resourceTypes].every((t) => t === 'AuditEvent' || ctl.denial(t, 'r') === undefined);
+  }
+
+  /**
+   * One page of history: `count` versions the caller may read, and where the next page starts (the
+   * last version of this page, or, when versions were skipped as out of reach, the last one looked
+   * at). A version is judged on its own compartment and index keys. For a person whose access is
+   * narrowed, versions out of reach are skipped in memory, reading at most HISTORY_SCAN_ROUNDS
+   * batches: a page may then be short, with a `next` link that continues after what was read.
+   */
+  private async historyPage(
+    opts: { type?: string; id?: string; since?: string },
+    count: number,
+    before: { lastUpdated: string; type: string; id: string; versionId: number } | undefined,
+  ): Promise<{ page: StoredVersion[]; more: StoredVersion | undefined }> {
+    const ctl = this.accessCtl;
+    const restricted = ctl && (opts.type ? ctl.predicate(opts.type, 'r').op !== 'true' : true);
+    if (!restricted) {
+      const versions = await this.deps.store.history(this.principal.projectId, {
+        ...opts,
+        count: count + 1,
+        before,
+      });
+      const page = versions.slice(0, count);
+      return { page, more: versions.length > count ? page[page.length - 1] : undefined };
+    }
+    const page: StoredVersion[] = [];
+    let cursor = before;
+    for (let round = 0; round < HISTORY_SCAN_ROUNDS; round++) {
+      const batch = await this.deps.store.history(this.principal.projectId, {
+        ...opts,
+        count: count + 1,
+        before: cursor,
+      });
+      for (const v of batch) {
+        if (!this.reaches(v.resourceType, 'r', v)) {
+          cursor = { lastUpdated: v.lastUpdated, type: v.resourceType, id: v.id, versionId: v.versionId };
+          continue;
+        }
+        if (page.length === count) return { page, more: page[page.length - 1] };
+        page.push(v);
+        cursor = { lastUpdated: v.lastUpdated, type: v.resourceType, id: v.id, versionId: v.versionId };
+      }
+      if (batch.length <= count) return { page, more: undefined };
+    }
+    // Scanned enough for one request: continue after the last version looked at.
+    const at = cursor!;
+    return {
+      page,
+      more: {
+        resourceType: at.type,
+        id: at.id,
+        versionId: at.versionId,
+        lastUpdated: at.lastUpdated,
+        deleted: false,
+        method: 'update',
+        json: undefined,
+        patients: [],
+      },
+    };
+  }
+
   /**
    * Search (https://hl7.org/fhir/R4/search.html): type search (`type`), system search (no type;
    * `_type` or every type the caller may search) and compartment search (`patient`). The caller's
@@ -515,6 +734,7 @@ export class PhiSession {
       }
       types = [opts.type];
     } else {
+      await this.prepareAccess();
       const named = opts.query
         .getAll('_type')
         .flatMap((v) => v.split(','))
@@ -522,7 +742,10 @@ export class PhiSession {
         .filter(Boolean);
       for (const t of named) if (!this.deps.isResourceType(t)) throw new CustosError('UNKNOWN_RESOURCE_TYPE');
       const candidates = named.length > 0 ? named : [...this.deps.resourceTypes];
-      types = candidates.filter((t) => t !== 'AuditEvent' && this.principal.can(t, 's'));
+      const ctl = this.accessCtl;
+      types = candidates.filter(
+        (t) => t !== 'AuditEvent' && (ctl ? ctl.denial(t, 's') === undefined : this.principal.can(t, 's')),
+      );
       if (this.purposeError || types.length === 0 || (named.length > 0 && types.length < named.length)) {
         const code: ErrorCode = this.purposeError ?? 'FORBIDDEN_SCOPE';
         await this.audit(this.event({ phase: 'access', action: 'search', outcome: 'refused', code }));
@@ -544,7 +767,7 @@ export class PhiSession {
     }
     // No transaction: each statement is bounded on its own (searchQueries), with no round trips added.
     const raw = await runSearch(this.deps.store.searchQueries(timeout), req, access);
-    const visible = visibleClasses(this.purpose);
+    const visible = this.visible();
     if (raw.blindChecks.some((c) => !visible.has(c.cls))) {
       // Searching by what the purpose of use may not see would reveal it through the matches.
       await this.audit(
@@ -733,6 +956,7 @@ export class PhiSession {
     const patients = w.resource
       ? patientCompartment({ ...w.resource, resourceType: w.type, id: w.id })
       : ((await this.deps.store.read(project.id, w.type, w.id, q))?.patients ?? []);
+    await this.assertPolicyWrite(q, w, patients);
     const v = await this.storeWrite(q, {
       projectId: project.id,
       resourceType: w.type,
@@ -781,6 +1005,47 @@ export class PhiSession {
       fresh: true,
     });
     return [v, p];
+  }
+
+  /**
+   * A person may write only within their access: the version replaced or deleted, and the version
+   * written, must each satisfy the predicate of the interaction (so a patient can neither touch nor
+   * create a resource outside their compartment, nor move one out of it).
+   */
+  private async assertPolicyWrite(
+    q: SqlQueryable,
+    w: {
+      type: string;
+      id: string;
+      method: string;
+      resource: Record<string, unknown> | undefined;
+      fresh?: boolean;
+    },
+    patients: readonly string[],
+  ): Promise<void> {
+    const ctl = this.accessCtl;
+    if (!ctl) return;
+    const i: Interaction = w.method === 'create' ? 'c' : w.method === 'delete' ? 'd' : 'u';
+    if (ctl.predicate(w.type, i).op === 'true') return;
+    if (!w.fresh) {
+      const cur = await this.deps.store.read(this.principal.projectId, w.type, w.id, q);
+      if (cur && !cur.deleted && !this.reaches(w.type, i, cur)) throw new CustosError('FORBIDDEN_POLICY');
+    }
+    if (w.resource) {
+      // Judged on the index keys the version will be stored with (protected elements redacted).
+      const full = { ...w.resource, resourceType: w.type, id: w.id };
+      const enc = this.deps.encryption;
+      let keys: ReadonlySet<string> | undefined;
+      const facts: VersionFacts = {
+        patients,
+        keys: () =>
+          (keys ??= new Set(
+            extractSearchIndex(enc ? splitProtected(full, enc.policy).redacted : full, this.deps.fhirBaseUrl)
+              .keys,
+          )),
+      };
+      if (!ctl.allows(w.type, i, facts)) throw new CustosError('FORBIDDEN_POLICY');
+    }
   }
 
   /** Writes a version now, or, for a fresh id inside a transaction bundle, queues it for one multi-row insert. */
@@ -877,7 +1142,7 @@ export class PhiSession {
    */
   private async assertMayReplace(q: SqlQueryable, type: string, id: string): Promise<void> {
     if (!this.deps.encryption) return;
-    const visible = visibleClasses(this.purpose);
+    const visible = this.visible();
     if (visible.size === ALL_CLASSES.length) return;
     const cur = await this.deps.store.read(this.principal.projectId, type, id, q);
     if (Object.keys(cur?.sealed ?? {}).some((c) => !visible.has(c))) throw new CustosError('FORBIDDEN_SCOPE');
@@ -932,7 +1197,7 @@ export class PhiSession {
     if (cur.deleted || !cur.json) throw new CustosError('GONE');
     if (ifMatch !== undefined && ifMatch !== cur.versionId) throw new CustosError('VERSION_CONFLICT');
     // A patch applies to the whole resource: one the caller's purpose cannot fully see is refused.
-    const visible = visibleClasses(this.purpose);
+    const visible = this.visible();
     if (Object.keys(cur.sealed ?? {}).some((c) => !visible.has(c))) throw new CustosError('FORBIDDEN_SCOPE');
     const full = await this.reveal(cur, q);
     let patched: Record<string, unknown>;
@@ -971,12 +1236,25 @@ export class PhiSession {
 
   /** What a search may see: this project, the types the caller's access covers. */
   private searchAccess(patient?: string): SearchAccess {
+    const ctl = this.accessCtl;
+    if (!ctl)
+      return {
+        projectId: this.principal.projectId,
+        canRead: (t) => this.principal.can(t, 'r') || this.principal.can(t, 's'),
+        patient,
+        baseUrl: this.deps.fhirBaseUrl ?? '',
+        now: this.now(),
+      };
+    // A person: the policy and scope predicates go into the SQL. Matches need search access to their
+    // type; what is read through includes, chains and _has needs read (or search) access.
+    const read = (t: string) => or(ctl.predicate(t, 'r'), ctl.predicate(t, 's'));
     return {
       projectId: this.principal.projectId,
-      canRead: (t) => this.principal.can(t, 'r') || this.principal.can(t, 's'),
+      canRead: (t) => t !== 'AuditEvent' && read(t).op !== 'false',
       patient,
       baseUrl: this.deps.fhirBaseUrl ?? '',
       now: this.now(),
+      predicate: (t, use) => (use === 'match' ? ctl.predicate(t, 's') : read(t)),
     };
   }
 
@@ -1003,7 +1281,7 @@ export class PhiSession {
     // With blind-index criteria, a few more candidates than needed, each verified after decryption.
     const ids = await searchIds(q, req, access, 50, checks);
     if (checks.length === 0) return ids.slice(0, 2);
-    const visible = visibleClasses(this.purpose);
+    const visible = this.visible();
     if (checks.some((c) => !visible.has(c.cls))) throw new CustosError('SEARCH_PROTECTED');
     const confirmed: string[] = [];
     for (const id of ids) {

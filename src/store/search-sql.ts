@@ -47,6 +47,74 @@ export interface SearchAccess {
     classOf: (type: string, code: string) => string | undefined;
     blind: (key: string) => string;
   };
+  /**
+   * Access policy and scope filters (src/phi/access-policy.ts): the predicate rows of `type` must
+   * satisfy to be returned as matches (`match`) or to be read through includes, chains and `_has`
+   * (`read`). Compiled into the same statements, so `_count`, `_total` and cursors stay right.
+   * Absent: no restriction beyond `canRead`.
+   */
+  predicate?: (type: string, use: 'match' | 'read') => AccessPredicate;
+}
+
+/**
+ * A row predicate over what the store keeps of every version: its patient-compartment membership
+ * (`patients`, computed at write time) and its exact-match index keys (`search_keys`). The gateway
+ * evaluates the same predicate in memory on a single version (read, history, writes).
+ */
+export type AccessPredicate =
+  | { op: 'true' }
+  | { op: 'false' }
+  /** In the compartment of at least one of these patients. */
+  | { op: 'patients'; ids: readonly string[] }
+  /** Holds at least one of these index keys. */
+  | { op: 'keys'; keys: readonly string[] }
+  | { op: 'and' | 'or'; of: readonly AccessPredicate[] }
+  | { op: 'not'; of: AccessPredicate };
+
+/** The SQL of `pred` on the row alias `r` (`add` binds a parameter and returns its placeholder). */
+export function predicateSql(pred: AccessPredicate, r: string, add: (v: unknown) => string): string {
+  switch (pred.op) {
+    case 'true':
+      return 'true';
+    case 'false':
+      return 'false';
+    case 'patients':
+      return pred.ids.length === 0 ? 'false' : `${r}.patients && ${add([...pred.ids])}::text[]`;
+    case 'keys':
+      return pred.keys.length === 0 ? 'false' : `${r}.search_keys && ${add([...pred.keys])}::text[]`;
+    case 'and':
+    case 'or':
+      return `(${pred.of.map((x) => predicateSql(x, r, add)).join(pred.op === 'and' ? ' AND ' : ' OR ')})`;
+    case 'not':
+      return `NOT ${predicateSql(pred.of, r, add)}`;
+  }
+}
+
+/**
+ * The index keys an exact criterion matches (token, reference or uri, without modifier or with
+ * `:not`), for access-policy and SMART scope criteria: those compile to key probes only, so that
+ * SQL and the in-memory evaluation of the same predicate agree. Anything else is refused
+ * (SEARCH_INVALID).
+ */
+export function criterionKeys(f: Filter, baseUrl: string): { keys: string[]; negate: boolean } {
+  if (f.kind !== 'param') invalid('Access criteria cannot chain or use _has.');
+  const { param, modifier, values } = f;
+  if (modifier !== undefined && modifier !== 'not')
+    invalid(`Access criteria: parameter '${param.code}' with a modifier other than :not is not supported.`);
+  const sp = param as SearchParam;
+  if (
+    param.code === '_id' ||
+    param.code === '_lastUpdated' ||
+    !['token', 'reference', 'uri'].includes(sp.type)
+  )
+    invalid(`Access criteria: parameter '${param.code}' is not a token, reference or uri parameter.`);
+  const keys =
+    sp.type === 'token'
+      ? values.map((v) => indexKey(param.code, tokenKeySuffix(v)))
+      : sp.type === 'uri'
+        ? values.map((v) => indexKey(param.code, UNESCAPE(v)))
+        : values.flatMap((v) => referenceKeysOf(sp, undefined, v, baseUrl));
+  return { keys, negate: modifier === 'not' };
 }
 
 /** A criterion matched partly through blind indexes: the gateway re-checks it on decrypted rows. */
@@ -139,6 +207,28 @@ function parsed<T>(param: string, what: string, f: () => T): T {
     if (e instanceof SearchValueError) invalid(`Parameter '${param}': the value is not a valid ${what}.`);
     throw e;
   }
+}
+
+function referenceKeysOf(
+  sp: SearchParam,
+  modifier: string | undefined,
+  raw: string,
+  baseUrl: string,
+): string[] {
+  const v = UNESCAPE(raw);
+  if (modifier === 'identifier') return [indexKey(`${sp.code}:identifier`, tokenKeySuffix(raw))];
+  if (modifier?.startsWith('type:')) {
+    const type = modifier.slice(5);
+    const id = v.includes('/') ? normalizeReference(v, baseUrl) : `${type}/${v}`;
+    if (!id.startsWith(`${type}/`))
+      invalid(`Parameter '${sp.code}:${type}': the reference is not to a ${type}.`);
+    return [indexKey(sp.code, id)];
+  }
+  if (/^[a-z][a-z0-9+.-]*:/i.test(v)) return [indexKey(sp.code, normalizeReference(v, baseUrl))];
+  if (v.includes('/')) return [indexKey(sp.code, normalizeReference(v, baseUrl))];
+  // A bare id: any of the parameter's target types.
+  const targets = sp.targets.length > 0 ? sp.targets : [];
+  return targets.length > 0 ? targets.map((t) => indexKey(sp.code, `${t}/${v}`)) : [indexKey(sp.code, v)];
 }
 
 class Compiler {
@@ -304,21 +394,7 @@ class Compiler {
   }
 
   private referenceKeys(sp: SearchParam, modifier: string | undefined, raw: string): string[] {
-    const v = UNESCAPE(raw);
-    if (modifier === 'identifier') return [indexKey(`${sp.code}:identifier`, tokenKeySuffix(raw))];
-    if (modifier?.startsWith('type:')) {
-      const type = modifier.slice(5);
-      const id = v.includes('/') ? normalizeReference(v, this.access.baseUrl) : `${type}/${v}`;
-      if (!id.startsWith(`${type}/`))
-        invalid(`Parameter '${sp.code}:${type}': the reference is not to a ${type}.`);
-      return [indexKey(sp.code, id)];
-    }
-    if (/^[a-z][a-z0-9+.-]*:/i.test(v))
-      return [indexKey(sp.code, normalizeReference(v, this.access.baseUrl))];
-    if (v.includes('/')) return [indexKey(sp.code, normalizeReference(v, this.access.baseUrl))];
-    // A bare id: any of the parameter's target types.
-    const targets = sp.targets.length > 0 ? sp.targets : [];
-    return targets.length > 0 ? targets.map((t) => indexKey(sp.code, `${t}/${v}`)) : [indexKey(sp.code, v)];
+    return referenceKeysOf(sp, modifier, raw, this.access.baseUrl);
   }
 
   private stringExists(
@@ -427,9 +503,10 @@ class Compiler {
       );
       const pid = inner.p.add(this.access.projectId);
       const ty = inner.p.add(target);
+      const allowed = accessSql(this.access, target, 'read', 't', (v) => inner.p.add(v));
       const rows = await this.q.query<{ id: string }>(
         `SELECT t.id FROM ${from} WHERE t.project_id = ${pid} AND t.resource_type = ${ty} AND NOT t.deleted
-           AND ${conds.join(' AND ') || 'true'} LIMIT ${SEARCH_LIMITS.maxChainMatches + 1}`,
+           AND ${conds.join(' AND ') || 'true'}${allowed} LIMIT ${SEARCH_LIMITS.maxChainMatches + 1}`,
         inner.p.values,
       );
       for (const row of rows.rows) keys.push(indexKey(f.param.code, `${target}/${row.id}`));
@@ -447,10 +524,11 @@ class Compiler {
     const inner = new Compiler(this.q, { ...this.access, patient: undefined });
     const { from, conds } = fenced('s', await inner.whereParts([f.inner], 's'));
     const prefix = `${f.refParam.code}=${f.resourceType}/`;
+    const allowed = accessSql(this.access, f.source, 'read', 's', (v) => inner.p.add(v));
     const rows = await this.q.query<{ id: string }>(
       `SELECT DISTINCT substr(k, ${prefix.length + 1}) AS id FROM ${from}, unnest(s.search_keys) k
         WHERE s.project_id = ${inner.p.add(this.access.projectId)} AND s.resource_type = ${inner.p.add(f.source)}
-          AND NOT s.deleted AND ${conds.join(' AND ') || 'true'} AND k LIKE ${inner.p.add(`${escapeLike(prefix)}%`)}
+          AND NOT s.deleted AND ${conds.join(' AND ') || 'true'}${allowed} AND k LIKE ${inner.p.add(`${escapeLike(prefix)}%`)}
         LIMIT ${SEARCH_LIMITS.maxChainMatches + 1}`,
       inner.p.values,
     );
@@ -672,6 +750,41 @@ function toRow(x: DbRow): SearchRow {
   };
 }
 
+/** ` AND <predicate>` for one type, or '' when the access puts no restriction on it. */
+function accessSql(
+  access: SearchAccess,
+  type: string,
+  use: 'match' | 'read',
+  r: string,
+  add: (v: unknown) => string,
+): string {
+  const pred = access.predicate?.(type, use);
+  return !pred || pred.op === 'true' ? '' : ` AND ${predicateSql(pred, r, add)}`;
+}
+
+/**
+ * The access condition over rows of several types: each type's predicate, guarded by its type
+ * (`(type = A AND pA) OR (type = B AND pB)`); undefined when no type is restricted.
+ */
+function typesAccessSql(
+  access: SearchAccess,
+  types: readonly string[],
+  use: 'match' | 'read',
+  r: string,
+  add: (v: unknown) => string,
+): string | undefined {
+  if (!access.predicate) return undefined;
+  const preds = types.map((t) => ({ t, pred: access.predicate!(t, use) }));
+  if (preds.every((x) => x.pred.op === 'true')) return undefined;
+  if (preds.length === 1) return predicateSql(preds[0]!.pred, r, add);
+  return `(${
+    preds
+      .filter((x) => x.pred.op !== 'false')
+      .map((x) => `(${r}.resource_type = ${add(x.t)} AND ${predicateSql(x.pred, r, add)})`)
+      .join(' OR ') || 'false'
+  })`;
+}
+
 /** Runs a search (matches, includes, total, cursors) inside `q` (the gateway gives a read transaction). */
 export async function runSearch(
   q: SqlQueryable,
@@ -718,6 +831,8 @@ async function runSearchUnchecked(
       ? `r.resource_type = ${c.p.add(types[0])}`
       : `r.resource_type = ANY(${c.p.add(types)}::text[])`,
   );
+  const allowed = typesAccessSql(access, types, 'match', 'r', (v) => c.p.add(v));
+  if (allowed) base.push(allowed);
   const parts = await c.whereParts(req.filters, 'r');
   // A compartment is a pinpoint probe too (the GIN index on patients).
   if (access.patient !== undefined) {
@@ -835,10 +950,13 @@ async function fetchIncludes(
     if (wanted.size > 0) {
       const pairs = [...wanted.values()].slice(0, SEARCH_LIMITS.maxIncludes + 1);
       const p = new Params();
+      const allowed = typesAccessSql(access, [...new Set(pairs.map((x) => x[0]))], 'read', 'r', (v) =>
+        p.add(v),
+      );
       const res = await q.query<DbRow>(
         `SELECT ${ROW_COLS('r', neededKeys('r', req, p))} FROM resource r JOIN unnest(${p.add(pairs.map((x) => x[0]))}::text[], ${p.add(pairs.map((x) => x[1]))}::text[]) AS k(t, i)
            ON r.resource_type = k.t AND r.id = k.i
-         WHERE r.project_id = ${p.add(access.projectId)} AND NOT r.deleted`,
+         WHERE r.project_id = ${p.add(access.projectId)} AND NOT r.deleted${allowed ? ` AND ${allowed}` : ''}`,
         p.values,
       );
       found.push(...res.rows.map(toRow));
@@ -861,7 +979,7 @@ async function fetchIncludes(
         `SELECT ${ROW_COLS('r', neededKeys('r', req, p))}
            FROM (SELECT * FROM resource r WHERE r.search_keys && ${p.add(keys)}::text[] OFFSET 0) r
           WHERE r.project_id = ${p.add(access.projectId)} AND r.resource_type = ${p.add(rev.source)} AND NOT r.deleted
-           ${access.patient !== undefined ? `AND r.patients @> ${p.add([access.patient])}::text[]` : ''}
+           ${access.patient !== undefined ? `AND r.patients @> ${p.add([access.patient])}::text[]` : ''}${accessSql(access, rev.source, 'read', 'r', (v) => p.add(v))}
          LIMIT ${SEARCH_LIMITS.maxIncludes + 1}`,
         p.values,
       );
@@ -908,6 +1026,8 @@ export async function searchIds(
     'NOT r.deleted',
     `r.resource_type = ${c.p.add(req.types[0])}`,
   ];
+  const allowed = typesAccessSql(access, [req.types[0]!], 'read', 'r', (v) => c.p.add(v));
+  if (allowed) base.push(allowed);
   const { from, where } = fromClause(await c.whereParts(req.filters, 'r'), base);
   try {
     const rows = await q.query<{ id: string }>(
