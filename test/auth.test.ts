@@ -400,6 +400,51 @@ test('verifier: expired token, token signed by another key, wrong audience, garb
   await rejectsUnauthenticated(verify(await make(otherKey, { iat: now, exp: now + 60 })));
   await rejectsUnauthenticated(verify('not.a.jwt'));
   await rejectsUnauthenticated(verify(''));
+
+  // The token-forgery classics: alg none, HS256 keyed with our public key, a forged kid, not yet valid.
+  const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = {
+    client_id: 'c1',
+    scope: 'system/*.rs',
+    iss: issuer,
+    aud: `${issuer}/fhir/R4`,
+    iat: now,
+    exp: now + 60,
+    jti: randomUUID(),
+  };
+  await rejectsUnauthenticated(verify(`${b64({ alg: 'none', typ: 'at+jwt' })}.${b64(body)}.`));
+  const publicJwk = auth.jwks().keys[0]!;
+  const { createHmac } = await import('node:crypto');
+  for (const secret of [JSON.stringify(publicJwk), `${publicJwk.x}${publicJwk.y}`]) {
+    const input = `${b64({ alg: 'HS256', kid, typ: 'at+jwt' })}.${b64(body)}`;
+    const mac = createHmac('sha256', secret).update(input).digest('base64url');
+    await rejectsUnauthenticated(verify(`${input}.${mac}`));
+  }
+  const forgedKid = await new SignJWT({ client_id: 'c1', scope: 'system/*.rs' })
+    .setProtectedHeader({ alg: 'ES256', kid: 'forged-kid', typ: 'at+jwt' })
+    .setIssuer(issuer)
+    .setAudience(`${issuer}/fhir/R4`)
+    .setIssuedAt(now)
+    .setExpirationTime(now + 60)
+    .sign(otherKey);
+  await rejectsUnauthenticated(verify(forgedKid));
+  const notYet = await new SignJWT({ client_id: 'c1', scope: 'system/*.rs' })
+    .setProtectedHeader({ alg: 'ES256', kid, typ: 'at+jwt' })
+    .setIssuer(issuer)
+    .setAudience(`${issuer}/fhir/R4`)
+    .setIssuedAt(now)
+    .setNotBefore(now + 120)
+    .setExpirationTime(now + 240)
+    .sign(ourKey);
+  await rejectsUnauthenticated(verify(notYet));
+  const wrongIssuer = await new SignJWT({ client_id: 'c1', scope: 'system/*.rs' })
+    .setProtectedHeader({ alg: 'ES256', kid, typ: 'at+jwt' })
+    .setIssuer('https://evil.example')
+    .setAudience(`${issuer}/fhir/R4`)
+    .setIssuedAt(now)
+    .setExpirationTime(now + 60)
+    .sign(ourKey);
+  await rejectsUnauthenticated(verify(wrongIssuer));
 });
 
 test('discovery and JWKS: URLs from the configured issuer, public keys only, key files 0600', async () => {
