@@ -28,6 +28,23 @@ function issuableSsn(rnd = Math.random): string {
   return `${String(area).padStart(3, '0')}-${String(group).padStart(2, '0')}-${String(serial).padStart(4, '0')}`;
 }
 
+/**
+ * A random North American number that could be dialled (a valid area code; an exchange neither 555
+ * nor N11; any line): real-looking phone numbers are built at run time, never written out.
+ */
+function diallablePhone(rnd = Math.random) {
+  const areas = [201, 212, 303, 415, 503, 617, 702, 808, 919, 978];
+  const area = String(areas[Math.floor(rnd() * areas.length)]);
+  let exchange = '';
+  while (exchange === '' || exchange === '555' || exchange.endsWith('11'))
+    exchange = `${2 + Math.floor(rnd() * 8)}${Math.floor(rnd() * 10)}${Math.floor(rnd() * 10)}`;
+  const line = String(Math.floor(rnd() * 10000)).padStart(4, '0');
+  return { area, exchange, line, digits: `${area}${exchange}${line}`, dashed: `${area}-${exchange}-${line}` };
+}
+const PHONE = diallablePhone();
+const PHONE2 = diallablePhone();
+const LOCAL = `${PHONE.exchange}${PHONE.line}`;
+
 /** An SSN of the given parts, nine digits: real-looking values are built here, never written out. */
 function ssnOf(area: number, group: number, serial: number): string {
   return `${String(area).padStart(3, '0')}${String(group).padStart(2, '0')}${String(serial).padStart(4, '0')}`;
@@ -53,16 +70,22 @@ describe('the rules, value by value', () => {
     for (const fictional of ['5550100', '5550199', '2025550143', '6175551234', '5559784581', '15559784581'])
       assert.equal(isDiallableNanp(fictional), false, fictional);
     // Structurally impossible: area codes starting 0/1, N11, N9X, 37X, 96X; exchanges starting 0/1 or N11.
-    for (const impossible of ['1234567890', '0172531000', '4112531000', '2912531000', '3712531000'])
+    for (const impossible of ['1234567890', `017${LOCAL}`, `411${LOCAL}`, `291${LOCAL}`, `371${LOCAL}`])
       assert.equal(isDiallableNanp(impossible), false, impossible);
-    for (const impossible of ['9612531000', '6171231000', '6179111000', '61725310', '617253100000'])
+    for (const impossible of [
+      `961${LOCAL}`,
+      `${PHONE.area}123${PHONE.line}`,
+      `${PHONE.area}911${PHONE.line}`,
+      PHONE.digits.slice(0, 8),
+      `${PHONE.digits}00`,
+    ])
       assert.equal(isDiallableNanp(impossible), false, impossible);
     for (const real of [
-      '6172531000',
-      '16172531000',
-      '2129460000',
-      '8005551000'.replace('555', '446'),
-      '2531000',
+      PHONE.digits,
+      `1${PHONE.digits}`,
+      PHONE2.digits,
+      `800${PHONE2.exchange}${PHONE2.line}`,
+      LOCAL,
     ])
       assert.equal(isDiallableNanp(real), true, real);
   });
@@ -113,9 +136,9 @@ describe('the rules, value by value', () => {
       [],
       'bare nine digits without a keyword are not an SSN',
     );
-    assert.deepEqual(scanText('call (617) 253-1000 after 5'), ['phone']);
+    assert.deepEqual(scanText(`call (${PHONE.area}) ${PHONE.exchange}-${PHONE.line} after 5`), ['phone']);
     assert.deepEqual(scanText('call (617) 555-0123 after 5'), []);
-    assert.deepEqual(scanText('mobile: 6172531000'), ['phone']);
+    assert.deepEqual(scanText(`mobile: ${PHONE.digits}`), ['phone']);
     assert.deepEqual(scanText('write to jane.roe@gmail.com'), ['email']);
     assert.deepEqual(scanText('write to jane.roe@example.com'), []);
     assert.deepEqual(
@@ -137,10 +160,10 @@ describe('the detector on resources', () => {
       ],
       telecom: [
         { system: 'phone', value: '555-0100' },
-        { system: 'phone', value: '+1 (617) 253-1000' },
+        { system: 'phone', value: `+1 (${PHONE.area}) ${PHONE.exchange}-${PHONE.line}` },
         { system: 'email', value: 'zzyzx@gmail.com' },
       ],
-      contact: [{ telecom: [{ system: 'phone', value: '617.253.1000' }] }],
+      contact: [{ telecom: [{ system: 'phone', value: `${PHONE.area}.${PHONE.exchange}.${PHONE.line}` }] }],
       text: { status: 'generated', div: `<div xmlns="http://www.w3.org/1999/xhtml">SSN ${ssn}</div>` },
     });
     assert.deepEqual(findings, [
@@ -154,14 +177,14 @@ describe('the detector on resources', () => {
   });
 
   test('notes, contained resources and text attachments are read; directory phone numbers are not PHI', () => {
-    const note = Buffer.from('Daughter: 617-253-1000, jane@yahoo.com').toString('base64');
+    const note = Buffer.from(`Daughter: ${PHONE.dashed}, jane@yahoo.com`).toString('base64');
     const findings = detectRealLookingPhi({
       resourceType: 'DocumentReference',
       status: 'current',
       content: [{ attachment: { contentType: 'text/plain; charset=utf-8', data: note } }],
       contained: [
-        { resourceType: 'Organization', telecom: [{ system: 'phone', value: '9787411215' }] },
-        { resourceType: 'RelatedPerson', telecom: [{ system: 'phone', value: '9787411215' }] },
+        { resourceType: 'Organization', telecom: [{ system: 'phone', value: PHONE2.digits }] },
+        { resourceType: 'RelatedPerson', telecom: [{ system: 'phone', value: PHONE2.digits }] },
       ],
     });
     assert.deepEqual(
@@ -304,7 +327,7 @@ describe('sandbox writes through the gateway', () => {
             status: 'final',
             code: { text: 'note' },
             subject: { reference: 'urn:uuid:4b8f3c4e-0000-4000-8000-000000000001' },
-            note: [{ text: 'Reach the patient on (617) 253-1000' }],
+            note: [{ text: `Reach the patient on (${PHONE.area}) ${PHONE.exchange}-${PHONE.line}` }],
           },
           request: { method: 'POST', url: 'Observation' },
         },
@@ -335,7 +358,7 @@ describe('sandbox writes through the gateway', () => {
       method: 'PATCH',
       headers: { 'content-type': 'application/json-patch+json' },
       body: JSON.stringify([
-        { op: 'add', path: '/telecom/-', value: { system: 'phone', value: '212-946-0000' } },
+        { op: 'add', path: '/telecom/-', value: { system: 'phone', value: PHONE2.dashed } },
       ]),
     });
     assert.equal(patch.status, 422);
@@ -353,7 +376,7 @@ describe('sandbox writes through the gateway', () => {
       body: JSON.stringify({
         resourceType: 'Patient',
         identifier: [{ system: US_SSN_SYSTEM, value: ssn }],
-        telecom: [{ system: 'phone', value: '617-253-1000' }],
+        telecom: [{ system: 'phone', value: PHONE.dashed }],
       }),
     });
     assert.equal(res.status, 201, await res.text());
