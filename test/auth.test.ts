@@ -316,6 +316,26 @@ test('private_key_jwt: wrong aud, too long an exp, expired, unregistered key, wr
   });
   const mixed = await secretGrant(c.clientId, secretClient.clientSecret!, 'system/*.rs');
   assert.equal(mixed.status, 401);
+
+  // The Bulk Data / Backend Services test kit's cases: a bad grant type, a bad assertion type.
+  const good = await c.assertion();
+  const badGrant = await postToken({
+    grant_type: 'password',
+    scope: 'system/Patient.rs',
+    client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer',
+    client_assertion: good,
+  });
+  assert.equal(badGrant.status, 400);
+  assert.equal(badGrant.body.error, 'unsupported_grant_type');
+  const badType = await postToken({
+    grant_type: 'client_credentials',
+    scope: 'system/Patient.rs',
+    client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:saml2-bearer',
+    client_assertion: await c.assertion(),
+  });
+  assert.ok(badType.status === 400 || badType.status === 401, String(badType.status));
+  assert.ok(['invalid_request', 'invalid_client'].includes(String(badType.body.error)));
+  assert.equal(badType.body.access_token, undefined);
 });
 
 test('scopes: only what the registration covers is granted; nothing grantable is invalid_scope', async () => {
