@@ -2,7 +2,9 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { startHarness, testPatient, type Harness } from './support/harness.ts';
+import fs from 'node:fs';
+import path from 'node:path';
+import { HTEST, startHarness, testPatient, type Harness } from './support/harness.ts';
 import type { CustosCore } from '../src/server.ts';
 
 // SMART App Launch, standalone, driven by the SMART on FHIR JavaScript client (fhirclient, in its
@@ -27,6 +29,7 @@ const smart = (request: unknown, response: unknown, storage: unknown): SmartApi 
   new NodeAdapter({ request, response, storage, refreshTokenWithClientId: true }).getSmartApi();
 interface FhirClientLike {
   patient: { id: string | null };
+  encounter: { id: string | null };
   state: { tokenResponse?: Record<string, unknown> };
   request<T = unknown>(url: string): Promise<T>;
   refresh(): Promise<unknown>;
@@ -416,6 +419,109 @@ describe('SMART standalone launch with fhirclient', () => {
       }),
     });
     assert.equal(refresh.status, 400);
+  });
+
+  test('EHR launch: the launch the EHR created sets patient and encounter; another app cannot use it', async () => {
+    const post = async (body: Record<string, unknown>) => {
+      const r = await h.fhir(`/${String(body.resourceType)}`, { method: 'POST', body: JSON.stringify(body) });
+      assert.equal(r.status, 201);
+      return ((await r.json()) as { id: string }).id;
+    };
+    const doc = await post(testPatient({ resourceType: 'Practitioner', name: [{ family: 'Zzehrdoc' }] }));
+    const patient = await post(
+      testPatient({
+        name: [{ family: 'Zzehrpatient' }],
+        generalPractitioner: [{ reference: `Practitioner/${doc}` }],
+      }),
+    );
+    const encounter = await post({
+      resourceType: 'Encounter',
+      meta: { security: [HTEST] },
+      status: 'in-progress',
+      class: { system: 'http://terminology.hl7.org/CodeSystem/v3-ActCode', code: 'AMB' },
+      subject: { reference: `Patient/${patient}` },
+    });
+    const email = 'dr.zzehr@example.org';
+    await createUser(core, projectId, 'practitioner', email, `Practitioner/${doc}`);
+    const scope = 'launch openid fhirUser patient/*.rs';
+    const ehrApp = await core.admin.createClient({
+      projectId,
+      name: 'Test launch app (EHR)',
+      scopes: scope.split(' '),
+      purposes: ['TREAT'],
+      redirectUris: [REDIRECT],
+      public: true,
+    });
+    // The EHR creates the launch through the admin API (what `custos launch` calls).
+    const adminToken = fs.readFileSync(path.join(h.config.dataDir, 'admin-token'), 'utf8').trim();
+    const created = await fetch(`${h.server.url}/admin/launches`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-custos-admin-token': adminToken },
+      body: JSON.stringify({ clientId: ehrApp.clientId, patient, encounter }),
+    });
+    assert.equal(created.status, 200);
+    const { launch, iss } = (await created.json()) as { launch: string; iss: string };
+    assert.equal(iss, h.base);
+    // An app without the launch scope cannot be launched this way.
+    const refused = await fetch(`${h.server.url}/admin/launches`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-custos-admin-token': adminToken },
+      body: JSON.stringify({ clientId: appId, patient }),
+    });
+    assert.equal(refused.status, 400);
+
+    // Another app presenting this launch id: refused at consent.
+    const thief = appContext(REDIRECT);
+    await smart(thief.req('/launch'), thief.res, thief.storage).authorize({
+      clientId: appId,
+      scope: `launch ${APP_SCOPES}`,
+      redirectUri: REDIRECT,
+      iss: h.base,
+      launch,
+    });
+    const b1 = new Browser(h.server.url);
+    let step = await b1.follow(thief.location()!);
+    step = await b1.submit(await step.res.text(), step.url, { email, password: PASSWORD });
+    const thiefPage = await step.res.text();
+    assert.doesNotMatch(thiefPage, /Allow/, 'no consent offered');
+
+    const app = appContext(REDIRECT);
+    await smart(app.req('/launch'), app.res, app.storage).authorize({
+      clientId: ehrApp.clientId,
+      scope,
+      redirectUri: REDIRECT,
+      iss: h.base,
+      launch,
+    });
+    assert.match(app.location()!, /[?&]launch=/);
+    const b2 = new Browser(h.server.url);
+    let page = await b2.follow(app.location()!);
+    page = await b2.submit(await page.res.text(), page.url, { email, password: PASSWORD });
+    const consent = await page.res.text();
+    assert.doesNotMatch(consent, /Patient id/, 'no patient picker: the EHR chose the patient');
+    page = await b2.submit(consent, page.url, { action: 'allow' });
+    const back = new URL(page.url);
+    const client = await smart(app.req(`${back.pathname}${back.search}`), app.res, app.storage).ready();
+    assert.equal(client.patient.id, patient);
+    assert.equal(client.encounter.id, encounter);
+    assert.deepEqual(client.state.tokenResponse!.fhirContext, [{ reference: `Encounter/${encounter}` }]);
+    assert.equal((await client.request<{ id: string }>(`Encounter/${encounter}`)).id, encounter);
+
+    // An authorization request for another FHIR server (`aud`) is refused, without a redirect.
+    const wrongAud = await fetch(
+      `${h.server.url}/oauth/authorize?${new URLSearchParams({
+        response_type: 'code',
+        client_id: ehrApp.clientId,
+        redirect_uri: REDIRECT,
+        scope,
+        aud: 'https://other.example/fhir',
+        code_challenge: pkce().challenge,
+        code_challenge_method: 'S256',
+      })}`,
+      { redirect: 'manual' },
+    );
+    assert.equal(wrongAud.status, 400);
+    assert.equal(wrongAud.headers.get('location'), null);
   });
 
   test('credential stuffing at volume is rate limited per address, and audited', async () => {

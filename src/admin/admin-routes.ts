@@ -5,6 +5,8 @@ import type { AdminService, CreateClientRequest } from './admin-service.ts';
 import { documentSha256 } from './project-baa.ts';
 import { registerVendorRoutes } from './vendor-routes.ts';
 import { registerPolicyRoutes } from './policy-routes.ts';
+import { registerFlowRoutes } from './flow-routes.ts';
+import type { FlowMap } from '../egress/flow-map.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import type { VendorRegistry } from '../egress/vendor-registry.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
@@ -50,6 +52,7 @@ export function registerAdminRoutes(
     users: UserService;
     vendors: VendorRegistry;
     resourceDb: SqlDriver;
+    flows(): Promise<FlowMap>;
   },
 ): void {
   const expected = Buffer.from(adminToken, 'utf8');
@@ -242,6 +245,11 @@ export function registerAdminRoutes(
   });
   registerVendorRoutes(app, core.vendors, check);
   registerPolicyRoutes(app, core, check);
+  registerFlowRoutes(app, core, check);
+  app.post('/admin/launches', async (req) => {
+    check(req);
+    return admin.createLaunch((req.body ?? {}) as Record<string, unknown>, req.id);
+  });
   app.post('/admin/clients', async (req) => {
     check(req);
     const b = (req.body ?? {}) as Partial<CreateClientRequest>;

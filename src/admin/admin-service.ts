@@ -2,6 +2,7 @@ import { newId } from '../kernel/ids.ts';
 import { CustosError } from '../kernel/errors.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
+import { createEhrLaunch, type CreateLaunchResult } from './ehr-launch.ts';
 import { adminEvent } from '../audit/audit-event.ts';
 import type { ClientRegistry } from '../auth/client-registry.ts';
 import { allOrdinaryPurposes, BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from '../phi/purpose-of-use.ts';
@@ -166,6 +167,14 @@ export class AdminService {
     });
     await this.auditAdmin(requestId, 'client.created', clientId, req.projectId);
     return { projectId: req.projectId, clientId, clientSecret, ...this.urls() };
+  }
+
+  /** `custos launch` (src/admin/ehr-launch.ts): an EHR launch of a SMART app for a patient. */
+  createLaunch(
+    input: { clientId?: unknown; patient?: unknown; encounter?: unknown },
+    requestId = newId(),
+  ): Promise<CreateLaunchResult> {
+    return createEhrLaunch(this.deps, input, requestId);
   }
 
   /** `custos project create` (src/admin/project-baa.ts): always a sandbox until a BAA is recorded. */

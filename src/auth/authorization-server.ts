@@ -176,6 +176,8 @@ export async function createAuthorizationServer(
     // `fhirUser` goes into the id_token itself (SMART), not only to a userinfo endpoint we do not serve.
     conformIdTokenClaims: false,
     responseTypes: people ? ['code'] : [],
+    // SMART: `launch` (EHR launch) and `aud` (the FHIR base URL the app means to call).
+    extraParams: ['launch', 'aud'],
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', 'none'],
     clientDefaults: {
       grant_types: ['client_credentials'],
@@ -311,6 +313,14 @@ export async function createAuthorizationServer(
         return;
       }
     }
+    if (ctx.path === ROUTES.authorization && ctx.query.aud !== undefined && ctx.query.aud !== fhirAudience) {
+      // SMART: the server must refuse an `aud` that is not its FHIR base URL, so that an app tricked
+      // into sending a token elsewhere never gets one for us. No redirect: the app may be an impostor.
+      ctx.status = 400;
+      ctx.type = 'text/plain';
+      ctx.body = 'error: invalid_request (aud is not this FHIR server)\n';
+      return;
+    }
     if (ctx.path === ROUTES.authorization && typeof ctx.query.scope === 'string') {
       // oidc-provider keeps `offline_access` only with prompt=consent (OpenID Connect Core 11); we ask
       // for consent at every launch anyway, so say so and let SMART apps get their refresh token.
@@ -338,7 +348,10 @@ export async function createAuthorizationServer(
         issued.patient = claims.patient;
         issued.need_patient_banner = true;
       }
-      if (typeof claims.encounter === 'string') issued.encounter = claims.encounter;
+      if (typeof claims.encounter === 'string') {
+        issued.encounter = claims.encounter;
+        issued.fhirContext = [{ reference: `Encounter/${claims.encounter}` }];
+      }
       // SMART apps read the granted launch and OpenID scopes (`offline_access`, `openid`) from the
       // response's `scope`; oidc-provider reports only the resource scopes there.
       const grant = ctx.oidc?.entities?.Grant as { getOIDCScope?: () => string } | undefined;

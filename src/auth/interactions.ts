@@ -11,7 +11,7 @@ import type { ClientRegistration, ClientRegistry } from './client-registry.ts';
 import type { UserService } from './users.ts';
 import type { SessionStore } from './sessions.ts';
 import { consentPage, describeScope, loginPage, messagePage, PAGE_HEADERS } from './login-pages.ts';
-import { isLaunchScope, saveLaunchContext } from './smart-launch.ts';
+import { isLaunchScope, loadEhrLaunch, saveLaunchContext } from './smart-launch.ts';
 import { parseSmartScope } from './smart-scopes.ts';
 
 /** The cookie holding a person's login session id (sessions.ts); scoped to the OAuth pages. */
@@ -175,13 +175,20 @@ export function createInteractionHandler(
       }
       const view = await consentFacts(details, client);
       if (!view) return send(res, 400, messagePage('Refused', 'Sign in again.'));
+      if (view.launchInvalid)
+        return send(
+          res,
+          400,
+          messagePage('Launch expired', 'This launch has expired or is not for this app.'),
+        );
       const purpose = view.fixedPurpose?.code ?? form.get('purpose') ?? '';
       const again = (error: string) =>
         consentView(details, client, base, csrfOf(uid!), error).then((html) => send(res, 400, html));
       if (!view.purposes.some((p) => p.code === purpose) && view.fixedPurpose?.code !== purpose) {
         return again('Choose a purpose of use.');
       }
-      let patient: string | undefined;
+      let patient: string | undefined = view.ehr?.patient;
+      const encounter = view.ehr?.encounter;
       if (view.wantsPatient) {
         patient = view.ownPatient ?? form.get('patient') ?? '';
         if (!isFhirId(patient) || !(await deps.patientExists(client.projectId, patient))) {
@@ -216,6 +223,7 @@ export function createInteractionHandler(
         purpose,
         ...(view.user.fhirUser ? { fhirUser: view.user.fhirUser } : {}),
         ...(patient ? { patient } : {}),
+        ...(encounter ? { encounter } : {}),
       });
       return await provider.interactionFinished(
         req,
@@ -242,14 +250,24 @@ export function createInteractionHandler(
     const choosable = client.purposes.filter((p) => !BREAK_GLASS_PURPOSES.has(p));
     const display = (code: string) => ({ code, display: code });
     const ownPatient = user.role === 'patient' ? /^Patient\/(.+)$/.exec(user.fhirUser ?? '')?.[1] : undefined;
+    // EHR launch: the context comes from the launch the EHR created for this app (smart-launch.ts).
+    const launchId = typeof details.params.launch === 'string' ? details.params.launch : undefined;
+    const ehr =
+      launchId !== undefined && requested.includes('launch') && registered.has('launch')
+        ? await loadEhrLaunch(deps.db, launchId)
+        : undefined;
+    const launchInvalid =
+      launchId !== undefined && (!ehr || ehr.clientId !== client.id || ehr.projectId !== client.projectId);
     return {
+      ehr: launchInvalid ? undefined : ehr,
+      launchInvalid,
       user,
       requested: requested.filter(
         (s) => (isLaunchScope(s) && (s === 'openid' || registered.has(s))) || parseSmartScope(s) !== null,
       ),
       purposes: choosable.length === 1 ? [] : choosable.map(display),
       fixedPurpose: choosable.length === 1 ? display(choosable[0]!) : undefined,
-      wantsPatient: requested.includes('launch/patient') && registered.has('launch/patient'),
+      wantsPatient: !ehr && requested.includes('launch/patient') && registered.has('launch/patient'),
       ownPatient,
     };
   }
@@ -263,6 +281,11 @@ export function createInteractionHandler(
   ): Promise<string> {
     const view = await consentFacts(details, client);
     if (!view) return messagePage('Sign in again', 'Your session has ended. Start again from the app.');
+    if (view.launchInvalid)
+      return messagePage(
+        'Launch expired',
+        'This launch has expired or is not for this app. Start again from the EHR.',
+      );
     return consentPage({
       action: `${base}/consent`,
       csrf,

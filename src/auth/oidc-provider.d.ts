@@ -71,6 +71,7 @@ declare module 'oidc-provider' {
   /** The part of Koa's context our middleware touches. */
   export interface KoaContext {
     status: number;
+    type: string;
     body: unknown;
     path: string;
     method: string;

@@ -66,3 +66,38 @@ export async function loadLaunchContext(
   );
   return rows[0]?.payload;
 }
+
+/**
+ * An EHR launch (https://hl7.org/fhir/smart-app-launch/app-launch.html#launch-app-ehr-launch):
+ * the EHR (an administrator's tool or integration, through the admin API) creates a launch for one
+ * app with the patient and encounter in context, and opens the app's launch URL with `iss` and
+ * `launch=<id>`; the app sends `launch` back in its authorization request (with the `launch` scope),
+ * and the context comes from here instead of the patient picker. A launch id is 128 random bits,
+ * for one app, and expires after {@link EHR_LAUNCH_TTL_SECONDS}.
+ */
+export interface EhrLaunch {
+  projectId: string;
+  clientId: string;
+  patient?: string;
+  encounter?: string;
+}
+
+export const EHR_LAUNCH_TTL_SECONDS = 300;
+const EHR_MODEL = 'CustosEhrLaunch';
+
+export async function saveEhrLaunch(db: SqlQueryable, id: string, launch: EhrLaunch): Promise<void> {
+  await db.query(
+    `INSERT INTO oidc_payload (model, id, payload, expires_at)
+     VALUES ($1, $2, $3::jsonb, now() + make_interval(secs => $4::double precision))`,
+    [EHR_MODEL, id, JSON.stringify(launch), EHR_LAUNCH_TTL_SECONDS],
+  );
+}
+
+export async function loadEhrLaunch(db: SqlQueryable, id: string): Promise<EhrLaunch | undefined> {
+  if (!/^[A-Za-z0-9_-]{16,64}$/.test(id)) return undefined;
+  const { rows } = await db.query<{ payload: EhrLaunch }>(
+    `SELECT payload FROM oidc_payload WHERE model = $1 AND id = $2 AND (expires_at IS NULL OR expires_at > now())`,
+    [EHR_MODEL, id],
+  );
+  return rows[0]?.payload;
+}

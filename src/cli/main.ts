@@ -28,6 +28,7 @@ import {
   type ArchiveCheckReport,
 } from '../audit/audit-retention.ts';
 import { prepareAuditSchema } from '../audit/audit-migrations.ts';
+import type { CreateLaunchResult } from '../admin/ehr-launch.ts';
 import type { ClientCredentials, InitResult } from '../admin/admin-service.ts';
 import {
   BAA_SERVICES,
@@ -39,6 +40,7 @@ import {
 import type { CreatedUser, UserRef } from '../auth/users.ts';
 import { vendorCommand } from './vendor-command.ts';
 import { policyCommand } from './policy-command.ts';
+import { flowsCommand } from './flows-command.ts';
 import { reportBundle, reportCsv } from '../audit/audit-report.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
 import { EgressGateway, egressFetch } from '../egress/egress.ts';
@@ -335,6 +337,8 @@ export function buildCli(): Command {
   });
   // Access policies and break-glass alerts (docs/access-policies.md): src/cli/policy-command.ts.
   policyCommand(program, { config, withBackend, print, usage: (message) => new ExitError(2, message) });
+  // The PHI flow map (docs/phi-boundary.md): src/cli/flows-command.ts.
+  flowsCommand(program, { config, withBackend, print, usage: (message) => new ExitError(2, message) });
 
   const client = program.command('client').description('OAuth clients');
   client
@@ -403,6 +407,35 @@ export function buildCli(): Command {
         print(opts.json === true, publicCredentials(r), `Client created:\n${credentialsText(r)}`);
       },
     );
+
+  program
+    .command('launch')
+    .description(
+      'Create an EHR launch of a SMART app for a patient (and encounter): prints the launch id and iss ' +
+        'to open the app with (valid 5 minutes)',
+    )
+    .requiredOption('--client <id>', 'the SMART app (registered with the launch scope)')
+    .requiredOption('--patient <id>', 'the Patient in context')
+    .option('--encounter <id>', 'the Encounter in context')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { client: string; patient: string; encounter?: string; json?: boolean }) => {
+      const cfg = config();
+      const req = {
+        clientId: opts.client,
+        patient: opts.patient,
+        ...(opts.encounter ? { encounter: opts.encounter } : {}),
+      };
+      const r = await withBackend<CreateLaunchResult>(
+        cfg,
+        async (call) => (await call('/admin/launches', req)) as CreateLaunchResult,
+        (core) => core.admin.createLaunch(req),
+      );
+      print(
+        opts.json === true,
+        r,
+        `Launch created (valid ${r.expiresIn} s): open the app's launch URL with\n  iss=${r.iss}\n  launch=${r.launch}`,
+      );
+    });
 
   program
     .command('reindex')

@@ -142,8 +142,8 @@ export function capabilityStatement(opts: {
 }
 
 /**
- * SMART discovery (https://hl7.org/fhir/smart-app-launch/conformance.html): backend services and
- * the standalone launch of patient-facing and provider-facing apps (no EHR launch: docs/users.md).
+ * SMART discovery (https://hl7.org/fhir/smart-app-launch/conformance.html): backend services, the
+ * standalone launch and the EHR launch (from a launch created through the admin API: docs/users.md).
  */
 export function smartConfiguration(publicUrl: string): unknown {
   return {
@@ -165,6 +165,7 @@ export function smartConfiguration(publicUrl: string): unknown {
     scopes_supported: [
       'openid',
       'fhirUser',
+      'launch',
       'launch/patient',
       'offline_access',
       'online_access',
@@ -178,10 +179,13 @@ export function smartConfiguration(publicUrl: string): unknown {
       'system/*.*',
     ],
     capabilities: [
+      'launch-ehr',
       'launch-standalone',
       'client-public',
       'client-confidential-symmetric',
       'client-confidential-asymmetric',
+      'context-ehr-patient',
+      'context-ehr-encounter',
       'context-standalone-patient',
       'sso-openid-connect',
       'permission-offline',
