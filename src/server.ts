@@ -35,6 +35,7 @@ import { newId } from './kernel/ids.ts';
 import { EgressGateway } from './egress/egress.ts';
 import { VendorRegistry } from './egress/vendor-registry.ts';
 import { infrastructureVendors } from './egress/infrastructure.ts';
+import { collectFlowMap, type FlowMap } from './egress/flow-map.ts';
 
 import { reindex, type ReindexResult } from './phi/reindex.ts';
 import type { KeyAdminDeps } from './phi/key-admin.ts';
@@ -94,6 +95,8 @@ export interface CustosCore {
   vendors: VendorRegistry;
   /** The egress gateway: every outbound connection (ADR 0009). */
   egress: EgressGateway;
+  /** The PHI flow map of this configuration (`custos flows`, docs/phi-boundary.md). */
+  flows(): Promise<FlowMap>;
   close(): Promise<void>;
 }
 
@@ -227,7 +230,13 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     throw e;
   }
   const clients = new ClientRegistry({ db: resourceDb, keyFile: paths.clientSecretKey });
-  const admin = new AdminService({ db: resourceDb, clients, audit, publicUrl: config.publicUrl });
+  const admin = new AdminService({
+    db: resourceDb,
+    clients,
+    audit,
+    publicUrl: config.publicUrl,
+    tokenSigningKeyFile: paths.tokenSigningKeys,
+  });
   const sessions = new SessionStore({
     db: resourceDb,
     audit,
@@ -269,6 +278,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     reports: new AuditReports(auditQuery),
     vendors,
     egress,
+    flows: () => collectFlowMap({ config, vendors, db: resourceDb }),
     async close() {
       await witnesses.close();
       await egress.close();

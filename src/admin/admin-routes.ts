@@ -246,6 +246,10 @@ export function registerAdminRoutes(
   registerVendorRoutes(app, core.vendors, check);
   registerPolicyRoutes(app, core, check);
   registerFlowRoutes(app, core, check);
+  app.post('/admin/keys/token-signing/rotate', async (req) => {
+    check(req);
+    return { ...(await admin.rotateTokenSigningKey(req.id)), restartRequired: true };
+  });
   app.post('/admin/launches', async (req) => {
     check(req);
     return admin.createLaunch((req.body ?? {}) as Record<string, unknown>, req.id);

@@ -3,6 +3,7 @@ import { CustosError } from '../kernel/errors.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import { createEhrLaunch, type CreateLaunchResult } from './ehr-launch.ts';
+import { rotateSigningKeys } from '../auth/signing-keys.ts';
 import { adminEvent } from '../audit/audit-event.ts';
 import type { ClientRegistry } from '../auth/client-registry.ts';
 import { allOrdinaryPurposes, BREAK_GLASS_PURPOSES, PURPOSES_OF_USE } from '../phi/purpose-of-use.ts';
@@ -53,7 +54,14 @@ export const DEMO_ADMIN_EMAIL = 'admin@example.org';
  */
 export class AdminService {
   constructor(
-    private readonly deps: { db: SqlDriver; clients: ClientRegistry; audit: AuditLog; publicUrl: string },
+    private readonly deps: {
+      db: SqlDriver;
+      clients: ClientRegistry;
+      audit: AuditLog;
+      publicUrl: string;
+      /** The access-token signing JWKS file (src/auth/signing-keys.ts). */
+      tokenSigningKeyFile?: string;
+    },
   ) {}
 
   private urls() {
@@ -167,6 +175,22 @@ export class AdminService {
     });
     await this.auditAdmin(requestId, 'client.created', clientId, req.projectId);
     return { projectId: req.projectId, clientId, clientSecret, ...this.urls() };
+  }
+
+  /**
+   * `custos keys rotate-token-signing`: a new access-token signing key first in the key file, the
+   * previous one kept to verify earlier tokens (src/auth/signing-keys.ts). Audited. The running
+   * server signs with the new key after a restart.
+   */
+  async rotateTokenSigningKey(
+    requestId = newId(),
+  ): Promise<{ kid: string; previousKid: string | undefined; removed: number }> {
+    if (!this.deps.tokenSigningKeyFile) throw new CustosError('CONFIG_INVALID');
+    const r = rotateSigningKeys(this.deps.tokenSigningKeyFile);
+    await this.deps.audit.append(
+      adminEvent('key.token_signing_rotated', { requestId, resource: { type: 'Key', id: r.kid } }),
+    );
+    return r;
   }
 
   /** `custos launch` (src/admin/ehr-launch.ts): an EHR launch of a SMART app for a patient. */

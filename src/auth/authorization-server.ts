@@ -1,6 +1,6 @@
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { decodeJwt, type JSONWebKeySet, type JWK } from 'jose';
+import { decodeJwt, type JSONWebKeySet } from 'jose';
 import { Provider, errors, interactionPolicy, type KoaContext } from 'oidc-provider';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
@@ -12,7 +12,8 @@ import type { AuditEvent } from '../audit/audit-event.ts';
 import type { ClientRegistry } from './client-registry.ts';
 import type { UserService } from './users.ts';
 import type { SessionStore } from './sessions.ts';
-import { PRIVATE_JWK_MEMBERS, readOrCreateKeyFile } from '../kernel/key-file.ts';
+import { readOrCreateKeyFile } from '../kernel/key-file.ts';
+import { loadSigningKeys, publicPart } from './signing-keys.ts';
 import { CLIENT_PURPOSES_METADATA, CLIENT_SCOPES_METADATA, createOidcAdapter } from './oidc-adapter.ts';
 import { covers, parseSmartScope, parseSmartScopes } from './smart-scopes.ts';
 import { ACCESS_TOKEN_ALG, ACCESS_TOKEN_TTL, fhirAudience as audienceOf } from './access-token.ts';
@@ -504,33 +505,6 @@ function observe(provider: Provider, log: Logger): void {
   );
 }
 
-/** The private signing JWKS from `file`, created with one ES256 key when missing. */
-function loadSigningKeys(file: string): JSONWebKeySet {
-  const text = readOrCreateKeyFile(file, () => {
-    const jwk = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
-    const key = { ...jwk, kid: randomBytes(12).toString('base64url'), alg: ACCESS_TOKEN_ALG, use: 'sig' };
-    return JSON.stringify({ keys: [key] }, null, 2) + '\n';
-  });
-  let jwks: unknown;
-  try {
-    jwks = JSON.parse(text);
-  } catch {
-    throw new CustosError('CONFIG_INVALID');
-  }
-  const keys = (jwks as { keys?: unknown } | null)?.keys;
-  // Every key private, and one usable for ES256 (oidc-provider would otherwise fail at the first token).
-  if (
-    !Array.isArray(keys) ||
-    keys.some((k: JWK) => typeof k?.d !== 'string') ||
-    !keys.some(
-      (k: JWK) => k.kty === 'EC' && k.crv === 'P-256' && (k.alg ?? ACCESS_TOKEN_ALG) === ACCESS_TOKEN_ALG,
-    )
-  ) {
-    throw new CustosError('CONFIG_INVALID');
-  }
-  return { keys: keys as JWK[] };
-}
-
 /** The keys of the provider's signed cookies (and our CSRF tokens), created with one key when missing. */
 function loadCookieKeys(file: string): string[] {
   const text = readOrCreateKeyFile(
@@ -545,9 +519,4 @@ function loadCookieKeys(file: string): string[] {
     // Reported below.
   }
   throw new CustosError('CONFIG_INVALID');
-}
-
-/** The public members of a private JWK. */
-function publicPart(jwk: JWK): JWK {
-  return Object.fromEntries(Object.entries(jwk).filter(([member]) => !PRIVATE_JWK_MEMBERS.includes(member)));
 }

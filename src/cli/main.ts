@@ -618,6 +618,29 @@ export function buildCli(): Command {
     });
 
   const keysCmd = program.command('keys').description('Encryption keys (docs/keys.md)');
+  keysCmd
+    .command('rotate-token-signing')
+    .description(
+      'New access-token signing key (published in /oauth/jwks); the previous one still verifies; ' +
+        'takes effect when the server (re)starts',
+    )
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { json?: boolean }) => {
+      const cfg = config();
+      type Rotated = { kid: string; previousKid?: string; removed: number; restartRequired?: boolean };
+      const r = await withBackend<Rotated>(
+        cfg,
+        async (call) => (await call('/admin/keys/token-signing/rotate', {})) as Rotated,
+        async (core) => ({ ...(await core.admin.rotateTokenSigningKey()), restartRequired: false }),
+      );
+      print(
+        opts.json === true,
+        r,
+        `New signing key ${r.kid}; ${r.previousKid} kept to verify earlier tokens` +
+          `${r.removed > 0 ? `; ${r.removed} older key(s) removed` : ''}.` +
+          (r.restartRequired ? '\nThe server is running: restart it to sign with the new key.' : ''),
+      );
+    });
   const keyDeps = (core: CustosCore) => {
     if (!core.keys)
       throw new ExitError(2, 'custos: encryption is off (CUSTOS_ENCRYPTION=off): no keys to manage');
