@@ -36,6 +36,8 @@ import { EgressGateway } from './egress/egress.ts';
 import { VendorRegistry } from './egress/vendor-registry.ts';
 import { infrastructureVendors } from './egress/infrastructure.ts';
 import { collectFlowMap, type FlowMap } from './egress/flow-map.ts';
+import { startSubscriptionWorker } from './subscriptions/subscription-service.ts';
+import type { SubscriptionWorker, SubscriptionWorkerOptions } from './subscriptions/subscription-worker.ts';
 
 import { reindex, type ReindexResult } from './phi/reindex.ts';
 import type { KeyAdminDeps } from './phi/key-admin.ts';
@@ -294,6 +296,8 @@ export interface RunningServer {
   app: FastifyInstance;
   /** Forwarding of the audit log to a SIEM (CUSTOS_SIEM_URL), when configured. */
   siem: SiemForwarder | undefined;
+  /** FHIR rest-hook subscriptions: change feed and delivery (docs/phi-boundary.md, "Subscriptions"). */
+  subscriptions: SubscriptionWorker;
   /** The URL the server listens on (port resolved). */
   url: string;
   close(): Promise<void>;
@@ -334,6 +338,7 @@ export async function buildApp(
     sessions: core.sessions,
     audit: core.audit,
     cookieKeyFile: paths.oauthCookieKeys,
+    trustedProxies: config.trustedProxies,
     // The patient picker of a standalone launch: existence only, never content (docs/users.md).
     patientExists: async (projectId, id) =>
       (
@@ -360,7 +365,11 @@ export async function buildApp(
 }
 
 /** `custos serve`: opens storage, writes the admin token and server.json, listens. */
-export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
+export async function startServer(
+  config: Config,
+  log: Logger,
+  opts: { subscriptions?: Partial<SubscriptionWorkerOptions> } = {},
+): Promise<RunningServer> {
   const paths = dataPaths(config.dataDir);
   const other = runningServer(config.dataDir);
   if (other && other.pid !== process.pid) {
@@ -409,6 +418,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     warnVendors();
     const vendorTimer = setInterval(warnVendors, 86_400_000);
     vendorTimer.unref();
+    // FHIR rest-hook subscriptions, delivered through the egress gateway; stopped before storage closes.
+    const subscriptions = startSubscriptionWorker(config, log, core, opts.subscriptions);
     log.info('server.listening', {
       host: config.host,
       port,
@@ -418,6 +429,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       core,
       app,
       siem,
+      subscriptions,
       url,
       async close() {
         try {
@@ -429,6 +441,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
         stopCheckpoints();
         clearInterval(vendorTimer);
         await siem?.stop();
+        await subscriptions.stop();
         await app.close();
         await core.close();
       },

@@ -78,7 +78,12 @@ class Browser {
   }
 
   /** Submits the page's form (its action and hidden fields) with `fields`. */
-  async submit(page: string, pageUrl: string, fields: Record<string, string>) {
+  async submit(
+    page: string,
+    pageUrl: string,
+    fields: Record<string, string>,
+    extra: Record<string, string> = {},
+  ) {
     const action = /<form[^>]*action="([^"]+)"/.exec(page)?.[1];
     assert.ok(action, 'the page has a form');
     const hidden = Object.fromEntries(
@@ -86,7 +91,7 @@ class Browser {
     );
     return this.follow(new URL(action.replace(/&amp;/g, '&'), pageUrl).href, {
       method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded', origin: this.origin },
+      headers: { 'content-type': 'application/x-www-form-urlencoded', origin: this.origin, ...extra },
       body: new URLSearchParams({ ...hidden, ...fields }),
     });
   }
@@ -541,10 +546,13 @@ describe('SMART standalone launch with fhirclient', () => {
     const page = await res.text();
     const statuses: number[] = [];
     for (let i = 0; i < 14; i++) {
-      const r = await browser.submit(page, url, {
-        email: `nobody${i}.zz@example.org`,
-        password: 'Zz-guess-0100',
-      });
+      // A different X-Forwarded-For each time: not believed (no trusted proxy), so no way around the limit.
+      const r = await browser.submit(
+        page,
+        url,
+        { email: `nobody${i}.zz@example.org`, password: 'Zz-guess-0100' },
+        { 'x-forwarded-for': `198.51.100.${i + 1}` },
+      );
       statuses.push(r.res.status);
     }
     assert.ok(statuses.includes(401), 'the first attempts are answered');
@@ -553,5 +561,27 @@ describe('SMART standalone launch with fhirclient', () => {
       (r) => JSON.parse(r.entry.toString('utf8')) as Record<string, any>,
     );
     assert.ok(entries.some((e) => e.action === 'authenticate' && e.code === 'login.rate_limited'));
+  });
+
+  test('the token endpoint is rate limited per address; a forged X-Forwarded-For does not help', async () => {
+    const statuses: number[] = [];
+    for (let i = 0; i < 100; i++) {
+      const res = await fetch(`${h.server.url}/oauth/token`, {
+        method: 'POST',
+        headers: {
+          'content-type': 'application/x-www-form-urlencoded',
+          'x-forwarded-for': `203.0.113.${(i % 250) + 1}`,
+        },
+        body: new URLSearchParams({
+          grant_type: 'client_credentials',
+          client_id: 'zz-nobody',
+          client_secret: 'x',
+        }),
+      });
+      statuses.push(res.status);
+      await res.arrayBuffer();
+    }
+    assert.ok(statuses.includes(401), 'answered at first');
+    assert.ok(statuses.includes(429), 'then slowed down');
   });
 });

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { BlockList, isIP, isIPv6 } from 'node:net';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { decodeJwt, type JSONWebKeySet } from 'jose';
 import { Provider, errors, interactionPolicy, type KoaContext } from 'oidc-provider';
@@ -47,6 +48,11 @@ export interface AuthorizationServerOptions {
   loginRateLimit?: { capacity: number; perMinute: number };
   /** Token requests per client address (default 60 at once, 600 a minute). */
   tokenRateLimit?: { capacity: number; perMinute: number };
+  /**
+   * Addresses or CIDR ranges of TLS-terminating proxies (CUSTOS_TRUSTED_PROXIES): only from them is
+   * `X-Forwarded-For` believed, for the rate limits and the audit's source address.
+   */
+  trustedProxies?: readonly string[];
   /** Refresh token lifetime in seconds (default 30 days; rotated at every use). */
   refreshTokenTtl?: number;
 }
@@ -410,6 +416,13 @@ export async function createAuthorizationServer(
     await opts.audit.append(event);
   }
 
+  const trusted = opts.trustedProxies?.length ? new BlockList() : undefined;
+  for (const p of opts.trustedProxies ?? []) {
+    const [address, prefix] = p.split('/');
+    const type = isIPv6(address!) ? 'ipv6' : 'ipv4';
+    if (prefix === undefined) trusted!.addAddress(address!, type);
+    else trusted!.addSubnet(address!, Number(prefix), type);
+  }
   const host = issuer.host;
   const proto = issuer.protocol.slice(0, -1);
   const callback = provider.callback();
@@ -436,6 +449,9 @@ export async function createAuthorizationServer(
     issuer: issuerUrl,
     jwks: () => publicJwks,
     handler(req, res) {
+      // Koa (proxy = true) would believe any X-Forwarded-For: replace it with the address we trust,
+      // so that a client cannot dodge the rate limits or forge the audit's source address.
+      req.headers['x-forwarded-for'] = clientAddress(req, trusted);
       req.headers.host = host;
       req.headers['x-forwarded-host'] = host;
       req.headers['x-forwarded-proto'] = proto;
@@ -519,4 +535,21 @@ function loadCookieKeys(file: string): string[] {
     // Reported below.
   }
   throw new CustosError('CONFIG_INVALID');
+}
+
+/**
+ * The client's address: the socket's, or, when the socket is a trusted proxy, the right-most
+ * `X-Forwarded-For` entry that is not itself a trusted proxy.
+ */
+function clientAddress(req: IncomingMessage, trusted: BlockList | undefined): string {
+  const remote = (req.socket.remoteAddress ?? 'unknown').replace(/^::ffff:/, '');
+  const isTrusted = (a: string) =>
+    trusted !== undefined && isIP(a) !== 0 && trusted.check(a, isIPv6(a) ? 'ipv6' : 'ipv4');
+  if (!isTrusted(remote)) return remote;
+  const hops = String(req.headers['x-forwarded-for'] ?? '')
+    .split(',')
+    .map((a) => a.trim().replace(/^::ffff:/, ''))
+    .filter(Boolean);
+  for (let i = hops.length - 1; i >= 0; i--) if (!isTrusted(hops[i]!)) return hops[i]!;
+  return remote;
 }

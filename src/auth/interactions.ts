@@ -85,7 +85,8 @@ export function createInteractionHandler(
     if (!client || !client.active)
       return send(res, 400, messagePage('Unknown app', 'This app is not registered.'));
     const base = `/oauth/interaction/${uid}`;
-    const ip = req.socket.remoteAddress;
+    // Set by the authorization server's handler from the socket (or a trusted proxy), never the client's.
+    const ip = String(req.headers['x-forwarded-for'] ?? req.socket.remoteAddress ?? 'unknown');
     const userAgent = req.headers['user-agent'];
 
     try {
