@@ -563,6 +563,35 @@ describe('SMART standalone launch with fhirclient', () => {
     assert.ok(entries.some((e) => e.action === 'authenticate' && e.code === 'login.rate_limited'));
   });
 
+  test("CORS: the token endpoint answers browsers from the origin of the app's redirect URIs only", async () => {
+    const preflight = (origin: string) =>
+      fetch(`${h.server.url}/oauth/token`, {
+        method: 'OPTIONS',
+        headers: {
+          origin,
+          'access-control-request-method': 'POST',
+          'access-control-request-headers': 'content-type',
+        },
+      });
+    const post = (origin: string) =>
+      fetch(`${h.server.url}/oauth/token`, {
+        method: 'POST',
+        headers: { origin, 'content-type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams({
+          grant_type: 'refresh_token',
+          refresh_token: 'zz-none',
+          client_id: appId,
+        }),
+      });
+    const appOrigin = new URL(REDIRECT).origin;
+    const ok = await post(appOrigin);
+    assert.equal(ok.headers.get('access-control-allow-origin'), appOrigin);
+    const evil = await post('https://evil.example');
+    assert.equal(evil.headers.get('access-control-allow-origin'), null, 'another origin gets no CORS grant');
+    const pre = await preflight(appOrigin);
+    assert.ok(pre.status < 300);
+  });
+
   test('the token endpoint is rate limited per address; a forged X-Forwarded-For does not help', async () => {
     const statuses: number[] = [];
     for (let i = 0; i < 100; i++) {
