@@ -11,8 +11,7 @@ import type { Logger } from '../log/logger.ts';
 import type { AuditEvent } from '../audit/audit-event.ts';
 import { addressKind, normalizeHost } from './address-policy.ts';
 import {
-  classWithin,
-  isPhiClass,
+  classRefusal,
   StaticDestinations,
   type DataClass,
   type Destination,
@@ -312,11 +311,9 @@ export class EgressGateway {
       // A registered https or tls endpoint asked for in plain http: insecure; anything else: not this endpoint.
       return refuse(scheme === 'http' ? 'EGRESS_INSECURE' : 'EGRESS_DESTINATION_UNREGISTERED', d);
     }
-    if (!classWithin(req.dataClass, d.phiClass)) return refuse('EGRESS_CLASS_NOT_ALLOWED', d);
-    if (isPhiClass(req.dataClass) && d.kind === 'vendor') {
-      if (d.baaState === 'expired') return refuse('EGRESS_BAA_EXPIRED', d);
-      if (d.baaState !== 'active' && d.baaState !== 'expiring') return refuse('EGRESS_BAA_INACTIVE', d);
-    }
+    // The class and BAA rules, shared with the flow map's coverage (vendor-registry.ts).
+    const classRefused = classRefusal(d, req.dataClass);
+    if (classRefused) return refuse(classRefused, d);
     let addresses: string[];
     try {
       addresses = await this.resolveChecked(d, host);

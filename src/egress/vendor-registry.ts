@@ -108,14 +108,54 @@ export interface DestinationSource {
   find(host: string, port: number): Promise<Destination | undefined>;
 }
 
+/** The key of a destination: its normalized host and its port. */
+export function destinationKey(host: string, port: number): string {
+  return `${host}|${port}`;
+}
+
+/**
+ * Every endpoint of `vendors`, by host and port: the destinations the egress gateway may connect
+ * to (its `find` looks them up here) and, the same map, the egress allowlist of the flow map
+ * (flow-map.ts). One function for both, so the allowlist cannot name a destination the gateway
+ * refuses, nor miss one it allows.
+ */
+export function destinationIndex(vendors: readonly Vendor[]): Map<string, Destination> {
+  const byKey = new Map<string, Destination>();
+  for (const v of vendors) for (const d of destinationsOf(v)) byKey.set(destinationKey(d.host, d.port), d);
+  return byKey;
+}
+
+/**
+ * Why the gateway refuses to send data of class `dataClass` to `d` (its class and BAA rules), or
+ * undefined when it may: above the vendor's class; PHI (`full`, `limited`) to a registered vendor
+ * whose BAA has expired, or that has none executed. The gateway (egress.ts) and the flow map
+ * (flow-map.ts, "covered") both ask this function.
+ */
+export function classRefusal(
+  d: Pick<Destination, 'phiClass' | 'kind' | 'baaState'>,
+  dataClass: DataClass,
+): 'EGRESS_CLASS_NOT_ALLOWED' | 'EGRESS_BAA_EXPIRED' | 'EGRESS_BAA_INACTIVE' | undefined {
+  if (!classWithin(dataClass, d.phiClass)) return 'EGRESS_CLASS_NOT_ALLOWED';
+  if (isPhiClass(dataClass) && d.kind === 'vendor') {
+    if (d.baaState === 'expired') return 'EGRESS_BAA_EXPIRED';
+    if (d.baaState !== 'active' && d.baaState !== 'expiring') return 'EGRESS_BAA_INACTIVE';
+  }
+  return undefined;
+}
+
+/** The most sensitive class the gateway sends to `d` today (classRefusal). */
+export function classAllowedNow(d: Pick<Destination, 'phiClass' | 'kind' | 'baaState'>): DataClass {
+  return [...DATA_CLASSES].reverse().find((c) => classRefusal(d, c) === undefined) ?? 'none';
+}
+
 /** A fixed list of vendors (infrastructure destinations, the CLI's `self`). */
 export class StaticDestinations implements DestinationSource {
-  readonly #byKey = new Map<string, Destination>();
+  readonly #byKey: Map<string, Destination>;
   constructor(readonly vendors: readonly Vendor[]) {
-    for (const v of vendors) for (const d of destinationsOf(v)) this.#byKey.set(`${d.host}|${d.port}`, d);
+    this.#byKey = destinationIndex(vendors);
   }
   async find(host: string, port: number): Promise<Destination | undefined> {
-    return this.#byKey.get(`${host}|${port}`);
+    return this.#byKey.get(destinationKey(host, port));
   }
 }
 
@@ -483,13 +523,9 @@ export class VendorRegistry implements DestinationSource {
   /** The endpoint registered for `host:port` (normalized host), with its vendor's state. */
   async find(host: string, port: number): Promise<Destination | undefined> {
     const now = Date.now();
-    if (!this.#cache || now - this.#cache.at > VENDOR_CACHE_MS) {
-      const byKey = new Map<string, Destination>();
-      for (const v of await this.list())
-        for (const d of destinationsOf(v)) byKey.set(`${d.host}|${d.port}`, d);
-      this.#cache = { at: now, byKey };
-    }
-    return this.#cache.byKey.get(`${host}|${port}`);
+    if (!this.#cache || now - this.#cache.at > VENDOR_CACHE_MS)
+      this.#cache = { at: now, byKey: destinationIndex(await this.list()) };
+    return this.#cache.byKey.get(destinationKey(host, port));
   }
 
   /**
