@@ -124,14 +124,23 @@ export const DEFAULT_BREAK_GLASS_MINUTES = 60;
 export const TRUE: AccessPredicate = { op: 'true' };
 export const FALSE: AccessPredicate = { op: 'false' };
 
+/** The operands without repeats (a `patient/` scope and an `own` rule often give the same one twice). */
+function distinct(of: AccessPredicate[]): AccessPredicate[] {
+  const seen = new Set<string>();
+  return of.filter((p) => {
+    const k = JSON.stringify(p);
+    return seen.has(k) ? false : (seen.add(k), true);
+  });
+}
+
 export function and(...of: AccessPredicate[]): AccessPredicate {
   if (of.some((p) => p.op === 'false')) return FALSE;
-  const rest = of.filter((p) => p.op !== 'true');
+  const rest = distinct(of.filter((p) => p.op !== 'true'));
   return rest.length === 0 ? TRUE : rest.length === 1 ? rest[0]! : { op: 'and', of: rest };
 }
 export function or(...of: AccessPredicate[]): AccessPredicate {
   if (of.some((p) => p.op === 'true')) return TRUE;
-  const rest = of.filter((p) => p.op !== 'false');
+  const rest = distinct(of.filter((p) => p.op !== 'false'));
   return rest.length === 0 ? FALSE : rest.length === 1 ? rest[0]! : { op: 'or', of: rest };
 }
 export function not(p: AccessPredicate): AccessPredicate {
@@ -722,7 +731,12 @@ export async function reviewBreakGlass(
 ): Promise<BreakGlassAlert> {
   const noSuchAlert = () =>
     new CustosError('NOT_FOUND', [
-      { severity: 'error', code: 'not-found', expression: 'id', diagnostics: 'No break-glass alert with this id.' },
+      {
+        severity: 'error',
+        code: 'not-found',
+        expression: 'id',
+        diagnostics: 'No break-glass alert with this id.',
+      },
     ]);
   if (typeof req.id !== 'string' || !/^[A-Za-z0-9-]{1,64}$/.test(req.id)) throw noSuchAlert();
   if (req.outcome !== 'justified' && req.outcome !== 'not-justified')

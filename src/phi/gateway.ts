@@ -129,6 +129,9 @@ type SessionDeps = Omit<GatewayDeps, 'db'> & {
   store: ResourceStore;
   loadProject: (id: string) => Promise<Project | undefined>;
   loadPolicies: (projectId: string) => Promise<Map<UserRole, StoredPolicy>>;
+  /** The patients of a practitioner's care team (cached like policies; dropped when this gateway writes a Patient or CareTeam). */
+  careTeam: (projectId: string, practitionerId: string) => Promise<string[]>;
+  careTeamChanged: () => void;
   protectedParams: ProtectedParams | undefined;
 };
 
@@ -216,7 +219,28 @@ export class PhiGateway {
       policies.set(projectId, loaded, Date.now() + POLICY_CACHE_MS);
       return loaded;
     };
-    this.deps = { ...deps, store, loadProject, loadPolicies: loadPolicyMap, protectedParams };
+    // Care teams change with Patient and CareTeam writes: this gateway's own writes drop the cache at
+    // once; other processes' are seen within POLICY_CACHE_MS, as policy changes are.
+    const careTeams = new TtlCache<string, string[]>(10_000);
+    let careTeamGeneration = 0;
+    const careTeam = async (projectId: string, practitionerId: string) => {
+      const key = `${careTeamGeneration}|${projectId}|${practitionerId}`;
+      const cached = careTeams.get(key);
+      if (cached) return cached;
+      const loaded = await careTeamPatients(store.db, projectId, practitionerId);
+      careTeams.set(key, loaded, Date.now() + POLICY_CACHE_MS);
+      return loaded;
+    };
+    const careTeamChanged = () => void careTeamGeneration++;
+    this.deps = {
+      ...deps,
+      store,
+      loadProject,
+      loadPolicies: loadPolicyMap,
+      careTeam,
+      careTeamChanged,
+      protectedParams,
+    };
   }
 
   session(principal: Principal, facts: RequestFacts): PhiSession {
@@ -327,7 +351,7 @@ export class PhiSession {
       const practitioner = practitionerOf(p);
       const careTeam =
         !breakGlass && needsCareTeam(policy) && practitioner
-          ? await careTeamPatients(this.deps.store.db, p.projectId, practitioner)
+          ? await this.deps.careTeam(p.projectId, practitioner)
           : [];
       this.accessCtl = new AccessControl({
         principal: p,
@@ -1106,6 +1130,7 @@ export class PhiSession {
       v = this.deps.store.prepareFresh(w);
       this.freshBuffer.push(v);
     } else v = await this.deps.store.write(q, w);
+    if (v.resourceType === 'Patient' || v.resourceType === 'CareTeam') this.deps.careTeamChanged();
     if (written && v.sealed) this.plaintextOf.set(v, written);
     return v;
   }
