@@ -103,6 +103,39 @@ describe('policies and break-glass through the running server (admin API and CLI
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
+  test('criteria on an encrypted parameter are refused when the policy is saved (they could never match)', async () => {
+    assert.ok(h.server.core.encryption, 'field encryption is on in this server');
+    const onSsn: RolePolicy = {
+      ...DEFAULT_POLICIES.practitioner,
+      rules: [
+        ...DEFAULT_POLICIES.practitioner.rules,
+        {
+          effect: 'deny',
+          types: ['Patient'],
+          interactions: 'rs',
+          criteria: 'identifier=http://hl7.org/fhir/sid/us-ssn|',
+        },
+      ],
+    };
+    const r = await api('/admin/policies/set', { projectId, role: 'practitioner', policy: onSsn });
+    assert.equal(r.status, 400);
+    assert.match(JSON.stringify(r.json), /identifier.*encrypted/);
+    // A rule on a parameter that is not encrypted is accepted (the control).
+    const onCategory: RolePolicy = {
+      ...DEFAULT_POLICIES.practitioner,
+      rules: [
+        ...DEFAULT_POLICIES.practitioner.rules,
+        { effect: 'deny', types: ['Observation'], interactions: 'rs', criteria: 'category=imaging' },
+      ],
+    };
+    const ok = await api('/admin/policies/set', {
+      projectId,
+      role: 'auditor',
+      policy: { ...onCategory, purposes: ['HCOMPL'], breakGlass: false },
+    });
+    assert.equal(ok.status, 200, JSON.stringify(ok.json));
+  });
+
   test('POST /admin/policies/*: list, set (a new version, audited, in force), show a version; bad input refused', async () => {
     const listed = await api('/admin/policies/list', { projectId });
     assert.equal(listed.status, 200);

@@ -1,6 +1,8 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { CustosError } from '../kernel/errors.ts';
 import { isResourceType } from '../fhir/resource-types.ts';
+import { protectedCriteria } from '../phi/minimum-necessary.ts';
+import type { PolicyRule } from '../crypto/protection-policy.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import {
@@ -31,10 +33,10 @@ import {
  */
 export function registerPolicyRoutes(
   app: FastifyInstance,
-  core: { resourceDb: SqlDriver; audit: AuditLog },
+  core: { resourceDb: SqlDriver; audit: AuditLog; encryption?: { policy: readonly PolicyRule[] } },
   check: (req: FastifyRequest) => void,
 ): void {
-  const deps = { db: core.resourceDb, audit: core.audit, isResourceType };
+  const deps = { db: core.resourceDb, audit: core.audit, isResourceType, ...protectedCriteria(core) };
   const body = (req: FastifyRequest) => (req.body ?? {}) as Record<string, unknown>;
   const who = (v: unknown) => (typeof v === 'string' && v.trim() !== '' ? v.trim() : undefined);
   app.post('/admin/policies/list', async (req) => {

@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import type { Config } from '../config/config.ts';
 import type { CustosCore } from '../server.ts';
 import { isResourceType } from '../fhir/resource-types.ts';
+import { protectedCriteria } from '../phi/minimum-necessary.ts';
 import {
   listBreakGlass,
   listPolicies,
@@ -224,5 +225,5 @@ export function policyCommand(program: Command, d: PolicyCommandDeps): void {
 }
 
 function policyDeps(core: CustosCore) {
-  return { db: core.resourceDb, audit: core.audit, isResourceType };
+  return { db: core.resourceDb, audit: core.audit, isResourceType, ...protectedCriteria(core) };
 }

@@ -497,6 +497,34 @@ export interface PolicyAdminDeps {
   db: SqlDriver;
   audit: AuditLog;
   isResourceType: (t: string) => boolean;
+  /**
+   * The sensitivity class of a search parameter whose values are encrypted (minimum-necessary.ts
+   * ProtectedParams), when field encryption is on: criteria on such a parameter are refused.
+   */
+  protectedClassOf?: (type: string, code: string) => string | undefined;
+}
+
+/**
+ * Refuses criteria on a parameter whose values are encrypted: the store keeps only blind indexes
+ * for it, so such a rule would silently match nothing (an allow granting nothing, a deny denying
+ * nothing). Said at save time rather than found out later.
+ */
+function assertNoProtectedCriteria(policy: RolePolicy, deps: PolicyAdminDeps): void {
+  if (!deps.protectedClassOf) return;
+  policy.rules.forEach((r, i) => {
+    if (r.criteria === undefined) return;
+    for (const key of new URLSearchParams(r.criteria).keys()) {
+      const code = key.split(':')[0]!;
+      for (const type of r.types) {
+        const cls = deps.protectedClassOf!(type, code);
+        if (cls)
+          policyInvalid(
+            `rules[${i}]: criteria on '${code}' cannot be enforced: ${type}.${code} is encrypted ` +
+              `(class ${cls}) and the store keeps no plain index of it.`,
+          );
+      }
+    }
+  });
 }
 
 async function assertProject(db: SqlQueryable, projectId: unknown): Promise<string> {
@@ -582,6 +610,7 @@ export async function setPolicy(
   const projectId = await assertProject(deps.db, req.projectId);
   const role = assertRole(req.role);
   const policy = validatePolicy(req.policy, deps.isResourceType);
+  assertNoProtectedCriteria(policy, deps);
   const changedBy = (req.changedBy ?? 'installation-admin').slice(0, 200);
   // One writer per (project, role) at a time: versions are consecutive, never taken twice.
   const row = await deps.db.lockedTransaction(`access_policy:${projectId}:${role}`, async (tx) => {

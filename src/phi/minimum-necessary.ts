@@ -47,3 +47,12 @@ export class ProtectedParams {
     return this.map.get(`${type}.${code}`);
   }
 }
+
+/** `protectedClassOf` for the policy administration (access-policy.ts), when field encryption is on. */
+export function protectedCriteria(core: { encryption?: { policy: readonly PolicyRule[] } }): {
+  protectedClassOf?: (type: string, code: string) => string | undefined;
+} {
+  if (!core.encryption) return {};
+  const params = new ProtectedParams(core.encryption.policy);
+  return { protectedClassOf: (type, code) => params.classOf(type, code) };
+}
