@@ -6,6 +6,7 @@ import { documentSha256 } from './project-baa.ts';
 import { registerVendorRoutes } from './vendor-routes.ts';
 import { registerPolicyRoutes } from './policy-routes.ts';
 import { registerFlowRoutes } from './flow-routes.ts';
+import { registerSubscriptionRoutes } from './subscription-routes.ts';
 import type { FlowMap } from '../egress/flow-map.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import type { VendorRegistry } from '../egress/vendor-registry.ts';
@@ -246,6 +247,7 @@ export function registerAdminRoutes(
   registerVendorRoutes(app, core.vendors, check);
   registerPolicyRoutes(app, core, check);
   registerFlowRoutes(app, core, check);
+  registerSubscriptionRoutes(app, core, check);
   app.post('/admin/keys/token-signing/rotate', async (req) => {
     check(req);
     return { ...(await admin.rotateTokenSigningKey(req.id)), restartRequired: true };

@@ -2,7 +2,6 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { CustosError } from '../kernel/errors.ts';
 import { isResourceType } from '../fhir/resource-types.ts';
 import { protectedCriteria } from '../phi/minimum-necessary.ts';
-import type { PolicyRule } from '../crypto/protection-policy.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import {
@@ -33,7 +32,7 @@ import {
  */
 export function registerPolicyRoutes(
   app: FastifyInstance,
-  core: { resourceDb: SqlDriver; audit: AuditLog; encryption?: { policy: readonly PolicyRule[] } },
+  core: { resourceDb: SqlDriver; audit: AuditLog } & Parameters<typeof protectedCriteria>[0],
   check: (req: FastifyRequest) => void,
 ): void {
   const deps = { db: core.resourceDb, audit: core.audit, isResourceType, ...protectedCriteria(core) };

@@ -41,6 +41,7 @@ import type { CreatedUser, UserRef } from '../auth/users.ts';
 import { vendorCommand } from './vendor-command.ts';
 import { policyCommand } from './policy-command.ts';
 import { flowsCommand } from './flows-command.ts';
+import { subscriptionCommand } from './subscription-command.ts';
 import { reportBundle, reportCsv } from '../audit/audit-report.ts';
 import { ADMIN_TOKEN_HEADER } from '../admin/admin-routes.ts';
 import { EgressGateway, egressFetch } from '../egress/egress.ts';
@@ -339,6 +340,8 @@ export function buildCli(): Command {
   policyCommand(program, { config, withBackend, print, usage: (message) => new ExitError(2, message) });
   // The PHI flow map (docs/phi-boundary.md): src/cli/flows-command.ts.
   flowsCommand(program, { config, withBackend, print, usage: (message) => new ExitError(2, message) });
+  // Rest-hook subscriptions' dead letters (docs/phi-boundary.md): src/cli/subscription-command.ts.
+  subscriptionCommand(program, { config, withBackend, print, usage: (message) => new ExitError(2, message) });
 
   const client = program.command('client').description('OAuth clients');
   client

@@ -344,6 +344,59 @@ CREATE INDEX break_glass_live ON break_glass (project_id, user_id, expires_at);
 CREATE INDEX break_glass_pending ON break_glass (started_at) WHERE reviewed_at IS NULL;
 `,
   },
+  {
+    version: 10,
+    name: 'subscriptions: change feed, delivery queue, dead letters (issue 7)',
+    // The change feed orders versions by (writing transaction, sequence): a version is read only
+    // once every transaction that began before it has ended, so a cursor over it misses nothing
+    // however commits interleave (src/subscriptions/subscription-queue.ts). Existing rows keep
+    // NULL: they are before every subscription.
+    sql: `
+ALTER TABLE resource_version ADD COLUMN change_xid xid8;
+ALTER TABLE resource_version ADD COLUMN change_seq bigint;
+CREATE SEQUENCE resource_change_seq;
+ALTER TABLE resource_version ALTER COLUMN change_xid SET DEFAULT pg_current_xact_id();
+ALTER TABLE resource_version ALTER COLUMN change_seq SET DEFAULT nextval('resource_change_seq');
+CREATE INDEX resource_version_change ON resource_version (change_xid, change_seq) WHERE change_xid IS NOT NULL;
+CREATE TABLE subscription_cursor (
+  name text PRIMARY KEY,
+  change_xid xid8 NOT NULL,
+  change_seq bigint NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO subscription_cursor (name, change_xid, change_seq) VALUES ('rest-hook', '0', 0);
+-- One row per notification: the resource version to notify, never its content.
+CREATE TABLE subscription_delivery (
+  id text PRIMARY KEY,
+  project_id text NOT NULL REFERENCES project(id),
+  subscription_id text NOT NULL,
+  resource_type text NOT NULL,
+  resource_id text NOT NULL,
+  version_id integer NOT NULL,
+  status text NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+  attempts integer NOT NULL DEFAULT 0,
+  next_attempt_at timestamptz NOT NULL,
+  last_error text,
+  created_at timestamptz NOT NULL,
+  delivered_at timestamptz,
+  dead_at timestamptz,
+  replays integer NOT NULL DEFAULT 0,
+  UNIQUE (subscription_id, resource_type, resource_id, version_id)
+);
+CREATE INDEX subscription_delivery_due ON subscription_delivery (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX subscription_delivery_dead ON subscription_delivery (dead_at) WHERE status = 'dead';
+CREATE INDEX subscription_delivery_done ON subscription_delivery (delivered_at) WHERE status = 'delivered';
+-- Consecutive refusals by the egress gateway per subscription (error state after a few).
+CREATE TABLE subscription_health (
+  project_id text NOT NULL REFERENCES project(id),
+  subscription_id text NOT NULL,
+  consecutive_refusals integer NOT NULL DEFAULT 0,
+  last_error text,
+  updated_at timestamptz NOT NULL,
+  PRIMARY KEY (project_id, subscription_id)
+);
+`,
+  },
 ];
 
 /** One schema step: SQL, and optionally work in the same transaction once the SQL ran (filling a
