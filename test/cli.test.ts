@@ -113,12 +113,54 @@ describe('custos CLI with storage opened directly', () => {
       env,
     );
     assert.equal(badPurpose.code, 2);
-    assert.match(badPurpose.stderr, /may not break glass/);
+    assert.match(badPurpose.stderr, /No client may break glass/);
     const noProject = await custos(
       ['client', 'create', '--project', 'no-such-project', '--scopes', 'system/*.rs', '--purposes', 'TREAT'],
       env,
     );
     assert.equal(noProject.code, 2);
+  });
+
+  test('client create for SMART apps: --public with --redirect-uri (no secret); usage errors exit 2', async () => {
+    const init = JSON.parse((await custos(['init', '--json'], env)).stdout) as Record<string, string>;
+    const base = ['client', 'create', '--project', init.projectId!, '--purposes', 'TREAT', '--json'];
+    const app = await custos(
+      [
+        ...base,
+        '--scopes',
+        'openid fhirUser launch/patient patient/*.rs',
+        '--public',
+        '--redirect-uri',
+        'https://app.example/cb',
+      ],
+      env,
+    );
+    assert.equal(app.code, 0, app.stderr);
+    const created = JSON.parse(app.stdout) as Record<string, string>;
+    assert.ok(created.clientId);
+    assert.equal(created.clientSecret, undefined, 'a public app has no secret');
+    const noRedirect = await custos([...base, '--scopes', 'patient/*.rs', '--public'], env);
+    assert.equal(noRedirect.code, 2);
+    assert.match(noRedirect.stderr, /needs --redirect-uri/);
+    const both = await custos(
+      [
+        ...base,
+        '--scopes',
+        'patient/*.rs',
+        '--public',
+        '--confidential',
+        '--redirect-uri',
+        'https://app.example/cb',
+      ],
+      env,
+    );
+    assert.equal(both.code, 2);
+    const insecure = await custos(
+      [...base, '--scopes', 'patient/*.rs', '--public', '--redirect-uri', 'http://app.example/cb'],
+      env,
+    );
+    assert.equal(insecure.code, 2, 'plain http only on a loopback address');
+    assert.match(insecure.stderr, /redirect URI must be https/);
   });
 
   test('client create --jwks registers a SMART Backend Services client: no secret; private keys refused', async () => {
