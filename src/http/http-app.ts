@@ -3,6 +3,7 @@ import https from 'node:https';
 import fs from 'node:fs';
 import { isIP } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { RateLimiter } from '../kernel/rate-limit.ts';
 import { CustosError, isCustosError, type ErrorCode } from '../kernel/errors.ts';
 import { newId } from '../kernel/ids.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
@@ -25,6 +26,8 @@ export interface HttpAppDeps {
   log: Logger;
   gateway: PhiGateway;
   authenticate: Authenticate;
+  /** Bad-token requests allowed per client address (default 100 at once, 100 a minute). */
+  authFailureLimit?: { capacity: number; perMinute: number };
   /** oidc-provider's request handler, mounted for /oauth/* and OpenID discovery. */
   oauthHandler: (req: http.IncomingMessage, res: http.ServerResponse) => void;
   capabilityStatement: () => unknown;
@@ -146,6 +149,7 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     const code = errorCodeOf(err);
     if (code === 'INTERNAL') log.error('http.internal_error', { requestId: req.id, ...errorFields(err) });
     if (code === 'BODY_TOO_LARGE') lingeringClose(req, reply);
+    if (code === 'AUTH_THROTTLED') void reply.header('Retry-After', '60');
     void reply
       .status(new CustosError(code).status)
       .type(FHIR_JSON)
@@ -177,6 +181,9 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
   deps.registerAdmin(app);
 
   // ---- authenticated FHIR interactions ----
+  // Requests with a missing or bad token, per client address (req.ip: the socket, or the client
+  // behind a trusted proxy): 100 at once, refilled at 100 a minute; then 429 for that address.
+  const authFailures = new RateLimiter(deps.authFailureLimit ?? { capacity: 100, perMinute: 100 });
   const authed = async (
     req: FastifyRequest,
     action: Parameters<PhiGateway['recordUnauthenticated']>[1],
@@ -184,6 +191,9 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
     const h = req.headers.authorization;
     const m = typeof h === 'string' ? /^Bearer ([A-Za-z0-9\-._~+/]+=*)$/.exec(h) : null;
     try {
+      // An address that sent too many bad tokens is slowed down before its next token is even
+      // checked (token guessing, a leaked-token scan); good tokens never count against it.
+      if (authFailures.wait(req.ip) > 0) throw new CustosError('AUTH_THROTTLED');
       if (!m) throw new CustosError('UNAUTHENTICATED');
       req.principal = await deps.authenticate(m[1]!);
       return req.principal;
@@ -194,6 +204,8 @@ export function createHttpApp(deps: HttpAppDeps): FastifyInstance {
       } catch {
         throw new CustosError('AUDIT_UNAVAILABLE');
       }
+      if (isCustosError(e) && e.code === 'AUTH_THROTTLED') throw e;
+      authFailures.take(req.ip);
       throw isCustosError(e) && e.code === 'UNAUTHENTICATED' ? e : new CustosError('UNAUTHENTICATED');
     }
   };

@@ -302,6 +302,12 @@ export const ERROR_CATALOG = {
     ack: 'AR',
     message: 'The email, password or one-time code is wrong, or the account cannot log in.',
   },
+  AUTH_THROTTLED: {
+    status: 429,
+    issue: 'throttled',
+    ack: 'AR',
+    message: 'Too many requests with a missing or invalid access token from this address. Try again later.',
+  },
   ACCOUNT_LOCKED: {
     status: 429,
     issue: 'throttled',

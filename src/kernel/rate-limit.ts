@@ -23,6 +23,14 @@ export class RateLimiter {
     this.now = opts.now ?? Date.now;
   }
 
+  /** Whether `key` has run dry, without taking: 0 when a token is available, else seconds to wait. */
+  wait(key: string): number {
+    const b = this.buckets.get(key);
+    if (!b) return 0;
+    const tokens = Math.min(this.capacity, b.tokens + (this.now() - b.at) * this.perMs);
+    return tokens >= 1 ? 0 : Math.max(1, Math.ceil((1 - tokens) / this.perMs / 1000));
+  }
+
   /** Takes one token for `key`: 0 when allowed, else the whole seconds until one is available. */
   take(key: string): number {
     const now = this.now();
