@@ -9,6 +9,7 @@ import path from 'node:path';
 import { randomBytes, randomInt, randomUUID } from 'node:crypto';
 import { SignJWT, decodeJwt, exportJWK, generateKeyPair, type JWK } from 'jose';
 import { freePort, startHarness, HTEST, type Harness } from './support/harness.ts';
+import { personToken } from './support/smart-login.ts';
 import { createTestStorage, type TestStorage } from './support/storage.ts';
 import { loadConfig } from '../src/config/config.ts';
 import { silentLogger } from '../src/log/logger.ts';
@@ -92,7 +93,7 @@ interface Target {
   secret: { clientId: string; clientSecret: string };
   token(): Promise<string>;
   registerJwksClient(jwks: { keys: JWK[] }): Promise<string>;
-  /** A token of a client allowed to break glass (in-process only). */
+  /** A token of a person allowed to break glass (in-process only). */
   breakGlassToken?: () => Promise<string>;
   exchanges: Exchange[];
 }
@@ -1110,13 +1111,35 @@ describe('PHI canaries: in-process server', () => {
   before(async () => {
     // Trusting the loopback proxy makes X-Forwarded-For reach req.ip: the canary there must not.
     h = await startHarness({ env: { CUSTOS_TRUSTED_PROXIES: '127.0.0.1' } });
-    const bg = await h.server.core.clients.create({
+    // Break-glass is for people (INTERFACE.md): a practitioner signed in through a SMART app.
+    const bgApp = await h.server.core.admin.createClient({
       projectId: h.init.projectId,
-      name: 'break-glass',
-      scopes: ['system/*.rs'],
+      name: 'break-glass app',
+      scopes: ['openid', 'fhirUser', 'user/*.rs'],
       purposes: ['TREAT'],
-      mayBreakGlass: true,
+      redirectUris: ['http://127.0.0.1:9/callback'],
+      public: true,
     });
+    const bgPassword = 'Zz-synthetic-passphrase-0155';
+    await h.server.core.users.create({
+      projectId: h.init.projectId,
+      role: 'practitioner',
+      email: 'dr.zzglass@example.org',
+      fhirUser: 'Practitioner/zzglass',
+      password: bgPassword,
+    });
+    const breakGlassToken = async () =>
+      (
+        await personToken({
+          serverUrl: h.server.url,
+          fhirBase: h.base,
+          clientId: bgApp.clientId,
+          redirectUri: 'http://127.0.0.1:9/callback',
+          scope: 'openid fhirUser user/*.rs',
+          email: 'dr.zzglass@example.org',
+          password: bgPassword,
+        })
+      ).access_token!;
     const out = process.stdout.write;
     const err = process.stderr.write;
     const tap = (orig: typeof process.stdout.write) =>
@@ -1144,7 +1167,7 @@ describe('PHI canaries: in-process server', () => {
               jwks,
             })
           ).clientId,
-        breakGlassToken: () => tokenFor(h.server.url, bg.clientId, bg.clientSecret!, 'system/*.rs'),
+        breakGlassToken,
         exchanges: target.exchanges,
       });
       // Let the asynchronous logger flush.

@@ -1,10 +1,10 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import path from 'node:path';
 import { HTEST, startHarness, testPatient, type Harness } from './support/harness.ts';
+import { Browser, pkce } from './support/smart-login.ts';
 import type { CustosCore } from '../src/server.ts';
 
 // SMART App Launch, standalone, driven by the SMART on FHIR JavaScript client (fhirclient, in its
@@ -39,63 +39,6 @@ interface FhirClientLike {
 const PASSWORD = 'Zz-synthetic-passphrase-0117';
 const REDIRECT = 'http://127.0.0.1:9/callback';
 const APP_SCOPES = 'openid fhirUser launch/patient offline_access patient/*.rs';
-
-/** A browser: a cookie jar, redirects followed one by one (so we see where they go). */
-class Browser {
-  private readonly cookies = new Map<string, string>();
-  constructor(private readonly origin: string) {}
-
-  async fetch(url: string, init: RequestInit = {}): Promise<Response> {
-    const headers = new Headers(init.headers);
-    const host = new URL(url).origin;
-    if (host === this.origin && this.cookies.size)
-      headers.set('cookie', [...this.cookies].map(([k, v]) => `${k}=${v}`).join('; '));
-    const res = await fetch(url, { ...init, headers, redirect: 'manual' });
-    if (host === this.origin) {
-      for (const c of res.headers.getSetCookie()) {
-        const [pair] = c.split(';');
-        const eq = pair!.indexOf('=');
-        const name = pair!.slice(0, eq).trim();
-        const value = pair!.slice(eq + 1).trim();
-        if (value === '' || /expires=Thu, 01 Jan 1970/i.test(c)) this.cookies.delete(name);
-        else this.cookies.set(name, value);
-      }
-    }
-    return res;
-  }
-
-  /** Follows redirects within our server; stops at a page (200 or error) or a redirect elsewhere. */
-  async follow(url: string, init: RequestInit = {}): Promise<{ res: Response; url: string }> {
-    let res = await this.fetch(url, init);
-    let at = url;
-    for (let i = 0; i < 10 && res.status >= 300 && res.status < 400; i++) {
-      const next = new URL(res.headers.get('location')!, at).href;
-      if (new URL(next).origin !== this.origin) return { res, url: next };
-      at = next;
-      res = await this.fetch(at);
-    }
-    return { res, url: at };
-  }
-
-  /** Submits the page's form (its action and hidden fields) with `fields`. */
-  async submit(
-    page: string,
-    pageUrl: string,
-    fields: Record<string, string>,
-    extra: Record<string, string> = {},
-  ) {
-    const action = /<form[^>]*action="([^"]+)"/.exec(page)?.[1];
-    assert.ok(action, 'the page has a form');
-    const hidden = Object.fromEntries(
-      [...page.matchAll(/<input type="hidden" name="([^"]+)" value="([^"]*)"/g)].map((m) => [m[1]!, m[2]!]),
-    );
-    return this.follow(new URL(action.replace(/&amp;/g, '&'), pageUrl).href, {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded', origin: this.origin, ...extra },
-      body: new URLSearchParams({ ...hidden, ...fields }),
-    });
-  }
-}
 
 /** fhirclient's Node mode needs a request, a response and a storage: these stand in for an app's. */
 function appContext(url: string) {
@@ -149,11 +92,6 @@ async function launch(
   assert.ok(url.startsWith(REDIRECT), 'to its registered redirect URI');
   void h;
   return url;
-}
-
-function pkce() {
-  const verifier = randomBytes(32).toString('base64url');
-  return { verifier, challenge: createHash('sha256').update(verifier).digest('base64url') };
 }
 
 describe('SMART standalone launch with fhirclient', () => {

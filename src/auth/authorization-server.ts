@@ -340,6 +340,13 @@ export async function createAuthorizationServer(
       }
     }
     await next();
+    // oidc-provider reflects the request's Origin in its CORS answer before (and whether or not) it
+    // asks clientBasedCORS: keep the header only for an origin of the client's own redirect URIs.
+    const allowOrigin = ctx.response.get('Access-Control-Allow-Origin');
+    if (allowOrigin && allowOrigin !== '*') {
+      const uris = (ctx.oidc?.client as { redirectUris?: string[] } | undefined)?.redirectUris ?? [];
+      if (!uris.some((u) => new URL(u).origin === allowOrigin)) ctx.remove('Access-Control-Allow-Origin');
+    }
     // oidc-provider's error_description can quote input (a client id, an Origin header): error
     // bodies keep only the OAuth error code.
     const body = ctx.body as { error?: unknown } | undefined;
@@ -539,7 +546,7 @@ function loadCookieKeys(file: string): string[] {
 
 /**
  * The client's address: the socket's, or, when the socket is a trusted proxy, the right-most
- * `X-Forwarded-For` entry that is not itself a trusted proxy.
+ * `X-Forwarded-For` entry that is not itself a trusted proxy (and is an IP address at all).
  */
 function clientAddress(req: IncomingMessage, trusted: BlockList | undefined): string {
   const remote = (req.socket.remoteAddress ?? 'unknown').replace(/^::ffff:/, '');
@@ -550,6 +557,10 @@ function clientAddress(req: IncomingMessage, trusted: BlockList | undefined): st
     .split(',')
     .map((a) => a.trim().replace(/^::ffff:/, ''))
     .filter(Boolean);
-  for (let i = hops.length - 1; i >= 0; i--) if (!isTrusted(hops[i]!)) return hops[i]!;
+  for (let i = hops.length - 1; i >= 0; i--) {
+    // Not an address (garbage, or text planted to reach a log): the proxy's own address instead.
+    if (isIP(hops[i]!) === 0) return remote;
+    if (!isTrusted(hops[i]!)) return hops[i]!;
+  }
   return remote;
 }
