@@ -28,6 +28,7 @@ const OUTBOUND_IMPORTS = [
   { name: 'undici', message: 'Outbound connections go through src/egress.' },
   { name: 'axios', message: 'Outbound connections go through src/egress.' },
   { name: 'node-fetch', message: 'Outbound connections go through src/egress.' },
+  { name: 'nodemailer', message: 'E-mail goes out through src/egress/smtp-mailer.ts.' },
   ...['http', 'https', 'node:http', 'node:https'].map((name) => ({
     name,
     importNames: ['request', 'get', 'Agent', 'ClientRequest'],

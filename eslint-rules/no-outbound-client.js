@@ -17,6 +17,8 @@ const OUTBOUND = {
   axios: '*',
   got: '*',
   ws: '*',
+  // An SMTP client opens its own sockets unless given one (src/egress/smtp-mailer.ts gives it one).
+  nodemailer: '*',
 };
 const GLOBAL_OBJECTS = new Set(['globalThis', 'global', 'self', 'window']);
 const GLOBAL_CLIENTS = new Set(['fetch', 'WebSocket', 'EventSource', 'XMLHttpRequest']);

@@ -84,3 +84,46 @@ test('production refuses each unsafe setting', () => {
     /must not be the resource database/,
   );
 });
+
+test('CUSTOS_SMTP_*: smtps:// only, a sender, credentials together; stray settings without the URL refused', () => {
+  const ok = loadConfig(
+    {
+      CUSTOS_SMTP_URL: 'smtps://Relay.Example.org',
+      CUSTOS_SMTP_FROM: 'notifications@example.org',
+      CUSTOS_SMTP_USER: 'custos',
+      CUSTOS_SMTP_PASSWORD: 'relay secret 0001',
+      CUSTOS_SMTP_CA_FILE: 'ca.pem',
+    },
+    '/srv/app',
+  ).smtp;
+  assert.deepEqual(ok, {
+    host: 'relay.example.org',
+    port: 465,
+    from: 'notifications@example.org',
+    user: 'custos',
+    password: 'relay secret 0001',
+    caFile: '/srv/app/ca.pem',
+  });
+  assert.equal(loadConfig({}).smtp, undefined);
+  const from = { CUSTOS_SMTP_FROM: 'n@example.org' };
+  assert.match(
+    refusal({ CUSTOS_SMTP_URL: 'smtp://relay.example.org:587', ...from }),
+    /^CUSTOS_SMTP_URL: must start with smtps:\/\/ .*STARTTLS are refused/,
+  );
+  const withCreds = refusal({ CUSTOS_SMTP_URL: 'smtps://u:hunter2@relay.example.org', ...from });
+  assert.match(withCreds, /^CUSTOS_SMTP_URL: must be a host and port only/);
+  assert.ok(!withCreds.includes('hunter2'), 'credentials are not echoed');
+  assert.match(refusal({ CUSTOS_SMTP_URL: 'smtps://relay.example.org' }), /^CUSTOS_SMTP_FROM: /);
+  assert.match(
+    refusal({ CUSTOS_SMTP_URL: 'smtps://relay.example.org', CUSTOS_SMTP_FROM: 'Custos <n@example.org>' }),
+    /^CUSTOS_SMTP_FROM: /,
+  );
+  assert.match(
+    refusal({ CUSTOS_SMTP_URL: 'smtps://relay.example.org', ...from, CUSTOS_SMTP_USER: 'u' }),
+    /^CUSTOS_SMTP_PASSWORD: .*set together/,
+  );
+  assert.match(
+    refusal({ CUSTOS_SMTP_FROM: 'n@example.org' }),
+    /^CUSTOS_SMTP_FROM: is set but CUSTOS_SMTP_URL is not/,
+  );
+});

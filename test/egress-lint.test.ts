@@ -58,6 +58,14 @@ const OFFENDERS: [string, string][] = [
     "import tls from 'tls';\nexport const c = () => tls.connect(443, 'example.org');\n",
   ],
   ['undici import', "import { request } from 'undici';\nexport const r = request;\n"],
+  [
+    'nodemailer import',
+    "import nodemailer from 'nodemailer';\nexport const t = nodemailer.createTransport({ host: 'mail.example.org' });\n",
+  ],
+  [
+    'nodemailer dynamic import',
+    "export const r = async () => (await import('nodemailer')).createTransport({});\n",
+  ],
   ['undici fetch', "import { fetch as f } from 'undici';\nexport const r = f;\n"],
   [
     'undici dynamic import',

@@ -14,6 +14,7 @@ import type { Delivery } from '../src/subscriptions/subscription-queue.ts';
 import { createTestStorage, type TestStorage } from './support/storage.ts';
 import { freePort, HTEST } from './support/harness.ts';
 import { runCustos } from './support/custos-cli.ts';
+import { until } from './support/until.ts';
 
 // FHIR R4 rest-hook subscriptions (issue 7) against real loopback HTTP receivers registered as
 // vendor endpoints: matching, payload classes through the egress gateway, retries, dead letters,
@@ -62,20 +63,6 @@ class Receiver {
   }
   on(path: string): Hit[] {
     return this.hits.filter((h) => h.url.startsWith(path));
-  }
-}
-
-async function until<T>(
-  what: string,
-  f: () => Promise<T | undefined> | T | undefined,
-  ms = 60_000,
-): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
   }
 }
 

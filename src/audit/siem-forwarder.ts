@@ -1,8 +1,8 @@
-import fs from 'node:fs';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import pg from 'pg';
 import { ConfigError, type Config } from '../config/config.ts';
+import { certificates, readPem } from '../config/pem-files.ts';
 import { EgressGateway, egressConnectTls } from '../egress/egress.ts';
 import { siemVendor } from '../egress/infrastructure.ts';
 import { errorFields, type Logger } from '../log/logger.ts';
@@ -201,27 +201,6 @@ export interface SiemTlsFiles {
   ca: Buffer | undefined;
   cert: Buffer | undefined;
   key: Buffer | undefined;
-}
-
-function readPem(variable: string, file: string): Buffer {
-  try {
-    return fs.readFileSync(file);
-  } catch (e) {
-    const code = (e as { code?: string }).code ?? 'unreadable';
-    throw new ConfigError(variable, `cannot read ${file} (${code})`);
-  }
-}
-
-function certificates(variable: string, file: string, pem: Buffer): void {
-  const blocks = pem.toString('utf8').match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g);
-  if (!blocks) throw new ConfigError(variable, `${file} holds no PEM certificate`);
-  for (const b of blocks) {
-    try {
-      new X509Certificate(b);
-    } catch {
-      throw new ConfigError(variable, `${file} holds a certificate that does not parse`);
-    }
-  }
 }
 
 /**

@@ -67,6 +67,21 @@ export interface Config {
         readonly retryMaxSeconds: number;
       }
     | undefined;
+  /**
+   * CUSTOS_SMTP_URL: the SMTP relay of e-mail notifications, reached by implicit TLS through the
+   * egress gateway (it must be a registered vendor endpoint with protocol tls); undefined = e-mail
+   * off (docs/phi-boundary.md, "E-mail"). The CA file is read at start.
+   */
+  readonly smtp:
+    | {
+        readonly host: string;
+        readonly port: number;
+        readonly from: string;
+        readonly user: string | undefined;
+        readonly password: string | undefined;
+        readonly caFile: string | undefined;
+      }
+    | undefined;
   /** CUSTOS_KEY_PROVIDER=aws-kms: the KMS region, endpoint and credentials (docs/keys.md). */
   readonly kms:
     | {
@@ -176,6 +191,64 @@ function siemConfig(env: Env, cwd: string): Config['siem'] {
     clientCertFile: file(clientCertFile),
     clientKeyFile: file(clientKeyFile),
     retryMaxSeconds: Number(retry),
+  };
+}
+
+/** The submission port with implicit TLS (RFC 8314 §3.3). */
+export const SMTPS_PORT = 465;
+
+/** CUSTOS_SMTP_*: `smtps://host[:port]`, the sender, credentials and CA; all unset = e-mail off. */
+function smtpConfig(env: Env, cwd: string): Config['smtp'] {
+  const urlText = str(env, 'CUSTOS_SMTP_URL');
+  const from = str(env, 'CUSTOS_SMTP_FROM');
+  const user = str(env, 'CUSTOS_SMTP_USER');
+  const password = env.CUSTOS_SMTP_PASSWORD === '' ? undefined : env.CUSTOS_SMTP_PASSWORD;
+  const caFile = str(env, 'CUSTOS_SMTP_CA_FILE');
+  if (urlText === undefined) {
+    const stray = [
+      ['CUSTOS_SMTP_FROM', from],
+      ['CUSTOS_SMTP_USER', user],
+      ['CUSTOS_SMTP_PASSWORD', password],
+      ['CUSTOS_SMTP_CA_FILE', caFile],
+    ].find(([, v]) => v !== undefined);
+    if (stray) throw new ConfigError(stray[0]!, 'is set but CUSTOS_SMTP_URL is not (e-mail is off)');
+    return undefined;
+  }
+  const expected = 'expected smtps://host:port, SMTP over implicit TLS (RFC 8314)';
+  let u: URL;
+  try {
+    u = new URL(urlText);
+  } catch {
+    throw new ConfigError('CUSTOS_SMTP_URL', `is not a URL (${expected})`);
+  }
+  if (u.protocol !== 'smtps:')
+    throw new ConfigError(
+      'CUSTOS_SMTP_URL',
+      `must start with smtps:// (${expected}; plain SMTP and STARTTLS are refused)`,
+    );
+  const host = u.hostname.replace(/^\[(.*)\]$/, '$1').toLowerCase();
+  if (!host || u.username || u.password || (u.pathname && u.pathname !== '/') || u.search || u.hash)
+    throw new ConfigError(
+      'CUSTOS_SMTP_URL',
+      `must be a host and port only (${expected}; credentials go in CUSTOS_SMTP_USER and CUSTOS_SMTP_PASSWORD)`,
+    );
+  const port = u.port === '' ? SMTPS_PORT : Number(u.port);
+  if (!Number.isInteger(port) || port < 1 || port > 65535)
+    throw new ConfigError('CUSTOS_SMTP_URL', 'port must be from 1 to 65535');
+  if (from === undefined || !/^[^\s@<>(),;:"\\]{1,64}@[A-Za-z0-9.-]{1,253}$/.test(from))
+    throw new ConfigError('CUSTOS_SMTP_FROM', 'must be the sender address, e.g. notifications@example.org');
+  if ((user === undefined) !== (password === undefined))
+    throw new ConfigError(
+      user === undefined ? 'CUSTOS_SMTP_USER' : 'CUSTOS_SMTP_PASSWORD',
+      'CUSTOS_SMTP_USER and CUSTOS_SMTP_PASSWORD must be set together',
+    );
+  return {
+    host,
+    port,
+    from,
+    user,
+    password,
+    caFile: caFile === undefined ? undefined : path.resolve(cwd, caFile),
   };
 }
 
@@ -328,6 +401,7 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   const auditRetentionYears = Number(retentionText);
 
   const siem = siemConfig(env, cwd);
+  const smtp = smtpConfig(env, cwd);
   const auditWitnesses = witnessesConfig(env, mode === 'production');
 
   const searchIndexing = oneOf(env, 'CUSTOS_SEARCH_INDEXING', ['on', 'off'] as const, 'on') === 'on';
@@ -421,5 +495,6 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     pkcs11: pkcs11 && Object.freeze(pkcs11),
     kms: kms && Object.freeze(kms),
     siem: siem && Object.freeze(siem),
+    smtp: smtp && Object.freeze(smtp),
   });
 }

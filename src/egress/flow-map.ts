@@ -48,6 +48,7 @@ export type FlowConfig = Pick<
   | 'encryption'
   | 'pkcs11'
   | 'kms'
+  | 'smtp'
 >;
 
 /** A project as the map needs it: its kind and what its BAAs cover. */
@@ -369,6 +370,32 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
         `${v.name}: plain http to ${plain.map((e) => hostPort(e.host, e.port)).join(', ')} (private addresses only; for tests)`,
       );
     flow({ direction: 'leaves', from: 'custos', to: id, dataClass: v.phiClass, reasons, notes });
+  }
+
+  // The SMTP relay of e-mail notifications is a vendor like any other; configured but not
+  // registered (host, port, protocol tls), every e-mail is refused: a red flow says so.
+  if (config.smtp) {
+    const { host, port } = config.smtp;
+    const registered = [...destinationIndex(input.vendors).values()].some(
+      (d) => d.kind === 'vendor' && d.protocol === 'tls' && d.host === host && d.port === port,
+    );
+    if (!registered) {
+      nodes.push({
+        id: 'vendor_smtp_relay',
+        kind: 'vendor',
+        label: 'SMTP relay (CUSTOS_SMTP_URL)',
+        details: [`tls://${hostPort(host, port)}`, 'e-mail notifications of subscriptions'],
+      });
+      flow({
+        direction: 'leaves',
+        from: 'custos',
+        to: 'vendor_smtp_relay',
+        dataClass: 'full',
+        reasons: [
+          `CUSTOS_SMTP_URL names ${hostPort(host, port)}, which is not a registered vendor endpoint with protocol tls: the gateway refuses every e-mail to it`,
+        ],
+      });
+    }
   }
 
   // The allowlist: the gateway's own index of destinations over the same vendors.

@@ -16,6 +16,12 @@ import type { DataClass } from '../egress/vendor-registry.ts';
  * - `application/fhir+json` without it, or with `full-resource`: the resource itself, PUT to
  *   `[endpoint]/[type]/[id]` as R4 specifies for a rest-hook with a payload: class `full`;
  * - the extension with `empty`: as without a payload.
+ *
+ * The email channel (`channel.type` email, `channel.endpoint` `mailto:` and one address) carries
+ * the same three choices as a message through the configured SMTP relay (egress/smtp-mailer.ts):
+ * empty, a subject and a text naming the subscription only (class `none`); id-only, the text names
+ * the resource version (`limited`); full-resource, the resource attached as application/fhir+json
+ * (`full`). The relay is the vendor whose BAA must cover the class.
  */
 
 export type PayloadContent = 'empty' | 'id-only' | 'full-resource';
@@ -40,7 +46,12 @@ export interface SubscriptionSpec {
   type: string;
   /** The criteria's query (parameters after `?`). */
   query: URLSearchParams;
+  /** rest-hook: an HTTP(S) endpoint; email: a message through the SMTP relay to `to`. */
+  channel: 'rest-hook' | 'email';
+  /** rest-hook: the URL; email: `mailto:<to>`. */
   endpoint: URL;
+  /** email: the one recipient address (lower case). */
+  to?: string;
   headers: [string, string][];
   payload: PayloadContent;
   dataClass: DataClass;
@@ -88,9 +99,9 @@ export function parseSubscription(
   const versionId = Number((resource.meta as { versionId?: unknown } | undefined)?.versionId ?? 0);
   const status = typeof resource.status === 'string' ? resource.status : '';
   const channel = (resource.channel ?? {}) as Record<string, unknown>;
-  if (channel.type !== 'rest-hook')
+  if (channel.type !== 'rest-hook' && channel.type !== 'email')
     throw new SubscriptionRefusal(
-      'Only channel.type rest-hook is supported by this server (websocket, email, sms and message are not).',
+      'Only channel.type rest-hook and email are supported by this server (websocket, sms and message are not).',
     );
   const criteria = typeof resource.criteria === 'string' ? resource.criteria.trim() : '';
   const q = criteria.indexOf('?');
@@ -110,6 +121,27 @@ export function parseSubscription(
       throw new SubscriptionRefusal(
         `criteria may not use the result parameter ${k.split(':')[0]} (paging, sorting, includes, _id).`,
       );
+  if (channel.type === 'email') {
+    if (channel.header !== undefined)
+      throw new SubscriptionRefusal('channel.header is for rest-hook; an email channel takes none.');
+    const to = mailtoAddress(channel.endpoint);
+    const payload = payloadContent(channel);
+    return {
+      projectId,
+      id,
+      versionId,
+      status,
+      type,
+      query,
+      channel: 'email',
+      endpoint: new URL(`mailto:${to}`),
+      to,
+      headers: [],
+      payload,
+      dataClass: PAYLOAD_CLASS[payload],
+      end: endTime(resource),
+    };
+  }
   let endpoint: URL;
   try {
     endpoint = new URL(typeof channel.endpoint === 'string' ? channel.endpoint : '');
@@ -139,11 +171,6 @@ export function parseSubscription(
     headers.push([name, value]);
   }
   const payload = payloadContent(channel);
-  let end: number | undefined;
-  if (typeof resource.end === 'string') {
-    end = Date.parse(resource.end);
-    if (Number.isNaN(end)) end = undefined;
-  }
   return {
     projectId,
     id,
@@ -151,12 +178,42 @@ export function parseSubscription(
     status,
     type,
     query,
+    channel: 'rest-hook',
     endpoint,
     headers,
     payload,
     dataClass: PAYLOAD_CLASS[payload],
-    end,
+    end: endTime(resource),
   };
+}
+
+function endTime(resource: Record<string, unknown>): number | undefined {
+  if (typeof resource.end !== 'string') return undefined;
+  const end = Date.parse(resource.end);
+  return Number.isNaN(end) ? undefined : end;
+}
+
+/** One plain address: no display name, no second recipient, no header fields (`?cc=`, `?subject=`). */
+const MAILBOX =
+  /^[A-Za-z0-9!#$%&'*+/=^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)+$/;
+
+/** The address of an email channel's `mailto:` endpoint (RFC 6068), one mailbox only. */
+function mailtoAddress(endpoint: unknown): string {
+  const text = typeof endpoint === 'string' ? endpoint.trim() : '';
+  const address = /^mailto:/i.test(text) ? decodeURIComponentSafe(text.slice(7)) : undefined;
+  if (address === undefined || address.length > 254 || !MAILBOX.test(address))
+    throw new SubscriptionRefusal(
+      'channel.endpoint of an email channel must be mailto: and one address, e.g. mailto:alerts@example.org (no names, lists or ?subject=).',
+    );
+  return address.toLowerCase();
+}
+
+function decodeURIComponentSafe(s: string): string | undefined {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return undefined;
+  }
 }
 
 function payloadContent(channel: Record<string, unknown>): PayloadContent {

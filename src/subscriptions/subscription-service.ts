@@ -4,6 +4,9 @@ import type { CustosCore } from '../server.ts';
 import { PhiGateway } from '../phi/gateway.ts';
 import { validateResource } from '../fhir/validator.ts';
 import { isResourceType, RESOURCE_TYPES } from '../fhir/resource-types.ts';
+import { SmtpMailer } from '../egress/smtp-mailer.ts';
+import type { EgressGateway } from '../egress/egress.ts';
+import { certificates, readPem } from '../config/pem-files.ts';
 import { SubscriptionWorker, type SubscriptionWorkerOptions } from './subscription-worker.ts';
 
 /**
@@ -39,9 +42,27 @@ export function startSubscriptionWorker(
       isResourceType,
       fhirBaseUrl,
       log,
+      mailer: config.smtp && smtpMailer(config.smtp, core.egress),
     },
     options,
   );
   worker.start();
   return worker;
+}
+
+/** The SMTP relay of CUSTOS_SMTP_*; the CA file is read now, so a bad one stops the start. */
+function smtpMailer(smtp: NonNullable<Config['smtp']>, egress: EgressGateway): SmtpMailer {
+  let ca: Buffer | undefined;
+  if (smtp.caFile) {
+    ca = readPem('CUSTOS_SMTP_CA_FILE', smtp.caFile);
+    certificates('CUSTOS_SMTP_CA_FILE', smtp.caFile, ca);
+  }
+  return new SmtpMailer(egress, {
+    host: smtp.host,
+    port: smtp.port,
+    from: smtp.from,
+    user: smtp.user,
+    password: smtp.password,
+    ca,
+  });
 }

@@ -6,6 +6,7 @@ import type { PhiGateway, Principal } from '../phi/gateway.ts';
 import { egressFetch, type EgressGateway } from '../egress/egress.ts';
 import { normalizeHost } from '../egress/address-policy.ts';
 import type { DestinationSource } from '../egress/vendor-registry.ts';
+import { SmtpError, type MailMessage, type SmtpMailer } from '../egress/smtp-mailer.ts';
 import { parseSubscription, SubscriptionRefusal, type SubscriptionSpec } from './subscription-channel.ts';
 import { SubscriptionQueue, type Change, type Delivery } from './subscription-queue.ts';
 
@@ -79,6 +80,8 @@ export interface SubscriptionWorkerDeps {
   vendors: DestinationSource;
   isResourceType: (t: string) => boolean;
   fhirBaseUrl: string;
+  /** The SMTP relay of email channels (CUSTOS_SMTP_URL); without one, email subscriptions go to error. */
+  mailer?: SmtpMailer;
   log: Logger;
   now?: () => Date;
 }
@@ -95,6 +98,13 @@ const CRITERIA_ERRORS = new Set<ErrorCode>([
 ]);
 const UNREGISTERED =
   'channel.endpoint is not a registered vendor endpoint (host, port and protocol): an administrator registers it (custos vendor endpoint), then set status to requested again.';
+const NO_MAILER =
+  'E-mail notifications are off on this server: an administrator sets CUSTOS_SMTP_URL and CUSTOS_SMTP_FROM, then set status to requested again.';
+const RELAY_UNREGISTERED =
+  'The SMTP relay (CUSTOS_SMTP_URL) is not a registered vendor endpoint with protocol tls: an administrator registers it (custos vendor endpoint), then set status to requested again.';
+/** The version to notify cannot be read (deleted, key destroyed): a dead letter at once. */
+const UNREADABLE = 'resource version not readable';
+type Outcome = { ok: true } | { ok: false; error: string; refused: boolean };
 /** Ids per matching search (the `_id` list). */
 const ID_CHUNK = 100;
 
@@ -261,8 +271,9 @@ export class SubscriptionWorker {
           continue; // its update comes back through the change feed and is loaded then
         }
         // `active` written by a client rather than by activation: the endpoint is checked all the same.
-        if (!(await this.endpointRegistered(spec))) {
-          await this.setStatus(projectId, resource, 'error', UNREGISTERED);
+        const problem = await this.endpointProblem(spec);
+        if (problem) {
+          await this.setStatus(projectId, resource, 'error', problem);
           continue;
         }
         active.set(id, spec);
@@ -275,19 +286,31 @@ export class SubscriptionWorker {
     else this.#active.delete(projectId);
   }
 
-  /** Whether the endpoint is a registered vendor endpoint (host, port, protocol). */
-  private async endpointRegistered(spec: SubscriptionSpec): Promise<boolean> {
+  /**
+   * Why the subscription cannot be delivered to, if it cannot: a rest-hook endpoint must be a
+   * registered vendor endpoint (host, port, protocol); an email channel needs the SMTP relay,
+   * registered as a vendor endpoint with protocol tls. (The BAA and the class are checked at each
+   * delivery by the egress gateway.)
+   */
+  private async endpointProblem(spec: SubscriptionSpec): Promise<string | undefined> {
+    if (spec.channel === 'email') {
+      const mailer = this.#deps.mailer;
+      if (!mailer) return NO_MAILER;
+      const d = await this.#deps.vendors.find(normalizeHost(mailer.relay.host) ?? '', mailer.relay.port);
+      return d !== undefined && d.protocol === 'tls' && d.kind === 'vendor' ? undefined : RELAY_UNREGISTERED;
+    }
     const scheme = spec.endpoint.protocol === 'https:' ? 'https' : 'http';
     const host = normalizeHost(spec.endpoint.hostname);
     const port = spec.endpoint.port ? Number(spec.endpoint.port) : scheme === 'https' ? 443 : 80;
     const d = host ? await this.#deps.vendors.find(host, port) : undefined;
-    return d !== undefined && d.protocol === scheme && d.kind === 'vendor';
+    return d !== undefined && d.protocol === scheme && d.kind === 'vendor' ? undefined : UNREGISTERED;
   }
 
   /** Requested → active when the endpoint is a registered vendor endpoint and the criteria search runs. */
   private async activate(spec: SubscriptionSpec, resource: Record<string, unknown>): Promise<void> {
-    if (!(await this.endpointRegistered(spec))) {
-      await this.setStatus(spec.projectId, resource, 'error', UNREGISTERED);
+    const problem = await this.endpointProblem(spec);
+    if (problem) {
+      await this.setStatus(spec.projectId, resource, 'error', problem);
       return;
     }
     try {
@@ -444,30 +467,13 @@ export class SubscriptionWorker {
       await this.queue.failed(d.id, 'subscription not active', undefined, this.now());
       return;
     }
-    let outcome: { ok: true } | { ok: false; error: string; refused: boolean };
+    let outcome: Outcome;
     try {
-      const req = await this.request(spec, d);
-      if (!req) {
-        await this.queue.failed(d.id, 'resource version not readable', undefined, this.now());
+      outcome = spec.channel === 'email' ? await this.mail(spec, d) : await this.post(spec, d);
+      if (!outcome.ok && outcome.error === UNREADABLE) {
+        await this.queue.failed(d.id, UNREADABLE, undefined, this.now());
         return;
       }
-      const res = await egressFetch(this.#deps.egress, {
-        purpose: SUBSCRIPTION_EGRESS_PURPOSE,
-        dataClass: spec.dataClass,
-        url: req.url,
-        init: {
-          method: req.method,
-          headers: req.headers,
-          body: req.body,
-          // A redirect is a failed attempt: a POST turned into a GET must not count as delivered.
-          redirect: 'manual',
-          signal: AbortSignal.any([this.#abort.signal, AbortSignal.timeout(this.options.requestTimeoutMs)]),
-        },
-        requestId: d.id,
-        projectId: d.projectId,
-      });
-      await res.body?.cancel().catch(() => {});
-      outcome = res.ok ? { ok: true } : { ok: false, error: `HTTP ${res.status}`, refused: false };
     } catch (e) {
       if (this.stopped) {
         // Stopping: not an attempt; due again at once for the next start (it may have arrived: at least once).
@@ -477,6 +483,56 @@ export class SubscriptionWorker {
       const refused = isCustosError(e) && e.code.startsWith('EGRESS_');
       outcome = { ok: false, error: failureCode(e), refused };
     }
+    await this.settle(spec, d, outcome);
+  }
+
+  /** A rest-hook attempt: the HTTP request through the egress gateway; a 2xx answer is delivered. */
+  private async post(spec: SubscriptionSpec, d: Delivery): Promise<Outcome> {
+    const req = await this.request(spec, d);
+    if (!req) return { ok: false, error: UNREADABLE, refused: false };
+    const res = await egressFetch(this.#deps.egress, {
+      purpose: SUBSCRIPTION_EGRESS_PURPOSE,
+      dataClass: spec.dataClass,
+      url: req.url,
+      init: {
+        method: req.method,
+        headers: req.headers,
+        body: req.body,
+        // A redirect is a failed attempt: a POST turned into a GET must not count as delivered.
+        redirect: 'manual',
+        signal: AbortSignal.any([this.#abort.signal, AbortSignal.timeout(this.options.requestTimeoutMs)]),
+      },
+      requestId: d.id,
+      projectId: d.projectId,
+    });
+    await res.body?.cancel().catch(() => {});
+    return res.ok ? { ok: true } : { ok: false, error: `HTTP ${res.status}`, refused: false };
+  }
+
+  /** An email attempt: one message through the SMTP relay (egress gateway); accepted is delivered. */
+  private async mail(spec: SubscriptionSpec, d: Delivery): Promise<Outcome> {
+    const mailer = this.#deps.mailer;
+    if (!mailer) return { ok: false, error: 'EMAIL_OFF', refused: true };
+    const message = await this.message(spec, d);
+    if (!message) return { ok: false, error: UNREADABLE, refused: false };
+    try {
+      await mailer.send(message, {
+        purpose: SUBSCRIPTION_EGRESS_PURPOSE,
+        dataClass: spec.dataClass,
+        requestId: d.id,
+        projectId: d.projectId,
+        timeoutMs: this.options.requestTimeoutMs,
+        signal: this.#abort.signal,
+      });
+    } catch (e) {
+      if (e instanceof SmtpError) return { ok: false, error: e.message, refused: false };
+      throw e;
+    }
+    return { ok: true };
+  }
+
+  /** Records the outcome of one attempt: delivered, retried later, a dead letter, or a refusal run. */
+  private async settle(spec: SubscriptionSpec, d: Delivery, outcome: Outcome): Promise<void> {
     const now = this.now();
     if (outcome.ok) {
       await this.queue.delivered(d.id, now);
@@ -545,19 +601,7 @@ export class SubscriptionWorker {
         body,
       };
     }
-    let json: string | undefined;
-    try {
-      const r = await this.session(d.projectId, d.id).vread(
-        d.resourceType,
-        d.resourceId,
-        String(d.versionId),
-      );
-      json = r.status === 200 ? r.version?.json : undefined;
-    } catch (e) {
-      if (isCustosError(e) && (e.code === 'NOT_FOUND' || e.code === 'GONE' || e.code === 'KEY_DESTROYED'))
-        return undefined;
-      throw e;
-    }
+    const json = await this.readVersion(d);
     if (!json) return undefined;
     const base = spec.endpoint.href.replace(/\/+$/, '');
     return {
@@ -565,6 +609,60 @@ export class SubscriptionWorker {
       method: 'PUT',
       headers: [...headers, ['content-type', 'application/fhir+json']],
       body: json,
+    };
+  }
+
+  /** The notified version's JSON, read through the PHI gateway; undefined when it cannot be read. */
+  private async readVersion(d: Delivery): Promise<string | undefined> {
+    try {
+      const r = await this.session(d.projectId, d.id).vread(
+        d.resourceType,
+        d.resourceId,
+        String(d.versionId),
+      );
+      return r.status === 200 ? r.version?.json : undefined;
+    } catch (e) {
+      if (isCustosError(e) && (e.code === 'NOT_FOUND' || e.code === 'GONE' || e.code === 'KEY_DESTROYED'))
+        return undefined;
+      throw e;
+    }
+  }
+
+  /**
+   * The e-mail of a notification. Subject and text never carry more than the payload's class: empty
+   * names the subscription and the server only; id-only adds the version's reference; full-resource
+   * attaches the resource (application/fhir+json). Undefined when the version cannot be read.
+   */
+  private async message(spec: SubscriptionSpec, d: Delivery): Promise<MailMessage | undefined> {
+    const lines = [
+      `A resource matching Subscription/${spec.id} on ${this.#deps.fhirBaseUrl} has changed.`,
+      '',
+    ];
+    const headers = { 'X-Custos-Notification-Id': d.id, 'X-Custos-Subscription-Id': spec.id };
+    const subject = `Custos notification for Subscription/${spec.id}`;
+    const ref = `${d.resourceType}/${d.resourceId}/_history/${d.versionId}`;
+    if (spec.payload === 'empty') {
+      lines.push('Sign in to the application that created the subscription to see what changed.');
+      return { to: spec.to!, subject, text: lines.concat('', `Notification ${d.id}`).join('\n'), headers };
+    }
+    lines.push(`Resource: ${ref}`);
+    if (spec.payload === 'id-only')
+      return { to: spec.to!, subject, text: lines.concat('', `Notification ${d.id}`).join('\n'), headers };
+    const json = await this.readVersion(d);
+    if (!json) return undefined;
+    lines.push('The resource is attached (application/fhir+json).');
+    return {
+      to: spec.to!,
+      subject,
+      text: lines.concat('', `Notification ${d.id}`).join('\n'),
+      headers,
+      attachments: [
+        {
+          filename: `${d.resourceType}-${d.resourceId}-${d.versionId}.json`,
+          contentType: 'application/fhir+json',
+          content: json,
+        },
+      ],
     };
   }
 }

@@ -1,3 +1,4 @@
+import type { SubscriptionWorkerOptions } from '../../src/subscriptions/subscription-worker.ts';
 import { loadConfig, type Config } from '../../src/config/config.ts';
 import { createLogger, type Logger } from '../../src/log/logger.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
@@ -43,7 +44,11 @@ export interface Harness {
 }
 
 export async function startHarness(
-  opts: { storage?: TestStorage; env?: Record<string, string> } = {},
+  opts: {
+    storage?: TestStorage;
+    env?: Record<string, string>;
+    subscriptions?: Partial<SubscriptionWorkerOptions>;
+  } = {},
 ): Promise<Harness> {
   const storage = opts.storage ?? (await createTestStorage());
   // The issuer (public URL) must name the port actually bound, so pick a free one first.
@@ -57,13 +62,15 @@ export async function startHarness(
     },
   });
   const log: Logger = createLogger({ level: 'debug', destination: destination as never });
-  const server = await startServer(config, log);
+  const server = await startServer(config, log, { subscriptions: opts.subscriptions });
   const init = await server.core.admin.init();
   const base = `${server.url}/fhir/R4`;
-  const tokens = new Map<string, string>();
+  // Tokens live five minutes; a cached one is renewed after one (a machine stalled for minutes
+  // must not turn every later request into a 401).
+  const tokens = new Map<string, { token: string; at: number }>();
   const token = async (scope = 'system/*.cruds') => {
     const cached = tokens.get(scope);
-    if (cached) return cached;
+    if (cached && Date.now() - cached.at < 60_000) return cached.token;
     const res = await fetch(`${server.url}/oauth/token`, {
       method: 'POST',
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
@@ -76,7 +83,7 @@ export async function startHarness(
     });
     const json = (await res.json()) as { access_token?: string };
     if (!json.access_token) throw new Error(`token request failed: ${res.status}`);
-    tokens.set(scope, json.access_token);
+    tokens.set(scope, { token: json.access_token, at: Date.now() });
     return json.access_token;
   };
   const fhir: Harness['fhir'] = async (path, init = {}) => {

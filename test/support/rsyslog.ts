@@ -1,4 +1,5 @@
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { findExecutable, type TestPki } from './test-pki.ts';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -15,21 +16,12 @@ import { required } from './storage.ts';
  * (as .ci/run sets) makes that a failure.
  */
 
-const SBIN_DIRS = ['/usr/sbin', '/sbin', '/usr/local/sbin'];
 const MODULE_DIRS = [
   '/usr/lib/x86_64-linux-gnu/rsyslog',
   '/usr/lib/aarch64-linux-gnu/rsyslog',
   '/usr/lib/rsyslog',
   '/usr/lib64/rsyslog',
 ];
-
-function findExecutable(name: string): string | undefined {
-  for (const dir of (process.env.PATH ?? '').split(':').concat(SBIN_DIRS, ['/usr/bin', '/bin'])) {
-    const p = path.join(dir, name);
-    if (dir && fs.existsSync(p)) return p;
-  }
-  return undefined;
-}
 
 /** For node:test's `skip`: false when rsyslog with gtls and openssl are installed, else why not. */
 export function needsRsyslog(): false | string {
@@ -49,84 +41,7 @@ export function needsRsyslog(): false | string {
   return `rsyslog not installed (${missing}): apt-get install rsyslog rsyslog-gnutls to run this test`;
 }
 
-/** A throwaway PKI: a CA, a server certificate for 127.0.0.1 only, a client certificate, another CA. */
-export interface TestPki {
-  caFile: string;
-  serverCert: string;
-  serverKey: string;
-  clientCert: string;
-  clientKey: string;
-  /** A CA that signed nothing here: trusting it instead of `caFile` must fail verification. */
-  otherCaFile: string;
-}
-
-function openssl(args: string[], cwd: string): void {
-  execFileSync(findExecutable('openssl')!, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
-export function makePki(dir: string): TestPki {
-  fs.mkdirSync(dir, { recursive: true });
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-  const ca = (name: string, cn: string) =>
-    openssl(
-      [
-        'req',
-        '-x509',
-        ...ec,
-        '-keyout',
-        `${name}.key`,
-        '-out',
-        `${name}.pem`,
-        '-days',
-        '2',
-        '-subj',
-        `/CN=${cn}`,
-        '-addext',
-        'basicConstraints=critical,CA:TRUE',
-        '-addext',
-        'keyUsage=critical,keyCertSign,cRLSign',
-      ],
-      dir,
-    );
-  ca('ca', 'Custos Test SIEM CA');
-  ca('other-ca', 'Custos Test Unrelated CA');
-  const leaf = (name: string, cn: string, ext: string) => {
-    openssl(['req', ...ec, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`], dir);
-    fs.writeFileSync(path.join(dir, `${name}.ext`), ext);
-    openssl(
-      [
-        'x509',
-        '-req',
-        '-in',
-        `${name}.csr`,
-        '-CA',
-        'ca.pem',
-        '-CAkey',
-        'ca.key',
-        '-CAcreateserial',
-        '-out',
-        `${name}.pem`,
-        '-days',
-        '2',
-        '-extfile',
-        `${name}.ext`,
-      ],
-      dir,
-    );
-  };
-  const common = 'keyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n';
-  leaf('server', '127.0.0.1', `subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n${common}`);
-  leaf('client', 'custos-test-client', `extendedKeyUsage=clientAuth\n${common}`);
-  const f = (n: string) => path.join(dir, n);
-  return {
-    caFile: f('ca.pem'),
-    serverCert: f('server.pem'),
-    serverKey: f('server.key'),
-    clientCert: f('client.pem'),
-    clientKey: f('client.key'),
-    otherCaFile: f('other-ca.pem'),
-  };
-}
+export { makePki, type TestPki } from './test-pki.ts';
 
 function waitForPort(port: number, child: ChildProcess, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
