@@ -307,6 +307,41 @@ describe('egress gateway', { skip }, () => {
     await refused('EGRESS_PRIVATE_ADDRESS', `https://localhost:${port}/ok`);
   });
 
+  test('DNS rebinding: a name that answers public, then private, is connected to at the checked answer only', async () => {
+    // The first answer passes the check; every later one points at the loopback server. The gateway
+    // resolves once per request and connects only to what it checked, so the loopback server sees
+    // nothing, whatever the public address does (unreachable here: a short connect timeout).
+    let calls = 0;
+    const flipping = EgressGateway.of(
+      [
+        vendor('public', 'full', 'active', [
+          { host: 'flip.example.test', port, protocol: 'https', allowPrivate: false },
+        ]),
+      ],
+      {
+        resolve: async () => (calls++ === 0 ? ['93.184.216.34'] : ['127.0.0.1']),
+        connectTimeoutMs: 300,
+        audit: { append: async () => 1 },
+      },
+    );
+    try {
+      const before = seen.length;
+      await assert.rejects(
+        flipping.fetch({
+          purpose: 'webhook',
+          dataClass: 'full',
+          url: `https://flip.example.test:${port}/echo`,
+          ca: certs.ca,
+          init: { signal: AbortSignal.timeout(5_000) },
+        }),
+      );
+      assert.equal(seen.length, before, 'the rebound (private) address was never connected to');
+      assert.equal(calls, 1, 'one resolution per request: the connection used the checked answer');
+    } finally {
+      await flipping.close();
+    }
+  });
+
   test('a redirect from a registered vendor to an unregistered host: refused at the hop', async () => {
     const before = seen.length;
     const auditBefore = audit.length;
