@@ -6,7 +6,7 @@ import { startHarness, testPatient, HTEST, type Harness } from './support/harnes
 import { runCustos } from './support/custos-cli.ts';
 import { ADMIN_TOKEN_HEADER } from '../src/admin/admin-routes.ts';
 import { verifyAuditLog } from '../src/audit/audit-verify.ts';
-import { NOT_ACCOUNTABLE_PURPOSES, csvField } from '../src/audit/audit-report.ts';
+import { NOT_ACCOUNTABLE_PURPOSES, csvField, isAccountableDisclosure } from '../src/audit/audit-report.ts';
 import { dateRange } from '../src/audit/audit-query.ts';
 import { AuditSealer } from '../src/audit/audit-sealer.ts';
 import {
@@ -684,4 +684,33 @@ test('AuditEvent cannot be written or read through the resource routes', async (
   } finally {
     await h.close();
   }
+});
+
+test('egress to a vendor is a disclosure: accounted unless its purpose is exempt; refusals never', () => {
+  const egress = (outcome: 'success' | 'refused', purpose: string | undefined) =>
+    ({
+      v: 1,
+      id: 'e',
+      time: '2026-12-01T00:00:00Z',
+      phase: 'access',
+      action: 'egress',
+      outcome,
+      code: outcome === 'success' ? 'egress.allowed' : 'EGRESS_BAA_INACTIVE',
+      purpose,
+      patients: ['pat-1'],
+      actor: { roles: ['custos'] },
+      source: {},
+      egress: {
+        vendorId: 'v',
+        host: 'hooks.example.org',
+        port: 443,
+        dataClass: 'full',
+        purpose: 'subscription',
+        hop: 0,
+      },
+    }) as unknown as Parameters<typeof isAccountableDisclosure>[0];
+  assert.equal(isAccountableDisclosure(egress('success', 'PUBHLTH')), true);
+  assert.equal(isAccountableDisclosure(egress('success', undefined)), true, 'no purpose: listed');
+  assert.equal(isAccountableDisclosure(egress('success', 'HOPERAT')), false);
+  assert.equal(isAccountableDisclosure(egress('refused', 'PUBHLTH')), false);
 });

@@ -315,6 +315,44 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
     assert.ok(!log.includes('mg/dL'));
   });
 
+  test("the patient's access report lists what was e-mailed about them (vendor, class); the empty notification names nobody", async () => {
+    const patient = await create({
+      resourceType: 'Patient',
+      meta: { security: [HTEST] },
+      name: [{ family: 'Zzyzx', given: ['Testy'] }],
+    });
+    const ids = await subscribe(emailSubscription('mailto:ward-9@example.org', '5000-5', 'id-only'));
+    const empty = await subscribe(emailSubscription('mailto:ward-9@example.org', '5000-5'));
+    await create({ ...observation('5000-5'), subject: { reference: `Patient/${patient.id}` } });
+    const [i] = await until('the id-only message', () =>
+      relay.of(ids.id).length ? relay.of(ids.id) : undefined,
+    );
+    const [e] = await until('the empty message', () =>
+      relay.of(empty.id).length ? relay.of(empty.id) : undefined,
+    );
+    const idOf = (m: Mail) => m.parsed.headers.get('x-custos-notification-id') as string;
+    const [sent] = await egressOf(idOf(i!));
+    assert.deepEqual(sent!.patients, [patient.id]);
+    assert.equal(sent!.purpose, 'HOPERAT');
+    const [none] = await egressOf(idOf(e!));
+    assert.equal(none!.patients, undefined, 'class none carries nothing of the patient');
+    const report = await h.server.core.reports.run('access', { patient: patient.id, purpose: 'HCOMPL' });
+    const row = report.rows.find((r) => r.action === 'egress');
+    assert.ok(row, 'the e-mail is in the access report');
+    assert.equal(row.requestId, idOf(i!));
+    assert.match(
+      row.description,
+      new RegExp(`sent to vendor .* at 127\\.0\\.0\\.1:${relay.port} \\(data class limited, subscription\\)`),
+    );
+    assert.ok(!report.rows.some((r) => r.requestId === idOf(e!)));
+    // Operations (HOPERAT) is exempt from the accounting of disclosures (45 CFR 164.528(a)(1)).
+    const accounting = await h.server.core.reports.run('disclosures', {
+      patient: patient.id,
+      purpose: 'HCOMPL',
+    });
+    assert.ok(!accounting.rows.some((r) => r.action === 'egress'));
+  });
+
   test('a temporary failure of the relay (451) is retried; the message arrives once, with the same notification id', async () => {
     const sub = await subscribe(emailSubscription('mailto:ward-7@example.org', '4000-4', 'id-only'));
     assert.equal(sub.status, 'active', sub.error);

@@ -90,11 +90,19 @@ export const NOT_ACCOUNTABLE_PURPOSES: ReadonlySet<string> = new Set([
 ]);
 
 /**
- * Actions that hand PHI out: reads, version reads, history and searches. Writes return what the caller
- * sent; refusals and failures disclose nothing; reads of the audit log are not disclosures of the
- * record. Exports and the egress gateway (issues 5 and 7) will add theirs when they exist.
+ * Actions that hand PHI out: reads, version reads, history and searches, and what the egress gateway
+ * let out to a vendor (a subscription notification naming or carrying a patient's resource). Writes
+ * return what the caller sent; refusals and failures disclose nothing; reads of the audit log are not
+ * disclosures of the record. An egress event is written when the gateway allows the connection,
+ * before the vendor has answered: a send that then fails is still listed (when unsure, list it).
  */
-export const DISCLOSING_ACTIONS: ReadonlySet<string> = new Set(['read', 'vread', 'history', 'search']);
+export const DISCLOSING_ACTIONS: ReadonlySet<string> = new Set([
+  'read',
+  'vread',
+  'history',
+  'search',
+  'egress',
+]);
 
 /** Whether an event is a disclosure that the accounting of 164.528 lists. */
 export function isAccountableDisclosure(e: AuditEvent): boolean {
@@ -175,6 +183,10 @@ export function describe(e: AuditEvent): string {
       return `history of ${ref}: ${e.count ?? 0} versions`;
     case 'search':
       return `search of ${ref} returning ${e.count ?? 0} resources (their ids are not recorded)`;
+    case 'egress': {
+      const x = e.egress;
+      return `sent to vendor ${x?.vendorId ?? '?'} at ${x?.host ?? '?'}:${x?.port ?? '?'} (data class ${x?.dataClass ?? '?'}, ${x?.purpose ?? '?'})`;
+    }
     default:
       return `${e.action} of ${ref}`;
   }

@@ -80,6 +80,9 @@ export interface EgressRequest {
   /** For the audit event: the request that caused this one, and its project. */
   requestId?: string;
   projectId?: string;
+  /** For the audit event: the patients whose data the request carries, and the purpose of use. */
+  patients?: string[];
+  purposeOfUse?: string;
 }
 
 /** An outbound TLS stream (`egressConnectTls`). */
@@ -101,7 +104,15 @@ export interface EgressTlsRequest {
   signal?: AbortSignal;
   requestId?: string;
   projectId?: string;
+  patients?: string[];
+  purposeOfUse?: string;
 }
+
+/** What the audit event of an egress attempt is made of. */
+type AuditedRequest = Pick<
+  EgressRequest,
+  'purpose' | 'dataClass' | 'projectId' | 'patients' | 'purposeOfUse'
+>;
 
 /** The redirects followed at most. */
 export const MAX_REDIRECTS = 5;
@@ -291,7 +302,7 @@ export class EgressGateway {
 
   /** The checks of one hop; audits the outcome; throws the refusal. */
   private async decide(
-    req: { purpose: string; dataClass: DataClass; projectId?: string },
+    req: AuditedRequest,
     requestId: string,
     hop: number,
     scheme: 'https' | 'http' | 'tls',
@@ -413,7 +424,7 @@ export class EgressGateway {
   }
 
   private async audit(
-    req: { purpose: string; dataClass: DataClass; projectId?: string },
+    req: AuditedRequest,
     requestId: string,
     hop: number,
     outcome: 'success' | 'refused' | 'failed',
@@ -438,6 +449,8 @@ export class EgressGateway {
       code,
       requestId,
       projectId: req.projectId,
+      purpose: req.purposeOfUse,
+      patients: req.patients?.length ? [...req.patients] : undefined,
       actor: { roles: ['custos'] },
       resource: d ? { type: 'Vendor', id: d.vendorId } : undefined,
       source: {},

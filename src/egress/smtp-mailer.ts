@@ -47,6 +47,9 @@ export interface MailContext {
   dataClass: DataClass;
   requestId?: string;
   projectId?: string;
+  /** For the egress audit event: whose data the message carries, under which purpose of use. */
+  patients?: string[];
+  purposeOfUse?: string;
   /** Connect, greeting and each command's answer give up after this long. */
   timeoutMs: number;
   signal?: AbortSignal;
@@ -94,6 +97,8 @@ export class SmtpMailer {
           signal: ctx.signal,
           requestId: ctx.requestId,
           projectId: ctx.projectId,
+          patients: ctx.patients,
+          purposeOfUse: ctx.purposeOfUse,
         }).then(
           (socket) => callback(null, { connection: socket, secured: true }),
           (e: unknown) => callback(e as Error),

@@ -397,6 +397,13 @@ CREATE TABLE subscription_health (
 );
 `,
   },
+  {
+    version: 11,
+    name: 'subscription deliveries name their patients (egress disclosures in access reports, issue 7)',
+    // Patient ids (identifiers Custos assigned, never content), a JSON array, taken from the
+    // matched resource's patient compartment when the notification is queued; NULL before.
+    sql: `ALTER TABLE subscription_delivery ADD COLUMN patients text;`,
+  },
 ];
 
 /** One schema step: SQL, and optionally work in the same transaction once the SQL ran (filling a

@@ -36,6 +36,8 @@ export interface Delivery {
   resourceType: string;
   resourceId: string;
   versionId: number;
+  /** Ids of the patients whose compartment the resource is in (the egress audit event names them). */
+  patients: string[];
   status: 'pending' | 'delivered' | 'dead';
   attempts: number;
   nextAttemptAt: string;
@@ -53,6 +55,7 @@ type DeliveryRow = {
   resource_type: string;
   resource_id: string;
   version_id: number;
+  patients: string | null;
   status: Delivery['status'];
   attempts: number;
   next_attempt_at: Date | string;
@@ -64,7 +67,7 @@ type DeliveryRow = {
 };
 
 const CURSOR = 'rest-hook';
-const DELIVERY_COLS = `id, project_id, subscription_id, resource_type, resource_id, version_id, status, attempts,
+const DELIVERY_COLS = `id, project_id, subscription_id, resource_type, resource_id, version_id, patients, status, attempts,
   next_attempt_at, last_error, created_at, delivered_at, dead_at, replays`;
 const iso = (v: Date | string) => new Date(v).toISOString();
 
@@ -76,6 +79,7 @@ function delivery(r: DeliveryRow): Delivery {
     resourceType: r.resource_type,
     resourceId: r.resource_id,
     versionId: Number(r.version_id),
+    patients: r.patients ? (JSON.parse(r.patients) as string[]) : [],
     status: r.status,
     attempts: Number(r.attempts),
     nextAttemptAt: iso(r.next_attempt_at),
@@ -133,6 +137,7 @@ export class SubscriptionQueue {
       resourceType: string;
       id: string;
       versionId: number;
+      patients: string[];
     }[],
     last: Pick<Change, 'xid' | 'seq'>,
     now: Date,
@@ -142,10 +147,19 @@ export class SubscriptionQueue {
       for (const m of matches) {
         const r = await tx.query(
           `INSERT INTO subscription_delivery (id, project_id, subscription_id, resource_type, resource_id, version_id,
-             status, attempts, next_attempt_at, created_at)
-           VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7)
+             status, attempts, next_attempt_at, created_at, patients)
+           VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $8)
            ON CONFLICT (subscription_id, resource_type, resource_id, version_id) DO NOTHING RETURNING id`,
-          [newId(), m.projectId, m.subscriptionId, m.resourceType, m.id, m.versionId, now.toISOString()],
+          [
+            newId(),
+            m.projectId,
+            m.subscriptionId,
+            m.resourceType,
+            m.id,
+            m.versionId,
+            now.toISOString(),
+            JSON.stringify(m.patients),
+          ],
         );
         queued += r.rows.length;
       }

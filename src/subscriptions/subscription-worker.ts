@@ -7,6 +7,7 @@ import { egressFetch, type EgressGateway } from '../egress/egress.ts';
 import { normalizeHost } from '../egress/address-policy.ts';
 import type { DestinationSource } from '../egress/vendor-registry.ts';
 import { SmtpError, type MailMessage, type SmtpMailer } from '../egress/smtp-mailer.ts';
+import { patientCompartment } from '../fhir/patient-compartment.ts';
 import { parseSubscription, SubscriptionRefusal, type SubscriptionSpec } from './subscription-channel.ts';
 import { SubscriptionQueue, type Change, type Delivery } from './subscription-queue.ts';
 
@@ -362,8 +363,8 @@ export class SubscriptionWorker {
 
   // ---- detection --------------------------------------------------------------------------
 
-  /** The ids among `ids` that match the subscription's criteria now, by a search through the gateway. */
-  private async match(spec: SubscriptionSpec, ids: string[]): Promise<Set<string>> {
+  /** The ids among `ids` that match now, each with the patients of its compartment. */
+  private async match(spec: SubscriptionSpec, ids: string[]): Promise<Map<string, string[]>> {
     const query = new URLSearchParams(spec.query);
     query.set('_id', ids.join(','));
     query.set('_count', String(ids.length));
@@ -373,7 +374,12 @@ export class SubscriptionWorker {
       strict: true,
       path: `/${spec.type}`,
     });
-    return new Set(matchedResources(res.body).map((r) => String(r.id)));
+    return new Map(
+      matchedResources(res.body).map((r) => [
+        String(r.id),
+        patientCompartment(r as { resourceType: string; id?: string }),
+      ]),
+    );
   }
 
   /** One round of the change feed; true when it found changes (read again at once). */
@@ -399,10 +405,11 @@ export class SubscriptionWorker {
         if (spec.end !== undefined && spec.end <= now) continue;
         const rows = list.filter((c) => c.resourceType === spec.type);
         const ids = [...new Set(rows.map((c) => c.id))];
-        const matched = new Set<string>();
+        const matched = new Map<string, string[]>();
         try {
           for (let i = 0; i < ids.length; i += ID_CHUNK)
-            for (const id of await this.match(spec, ids.slice(i, i + ID_CHUNK))) matched.add(id);
+            for (const [id, patients] of await this.match(spec, ids.slice(i, i + ID_CHUNK)))
+              matched.set(id, patients);
         } catch (e) {
           if (!isCustosError(e) || !CRITERIA_ERRORS.has(e.code)) throw e;
           await this.errorSubscription(spec, `criteria: ${ERROR_CATALOG[e.code].message}`);
@@ -416,6 +423,7 @@ export class SubscriptionWorker {
               resourceType: c.resourceType,
               id: c.id,
               versionId: c.versionId,
+              patients: matched.get(c.id)!,
             });
       }
     }
@@ -504,9 +512,20 @@ export class SubscriptionWorker {
       },
       requestId: d.id,
       projectId: d.projectId,
+      ...this.disclosed(spec, d),
     });
     await res.body?.cancel().catch(() => {});
     return res.ok ? { ok: true } : { ok: false, error: `HTTP ${res.status}`, refused: false };
+  }
+
+  /**
+   * Whose data a notification discloses, for its egress audit event (access reports, the accounting
+   * of disclosures): the patients of the resource's compartment, under the worker's purpose of use.
+   * An empty notification (class none) names no resource, so it discloses nobody's data.
+   */
+  private disclosed(spec: SubscriptionSpec, d: Delivery): { patients?: string[]; purposeOfUse?: string } {
+    if (spec.dataClass === 'none') return {};
+    return { patients: d.patients, purposeOfUse: this.options.purpose };
   }
 
   /** An email attempt: one message through the SMTP relay (egress gateway); accepted is delivered. */
@@ -523,6 +542,7 @@ export class SubscriptionWorker {
         projectId: d.projectId,
         timeoutMs: this.options.requestTimeoutMs,
         signal: this.#abort.signal,
+        ...this.disclosed(spec, d),
       });
     } catch (e) {
       if (e instanceof SmtpError) return { ok: false, error: e.message, refused: false };
