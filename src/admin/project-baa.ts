@@ -4,6 +4,7 @@ import { CustosError, type IssueDetail } from '../kernel/errors.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
 import type { AuditLog } from '../audit/audit-log.ts';
 import { adminEvent } from '../audit/audit-event.ts';
+import { fieldIssue, shortLabel } from '../kernel/validation.ts';
 
 /**
  * Projects and their Business Associate Agreements (issue 7, docs/phi-boundary.md).
@@ -110,22 +111,6 @@ export function documentSha256(bytes: Uint8Array): string {
   return createHash('sha256').update(bytes).digest('hex');
 }
 
-const issue = (expression: string, diagnostics: string, code = 'value'): IssueDetail => ({
-  severity: 'error',
-  code,
-  expression,
-  diagnostics,
-});
-
-/** A short human label: trimmed, 1–200 characters, no control characters. */
-function label(v: unknown): string | undefined {
-  if (typeof v !== 'string') return undefined;
-  const s = v.trim();
-  // eslint-disable-next-line no-control-regex
-  if (s.length === 0 || s.length > 200 || /[\u0000-\u001f\u007f]/.test(s)) return undefined;
-  return s;
-}
-
 /**
  * Parses a signature date: a calendar date (`YYYY-MM-DD`) or a date and time with a zone. Returns
  * the normalized form (the date, or the instant in UTC) or a reason. Not before 1996-08-21, not in
@@ -171,28 +156,36 @@ export function validateBaa(
 ): Omit<BaaRecord, 'baaId' | 'recordedAt'> {
   const issues: IssueDetail[] = [];
   const projectId = typeof req.projectId === 'string' && req.projectId !== '' ? req.projectId : undefined;
-  if (!projectId) issues.push(issue('project', 'The project is missing.', 'required'));
-  const counterparty = label(req.counterparty);
+  if (!projectId) issues.push(fieldIssue('project', 'The project is missing.', 'required'));
+  const counterparty = shortLabel(req.counterparty);
   if (!counterparty)
     issues.push(
-      issue('counterparty', 'The counterparty is missing, longer than 200 characters or not text.'),
+      fieldIssue('counterparty', 'The counterparty is missing, longer than 200 characters or not text.'),
     );
-  const signedBy = label(req.signedBy);
+  const signedBy = shortLabel(req.signedBy);
   if (!signedBy)
-    issues.push(issue('signedBy', 'The signatory is missing, longer than 200 characters or not text.'));
+    issues.push(fieldIssue('signedBy', 'The signatory is missing, longer than 200 characters or not text.'));
   const signedAt = parseSignedAt(req.signedAt, now);
-  if ('reason' in signedAt) issues.push(issue('signedAt', signedAt.reason));
+  if ('reason' in signedAt) issues.push(fieldIssue('signedAt', signedAt.reason));
   const services: BaaService[] = [];
   if (!Array.isArray(req.services) || req.services.length === 0) {
     issues.push(
-      issue('services', `No covered service: name at least one of ${BAA_SERVICES.join(', ')}.`, 'required'),
+      fieldIssue(
+        'services',
+        `No covered service: name at least one of ${BAA_SERVICES.join(', ')}.`,
+        'required',
+      ),
     );
   } else {
     for (const s of req.services) {
       const name = typeof s === 'string' ? s.trim().toLowerCase() : '';
       if (!(BAA_SERVICES as readonly string[]).includes(name)) {
         issues.push(
-          issue('services', `Unknown service: the services are ${BAA_SERVICES.join(', ')}.`, 'code-invalid'),
+          fieldIssue(
+            'services',
+            `Unknown service: the services are ${BAA_SERVICES.join(', ')}.`,
+            'code-invalid',
+          ),
         );
         break;
       }
@@ -201,9 +194,11 @@ export function validateBaa(
   }
   const sha = typeof req.documentSha256 === 'string' ? req.documentSha256.trim().toLowerCase() : '';
   if (!/^[0-9a-f]{64}$/.test(sha))
-    issues.push(issue('documentSha256', 'The document hash is missing or not a SHA-256 (64 hex digits).'));
-  const recordedBy = req.recordedBy === undefined ? 'installation-admin' : label(req.recordedBy);
-  if (!recordedBy) issues.push(issue('recordedBy', 'Who recorded the BAA is not a short text.'));
+    issues.push(
+      fieldIssue('documentSha256', 'The document hash is missing or not a SHA-256 (64 hex digits).'),
+    );
+  const recordedBy = req.recordedBy === undefined ? 'installation-admin' : shortLabel(req.recordedBy);
+  if (!recordedBy) issues.push(fieldIssue('recordedBy', 'Who recorded the BAA is not a short text.'));
   if (issues.length > 0) throw new CustosError('BAA_INVALID', issues);
   return {
     projectId: projectId!,
@@ -222,10 +217,10 @@ export async function createProject(
   req: CreateProjectRequest,
   requestId = newId(),
 ): Promise<ProjectInfo> {
-  const name = label(req.name);
+  const name = shortLabel(req.name);
   if (!name)
     throw new CustosError('BAD_REQUEST', [
-      issue('name', 'The project name is missing, longer than 200 characters or not text.'),
+      fieldIssue('name', 'The project name is missing, longer than 200 characters or not text.'),
     ]);
   const projectId = newId();
   const productionRequested = req.production === true;

@@ -1,20 +1,8 @@
 import type { Command } from 'commander';
-import type { Config } from '../config/config.ts';
-import type { CustosCore } from '../server.ts';
 import { allowlistText, flowMapDot, flowMapMermaid, flowMapText, type FlowMap } from '../egress/flow-map.ts';
+import { type CommandDeps } from './command-deps.ts';
 
-/** What main.ts lends the flows command (its backend choice, printing and exit conventions). */
-export interface FlowsCommandDeps {
-  config: () => Config;
-  withBackend: <T>(
-    cfg: Config,
-    viaApi: (call: (p: string, body: unknown) => Promise<unknown>) => Promise<T>,
-    direct: (core: CustosCore) => Promise<T>,
-  ) => Promise<T>;
-  print: (json: boolean, value: unknown, human: string) => void;
-  /** An error that exits 2 with this message (usage). */
-  usage: (message: string) => Error;
-}
+export type FlowsCommandDeps = CommandDeps;
 
 /**
  * `custos flows [--json|--mermaid|--dot] [--allowlist]`: the PHI flow map of the running

@@ -1,7 +1,5 @@
 import fs from 'node:fs';
-import os from 'node:os';
 import type { Command } from 'commander';
-import type { Config } from '../config/config.ts';
 import type { CustosCore } from '../server.ts';
 import { isResourceType } from '../fhir/resource-types.ts';
 import { protectedCriteria } from '../phi/minimum-necessary.ts';
@@ -16,29 +14,11 @@ import {
   type RolePolicy,
   type StoredPolicy,
 } from '../phi/access-policy.ts';
+import { type CommandDeps, whoami } from './command-deps.ts';
 
-/** What main.ts lends the policy commands (its backend choice, printing and exit conventions). */
-export interface PolicyCommandDeps {
-  config: () => Config;
-  withBackend: <T>(
-    cfg: Config,
-    viaApi: (call: (p: string, body: unknown) => Promise<unknown>) => Promise<T>,
-    direct: (core: CustosCore) => Promise<T>,
-  ) => Promise<T>;
-  print: (json: boolean, value: unknown, human: string) => void;
-  /** An error that exits 2 with this message (usage). */
-  usage: (message: string) => Error;
-}
+export type PolicyCommandDeps = CommandDeps;
 
 type ShownPolicy = StoredPolicy & { current: number; history: Omit<StoredPolicy, 'policy'>[] };
-
-function whoami(): string {
-  try {
-    return os.userInfo().username || 'installation-admin';
-  } catch {
-    return 'installation-admin'; // no account name (some containers)
-  }
-}
 
 function origin(p: Pick<StoredPolicy, 'version' | 'changedBy' | 'changedAt'>): string {
   return p.version === 0

@@ -1,8 +1,5 @@
 import fs from 'node:fs';
-import os from 'node:os';
 import type { Command } from 'commander';
-import type { Config } from '../config/config.ts';
-import type { CustosCore } from '../server.ts';
 import { documentSha256 } from '../admin/project-baa.ts';
 import {
   DATA_CLASSES,
@@ -10,28 +7,10 @@ import {
   BAA_WARNING_DAYS,
   type Vendor,
 } from '../egress/vendor-registry.ts';
+import { type CommandDeps, whoami } from './command-deps.ts';
 
-/** What main.ts lends the vendor commands (its backend choice, printing and exit conventions). */
-export interface VendorCommandDeps {
-  config: () => Config;
-  withBackend: <T>(
-    cfg: Config,
-    viaApi: (call: (p: string, body: unknown) => Promise<unknown>) => Promise<T>,
-    direct: (core: CustosCore) => Promise<T>,
-  ) => Promise<T>;
-  print: (json: boolean, value: unknown, human: string) => void;
-  list: (v: string) => string[];
-  /** An error that exits 2 with this message (usage). */
-  usage: (message: string) => Error;
-}
-
-function whoami(): string {
-  try {
-    return os.userInfo().username || 'installation-admin';
-  } catch {
-    return 'installation-admin'; // no account name (some containers)
-  }
-}
+/** The common command deps, and how main.ts splits a comma-separated list. */
+export type VendorCommandDeps = CommandDeps & { list: (v: string) => string[] };
 
 /** Human text of one vendor. */
 export function vendorText(v: Vendor): string {

@@ -5,6 +5,7 @@ import type { AuditLog } from '../audit/audit-log.ts';
 import { adminEvent } from '../audit/audit-event.ts';
 import type { Logger } from '../log/logger.ts';
 import { addressKind, normalizeHost } from './address-policy.ts';
+import { fieldIssue, shortLabel } from '../kernel/validation.ts';
 
 /**
  * The vendor registry (issue 7, docs/phi-boundary.md): every party Custos may send data to, its
@@ -186,21 +187,6 @@ export function baaStateOf(
 
 // --- validation -------------------------------------------------------------------------------
 
-const issue = (expression: string, diagnostics: string, code = 'value'): IssueDetail => ({
-  severity: 'error',
-  code,
-  expression,
-  diagnostics,
-});
-
-function label(v: unknown): string | undefined {
-  if (typeof v !== 'string') return undefined;
-  const s = v.trim();
-  // eslint-disable-next-line no-control-regex
-  if (s.length === 0 || s.length > 200 || /[\u0000-\u001f\u007f]/.test(s)) return undefined;
-  return s;
-}
-
 function calendarDate(v: unknown): string | undefined {
   if (typeof v !== 'string') return undefined;
   const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(v.trim());
@@ -243,23 +229,23 @@ type Loose<T> = Partial<Record<keyof T, unknown>>;
 
 function recordedByOf(v: unknown, issues: IssueDetail[]): string {
   if (v === undefined) return 'installation-admin';
-  const s = label(v);
-  if (!s) issues.push(issue('recordedBy', 'Who made the change is not a short text.'));
+  const s = shortLabel(v);
+  if (!s) issues.push(fieldIssue('recordedBy', 'Who made the change is not a short text.'));
   return s ?? '';
 }
 
 export function validateVendor(req: Loose<AddVendorRequest>): Required<AddVendorRequest> {
   const issues: IssueDetail[] = [];
-  const name = label(req.name);
+  const name = shortLabel(req.name);
   if (!name)
-    issues.push(issue('name', 'The vendor name is missing, longer than 200 characters or not text.'));
+    issues.push(fieldIssue('name', 'The vendor name is missing, longer than 200 characters or not text.'));
   const services: string[] = [];
   if (req.services !== undefined && !Array.isArray(req.services))
-    issues.push(issue('services', 'The services are not a list.'));
+    issues.push(fieldIssue('services', 'The services are not a list.'));
   for (const s of Array.isArray(req.services) ? req.services : []) {
     const v = typeof s === 'string' ? s.trim().toLowerCase() : '';
     if (!/^[a-z0-9][a-z0-9-]{0,39}$/.test(v)) {
-      issues.push(issue('services', 'A service name is not 1–40 of a-z, 0-9 and hyphens.'));
+      issues.push(fieldIssue('services', 'A service name is not 1–40 of a-z, 0-9 and hyphens.'));
       break;
     }
     if (!services.includes(v)) services.push(v);
@@ -267,7 +253,7 @@ export function validateVendor(req: Loose<AddVendorRequest>): Required<AddVendor
   const phiClass = typeof req.phiClass === 'string' ? req.phiClass.trim().toLowerCase() : '';
   if (!(DATA_CLASSES as readonly string[]).includes(phiClass))
     issues.push(
-      issue('phiClass', `The data class must be one of ${DATA_CLASSES.join(', ')}.`, 'code-invalid'),
+      fieldIssue('phiClass', `The data class must be one of ${DATA_CLASSES.join(', ')}.`, 'code-invalid'),
     );
   const recordedBy = recordedByOf(req.recordedBy, issues);
   if (issues.length) throw new CustosError('VENDOR_INVALID', issues);
@@ -277,22 +263,22 @@ export function validateVendor(req: Loose<AddVendorRequest>): Required<AddVendor
 export function validateEndpoint(req: Loose<AddEndpointRequest>): Required<AddEndpointRequest> {
   const issues: IssueDetail[] = [];
   const vendor = typeof req.vendor === 'string' && req.vendor.trim() !== '' ? req.vendor.trim() : '';
-  if (!vendor) issues.push(issue('vendor', 'The vendor is missing.', 'required'));
+  if (!vendor) issues.push(fieldIssue('vendor', 'The vendor is missing.', 'required'));
   const host = typeof req.host === 'string' ? normalizeHost(req.host) : undefined;
   if (!host || host.length > 253)
-    issues.push(issue('host', 'The host is not a DNS name or an IP address (no scheme, path or port).'));
+    issues.push(fieldIssue('host', 'The host is not a DNS name or an IP address (no scheme, path or port).'));
   const port = typeof req.port === 'string' && /^\d{1,5}$/.test(req.port) ? Number(req.port) : req.port;
   if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535)
-    issues.push(issue('port', 'The port is not a whole number from 1 to 65535.'));
+    issues.push(fieldIssue('port', 'The port is not a whole number from 1 to 65535.'));
   const protocol = typeof req.protocol === 'string' ? req.protocol.trim().toLowerCase() : '';
   if (!(ENDPOINT_PROTOCOLS as readonly string[]).includes(protocol))
     issues.push(
-      issue('protocol', `The protocol must be one of ${ENDPOINT_PROTOCOLS.join(', ')}.`, 'code-invalid'),
+      fieldIssue('protocol', `The protocol must be one of ${ENDPOINT_PROTOCOLS.join(', ')}.`, 'code-invalid'),
     );
   const allowPrivate = req.allowPrivate === true;
   if (protocol === 'http' && !allowPrivate)
     issues.push(
-      issue(
+      fieldIssue(
         'protocol',
         'Plain http is only for a loopback or private test server registered with allowPrivate; use https.',
         'business-rule',
@@ -300,7 +286,7 @@ export function validateEndpoint(req: Loose<AddEndpointRequest>): Required<AddEn
     );
   if (host && !allowPrivate && addressKind(host) !== undefined && addressKind(host) !== 'public')
     issues.push(
-      issue(
+      fieldIssue(
         'host',
         'The host is a private, loopback, link-local or reserved address: register it with allowPrivate if that is intended.',
         'business-rule',
@@ -324,9 +310,9 @@ export function validateVendorBaa(
 ): Required<RecordVendorBaaRequest> {
   const issues: IssueDetail[] = [];
   const vendor = typeof req.vendor === 'string' && req.vendor.trim() !== '' ? req.vendor.trim() : '';
-  if (!vendor) issues.push(issue('vendor', 'The vendor is missing.', 'required'));
+  if (!vendor) issues.push(fieldIssue('vendor', 'The vendor is missing.', 'required'));
   if (req.executed !== undefined && typeof req.executed !== 'boolean')
-    issues.push(issue('executed', 'executed must be true or false.'));
+    issues.push(fieldIssue('executed', 'executed must be true or false.'));
   const executed = req.executed !== false;
   const latestToday = new Date(now.getTime() + 14 * 3600_000).toISOString().slice(0, 10);
   let executedAt = '';
@@ -334,36 +320,38 @@ export function validateVendorBaa(
   let documentSha256 = '';
   const sha = typeof req.documentSha256 === 'string' ? req.documentSha256.trim().toLowerCase() : '';
   if (sha !== '' && !/^[0-9a-f]{64}$/.test(sha))
-    issues.push(issue('documentSha256', 'The document hash is not a SHA-256 (64 hex digits).'));
+    issues.push(fieldIssue('documentSha256', 'The document hash is not a SHA-256 (64 hex digits).'));
   if (executed) {
     const e = calendarDate(req.executedAt);
     if (!e)
-      issues.push(issue('executedAt', 'The execution date is missing or not a calendar date (YYYY-MM-DD).'));
-    else if (e > latestToday) issues.push(issue('executedAt', 'The execution date is in the future.'));
+      issues.push(
+        fieldIssue('executedAt', 'The execution date is missing or not a calendar date (YYYY-MM-DD).'),
+      );
+    else if (e > latestToday) issues.push(fieldIssue('executedAt', 'The execution date is in the future.'));
     else if (e < '1996-08-21')
-      issues.push(issue('executedAt', 'The execution date is before HIPAA (1996-08-21).'));
+      issues.push(fieldIssue('executedAt', 'The execution date is before HIPAA (1996-08-21).'));
     else executedAt = e;
     const x = calendarDate(req.expiresOn);
     if (!x)
       issues.push(
-        issue(
+        fieldIssue(
           'expiresOn',
           'The expiry date is missing or not a calendar date (YYYY-MM-DD); an executed BAA needs one.',
         ),
       );
     else if (executedAt && x <= executedAt)
-      issues.push(issue('expiresOn', 'The expiry date is not after the execution date.'));
+      issues.push(fieldIssue('expiresOn', 'The expiry date is not after the execution date.'));
     else expiresOn = x;
     if (sha === '')
-      issues.push(issue('documentSha256', 'An executed BAA needs its document (SHA-256).', 'required'));
+      issues.push(fieldIssue('documentSha256', 'An executed BAA needs its document (SHA-256).', 'required'));
     else documentSha256 = sha;
   } else {
     // Not executed: dates are optional; an expiry may be recorded ahead of signature.
     if (req.executedAt !== undefined && req.executedAt !== '')
-      issues.push(issue('executedAt', 'A BAA that is not executed has no execution date.'));
+      issues.push(fieldIssue('executedAt', 'A BAA that is not executed has no execution date.'));
     if (req.expiresOn !== undefined && req.expiresOn !== '') {
       const x = calendarDate(req.expiresOn);
-      if (!x) issues.push(issue('expiresOn', 'The expiry date is not a calendar date (YYYY-MM-DD).'));
+      if (!x) issues.push(fieldIssue('expiresOn', 'The expiry date is not a calendar date (YYYY-MM-DD).'));
       else expiresOn = x;
     }
     documentSha256 = /^[0-9a-f]{64}$/.test(sha) ? sha : '';
