@@ -1,3 +1,4 @@
+import { servingGateway } from './phi/serving-gateway.ts';
 import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -17,15 +18,14 @@ import { AuditSealer } from './audit/audit-sealer.ts';
 import type { AuditQueryDeps } from './audit/audit-query.ts';
 import { AuditReports } from './audit/audit-report.ts';
 import { loadSiemTls, SiemForwarder } from './audit/siem-forwarder.ts';
-import { PhiGateway } from './phi/gateway.ts';
 import { ClientRegistry } from './auth/client-registry.ts';
 import { UserService } from './auth/users.ts';
 import { SessionStore } from './auth/sessions.ts';
 import { TotpSealer } from './auth/totp.ts';
 import { createAccessTokenVerifier } from './auth/access-token.ts';
 import { createAuthenticator } from './auth/authenticate.ts';
-import { initValidator, validateResource } from './fhir/validator.ts';
-import { isResourceType, RESOURCE_TYPES } from './fhir/resource-types.ts';
+import { initValidator } from './fhir/validator.ts';
+import { RESOURCE_TYPES } from './fhir/resource-types.ts';
 import { capabilityStatement, smartConfiguration } from './fhir/capability-statement.ts';
 import { createHttpApp } from './http/http-app.ts';
 import { AdminService } from './admin/admin-service.ts';
@@ -313,18 +313,7 @@ export async function buildApp(
   const paths = dataPaths(config.dataDir);
   initValidator(); // loads the definitions now (~1 s), not on the first write
   searchParameters(); // the same for the ~1,400 search parameter expressions
-  const gateway = new PhiGateway({
-    db: core.resourceDb,
-    audit: core.audit,
-    log,
-    validate: validateResource,
-    isResourceType,
-    resourceTypes: RESOURCE_TYPES,
-    fhirBaseUrl: `${config.publicUrl}/fhir/R4`,
-    searchTimeoutMs: 10_000,
-    searchIndexing: config.searchIndexing,
-    encryption: core.encryption,
-  });
+  const gateway = servingGateway(config, log, core);
   // Loaded here, not at the top: CLI commands that do not serve need no authorization server
   // (and oidc-provider prints a runtime notice on Node 20 when it loads; see docs/adr/0002).
   const { createAuthorizationServer } = await import('./auth/authorization-server.ts');

@@ -1,9 +1,8 @@
 import type { Config } from '../config/config.ts';
 import type { Logger } from '../log/logger.ts';
 import type { CustosCore } from '../server.ts';
-import { PhiGateway } from '../phi/gateway.ts';
-import { validateResource } from '../fhir/validator.ts';
-import { isResourceType, RESOURCE_TYPES } from '../fhir/resource-types.ts';
+import { servingGateway } from '../phi/serving-gateway.ts';
+import { isResourceType } from '../fhir/resource-types.ts';
 import { SmtpMailer } from '../egress/smtp-mailer.ts';
 import type { EgressGateway } from '../egress/egress.ts';
 import { certificates, readPem } from '../config/pem-files.ts';
@@ -21,18 +20,7 @@ export function startSubscriptionWorker(
   options: Partial<SubscriptionWorkerOptions> = {},
 ): SubscriptionWorker {
   const fhirBaseUrl = `${config.publicUrl}/fhir/R4`;
-  const gateway = new PhiGateway({
-    db: core.resourceDb,
-    audit: core.audit,
-    log,
-    validate: validateResource,
-    isResourceType,
-    resourceTypes: RESOURCE_TYPES,
-    fhirBaseUrl,
-    searchTimeoutMs: 10_000,
-    searchIndexing: config.searchIndexing,
-    encryption: core.encryption,
-  });
+  const gateway = servingGateway(config, log, core);
   const worker = new SubscriptionWorker(
     {
       db: core.resourceDb,
