@@ -35,7 +35,7 @@ import { newId } from './kernel/ids.ts';
 import { EgressGateway } from './egress/egress.ts';
 import { VendorRegistry } from './egress/vendor-registry.ts';
 import { infrastructureVendors } from './egress/infrastructure.ts';
-import { collectFlowMap, type FlowMap } from './egress/flow-map.ts';
+import { collectFlowMap, type FlowMap, type SubscriptionFlow } from './egress/flow-map.ts';
 import { startSubscriptionWorker } from './subscriptions/subscription-service.ts';
 import type { SubscriptionWorker, SubscriptionWorkerOptions } from './subscriptions/subscription-worker.ts';
 
@@ -99,6 +99,11 @@ export interface CustosCore {
   egress: EgressGateway;
   /** The PHI flow map of this configuration (`custos flows`, docs/phi-boundary.md). */
   flows(): Promise<FlowMap>;
+  /**
+   * The active subscriptions the flow map shows per vendor: the serving process's worker sets it
+   * (startServer); undefined otherwise (the CLI with the storage opened directly).
+   */
+  subscriptionFlows: () => readonly SubscriptionFlow[] | undefined;
   close(): Promise<void>;
 }
 
@@ -262,7 +267,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
       throw e;
     }
   }
-  return {
+  const core: CustosCore = {
     resourceDb,
     auditDb,
     audit,
@@ -280,7 +285,15 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
     reports: new AuditReports(auditQuery),
     vendors,
     egress,
-    flows: () => collectFlowMap({ config, vendors, db: resourceDb }),
+    subscriptionFlows: () => undefined,
+    flows() {
+      return collectFlowMap({
+        config,
+        vendors,
+        db: resourceDb,
+        subscriptions: () => core.subscriptionFlows(),
+      });
+    },
     async close() {
       await witnesses.close();
       await egress.close();
@@ -289,6 +302,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
       await auditDb.close().catch(() => {});
     },
   };
+  return core;
 }
 
 export interface RunningServer {
@@ -409,6 +423,7 @@ export async function startServer(
     vendorTimer.unref();
     // FHIR rest-hook subscriptions, delivered through the egress gateway; stopped before storage closes.
     const subscriptions = startSubscriptionWorker(config, log, core, opts.subscriptions);
+    core.subscriptionFlows = () => subscriptions.activeFlows();
     log.info('server.listening', {
       host: config.host,
       port,

@@ -12,7 +12,7 @@ import { migrate, RESOURCE_MIGRATIONS } from '../src/store/migrations.ts';
 import { prepareAuditSchema } from '../src/audit/audit-migrations.ts';
 import { AuditLog } from '../src/audit/audit-log.ts';
 import { loadConfig, type Config } from '../src/config/config.ts';
-import { classWithin, DATA_CLASSES, VendorRegistry } from '../src/egress/vendor-registry.ts';
+import { classWithin, DATA_CLASSES, VendorRegistry, type Vendor } from '../src/egress/vendor-registry.ts';
 import { EgressGateway } from '../src/egress/egress.ts';
 import { infrastructureVendors } from '../src/egress/infrastructure.ts';
 import {
@@ -316,6 +316,65 @@ describe('PHI flow map', () => {
     );
     assert.match(emailOnly.warnings[0]!, /project p2 \("Mailer"\).*no BAA of the project covers fhir/);
     checkDrawings(emailOnly);
+  });
+
+  test("subscriptions: a vendor's flow is red when a production project's BAA does not cover the channel", () => {
+    const hooks: Vendor = {
+      vendorId: 'v-hooks',
+      name: 'Hooks Inc',
+      kind: 'vendor',
+      services: ['webhooks', 'email'],
+      phiClass: 'full',
+      endpoints: [
+        { endpointId: 'e1', host: 'hooks.example.org', port: 443, protocol: 'https', allowPrivate: false },
+        { endpointId: 'e2', host: 'smtp.example.org', port: 465, protocol: 'tls', allowPrivate: false },
+      ],
+      baaState: 'active',
+      baa: { executedAt: day(-10), expiresOn: day(300), documentSha256: SHA },
+    } as unknown as Vendor;
+    const project = (services: string[]) => ({
+      projectId: 'p3',
+      name: 'Clinic',
+      kind: 'production' as const,
+      baas: [{ counterparty: 'Example Clinic LLC', services: ['fhir', 'audit', ...services] }],
+    });
+    const subscriptions = [
+      { projectId: 'p3', channel: 'rest-hook' as const, host: 'hooks.example.org', port: 443, count: 2 },
+      { projectId: 'p3', channel: 'email' as const, host: 'smtp.example.org', port: 465, count: 1 },
+    ];
+    const vendorFlow = (m: ReturnType<typeof buildFlowMap>) =>
+      m.flows.find((f) => f.to === 'vendor_v_hooks')!;
+    const uncovered = buildFlowMap({ config, vendors: [hooks], projects: [project([])], subscriptions });
+    const f = vendorFlow(uncovered);
+    assert.equal(f.covered, false);
+    assert.deepEqual(
+      f.reasons.map((r) => /covers (\w+)$/.exec(r)?.[1]),
+      ['subscriptions', 'email'],
+      'each channel needs its own BAA service',
+    );
+    assert.ok(
+      uncovered.nodes
+        .find((n) => n.id === 'vendor_v_hooks')!
+        .details.includes('2 active rest-hook subscription(s) of project p3 ("Clinic")'),
+    );
+    const webhooksOnly = buildFlowMap({
+      config,
+      vendors: [hooks],
+      projects: [project(['subscriptions'])],
+      subscriptions,
+    });
+    assert.equal(vendorFlow(webhooksOnly).reasons.length, 1);
+    const covered = buildFlowMap({
+      config,
+      vendors: [hooks],
+      projects: [project(['subscriptions', 'email'])],
+      subscriptions,
+    });
+    assert.equal(vendorFlow(covered).covered, true);
+    // Not known (no server running): said, not guessed.
+    const unknown = buildFlowMap({ config, vendors: [hooks], projects: [project([])] });
+    assert.equal(vendorFlow(unknown).covered, true);
+    assert.ok(unknown.warnings.some((w) => /known to the running server only/.test(w)));
   });
 
   test('the allowlist is exactly what the gateway lets through, class by class', async () => {

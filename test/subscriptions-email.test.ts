@@ -309,6 +309,10 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
       );
     assert.deepEqual(await cls(i!), [['success', 'limited', 'subscription']]);
     assert.deepEqual(await cls(f!), [['success', 'full', 'subscription']]);
+    // The running server's flow map shows what the relay is sent (a sandbox project: test data).
+    const m = await h.server.core.flows();
+    const node = m.nodes.find((n) => n.label === 'Mail Relay')!;
+    assert.ok(node.details.some((d) => /^\d+ active email subscription\(s\) of project /.test(d)));
     // The relay's password and the resource never reach the server's log.
     const log = h.logLines.join('\n');
     assert.ok(!log.includes(RELAY_PASSWORD));

@@ -59,11 +59,28 @@ export interface FlowProject {
   baas: { counterparty: string; services: string[] }[];
 }
 
+/** Active subscriptions of one project, channel and destination (the endpoint, or the SMTP relay). */
+export interface SubscriptionFlow {
+  projectId: string;
+  channel: 'rest-hook' | 'email';
+  host: string;
+  port: number;
+  count: number;
+}
+
+/** The project BAA service that covers each notification channel (project-baa.ts BAA_SERVICES). */
+const CHANNEL_SERVICE: Readonly<Record<SubscriptionFlow['channel'], string>> = {
+  'rest-hook': 'subscriptions',
+  email: 'email',
+};
+
 export interface FlowMapInput {
   config: FlowConfig;
   /** Registered vendors and infrastructure destinations (`VendorRegistry.list()`). */
   vendors: readonly Vendor[];
   projects: readonly FlowProject[];
+  /** The running server's active subscriptions; undefined when not known (no server running). */
+  subscriptions?: readonly SubscriptionFlow[];
   now?: Date;
 }
 
@@ -349,8 +366,10 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
       },
     });
     if (endpoints.length === 0) continue;
+    const subs = subscriptionsTo(v, input.subscriptions ?? []);
+    if (subs.length > 0) nodes.at(-1)!.details.push(...subscriptionDetails(subs, input.projects));
     const refused = classRefusal(v, v.phiClass);
-    const reasons =
+    const reasons: string[] =
       refused === 'EGRESS_BAA_EXPIRED'
         ? [
             `${v.name} may receive ${classText(v.phiClass)}, but its BAA expired on ${v.baa?.expiresOn}: the gateway blocks PHI to it`,
@@ -360,6 +379,15 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
               `${v.name} may receive ${classText(v.phiClass)} without an executed BAA (${v.baaState === 'none' ? 'none recorded' : 'not executed'}): the gateway blocks PHI to it`,
             ]
           : [];
+    // Notifications of a production project's data need its BAA to cover the channel's service.
+    for (const sub of subs) {
+      const p = production.find((x) => x.projectId === sub.projectId);
+      const service = CHANNEL_SERVICE[sub.channel];
+      if (p && !servicesOf(p).includes(service))
+        reasons.push(
+          `production project ${projectName(p)}: ${sub.count} active ${sub.channel} subscription(s) send to ${v.name}, but no BAA of the project covers ${service}`,
+        );
+    }
     const notes =
       v.baaState === 'expiring' && isPhiClass(v.phiClass)
         ? [`the BAA of ${v.name} expires on ${v.baa?.expiresOn} (in ${v.expiresInDays} days)`]
@@ -414,6 +442,10 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
     }))
     .sort((a, b) => (a.host === b.host ? a.port - b.port : a.host < b.host ? -1 : 1));
 
+  if (input.subscriptions === undefined)
+    warnings.push(
+      'active subscriptions are known to the running server only: run custos flows while it runs to see which vendors they send to',
+    );
   const notConfigured = [
     'MLLP (HL7v2) ingress: not in this version of Custos',
     'bulk imports: not in this version of Custos',
@@ -436,6 +468,19 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
     notConfigured,
     warnings: [...flows.flatMap((f) => [...f.reasons, ...f.notes]), ...warnings],
   };
+}
+
+/** The subscription flows whose destination is one of the vendor's endpoints. */
+function subscriptionsTo(v: Vendor, subs: readonly SubscriptionFlow[]): SubscriptionFlow[] {
+  return subs.filter((s) => v.endpoints.some((e) => e.host === s.host && e.port === s.port));
+}
+
+function subscriptionDetails(subs: SubscriptionFlow[], projects: readonly FlowProject[]): string[] {
+  const name = (id: string) => projects.find((p) => p.projectId === id)?.name ?? id;
+  return subs.map(
+    (s) =>
+      `${s.count} active ${s.channel} subscription(s) of project ${s.projectId} ("${name(s.projectId)}")`,
+  );
 }
 
 /** Reads the projects and their BAAs' services (resource database, migration 7). */
@@ -461,11 +506,19 @@ export async function collectFlowMap(sources: {
   config: FlowConfig;
   vendors: { list(): Promise<Vendor[]> };
   db: SqlDriver;
+  /** The running server's active subscriptions (its worker); undefined when not known. */
+  subscriptions?: () => readonly SubscriptionFlow[] | undefined;
   now?: () => Date;
 }): Promise<FlowMap> {
   const vendors = await sources.vendors.list();
   const projects = await readFlowProjects(sources.db);
-  return buildFlowMap({ config: sources.config, vendors, projects, now: sources.now?.() });
+  return buildFlowMap({
+    config: sources.config,
+    vendors,
+    projects,
+    subscriptions: sources.subscriptions?.(),
+    now: sources.now?.(),
+  });
 }
 
 // --- renderings --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import type { PhiGateway, Principal } from '../phi/gateway.ts';
 import { egressFetch, type EgressGateway } from '../egress/egress.ts';
 import { normalizeHost } from '../egress/address-policy.ts';
 import type { DestinationSource } from '../egress/vendor-registry.ts';
+import type { SubscriptionFlow } from '../egress/flow-map.ts';
 import { SmtpError, type MailMessage, type SmtpMailer } from '../egress/smtp-mailer.ts';
 import { patientCompartment } from '../fhir/patient-compartment.ts';
 import { parseSubscription, SubscriptionRefusal, type SubscriptionSpec } from './subscription-channel.ts';
@@ -285,6 +286,28 @@ export class SubscriptionWorker {
     }
     if (active.size > 0) this.#active.set(projectId, active);
     else this.#active.delete(projectId);
+  }
+
+  /** The active subscriptions per project, channel and destination host and port (the flow map). */
+  activeFlows(): SubscriptionFlow[] {
+    const out = new Map<string, SubscriptionFlow>();
+    const relay = this.#deps.mailer?.relay;
+    for (const [projectId, specs] of this.#active)
+      for (const s of specs.values()) {
+        const dest =
+          s.channel === 'email'
+            ? relay && { host: normalizeHost(relay.host) ?? relay.host, port: relay.port }
+            : {
+                host: normalizeHost(s.endpoint.hostname) ?? s.endpoint.hostname,
+                port: s.endpoint.port ? Number(s.endpoint.port) : s.endpoint.protocol === 'https:' ? 443 : 80,
+              };
+        if (!dest) continue;
+        const key = `${projectId}|${s.channel}|${dest.host}|${dest.port}`;
+        const f = out.get(key) ?? { projectId, channel: s.channel, ...dest, count: 0 };
+        f.count++;
+        out.set(key, f);
+      }
+    return [...out.values()];
   }
 
   /**
