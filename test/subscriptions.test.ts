@@ -481,4 +481,42 @@ describe('FHIR rest-hook subscriptions', () => {
     );
     assert.ok(!ok.on('/iso-a')[0]!.body.includes('from-b'));
   });
+
+  test("a production project's PHI notifications need its BAA to cover subscriptions; an empty one does not", async () => {
+    // Project B becomes production under a BAA covering the FHIR API and the audit log only.
+    const baa = (services: string[]) =>
+      server.core.admin.recordBaa({
+        projectId: projectB.projectId,
+        counterparty: 'Example Clinic LLC',
+        signedBy: 'Dana Roe',
+        signedAt: day(-3),
+        services,
+        documentSha256: SHA,
+      });
+    await baa(['fhir', 'audit']);
+    const ids = await subscribe(
+      subscription(url(ok, '/prod-ids'), `Observation?code=${LOINC}|8888-8`, 'id-only'),
+      'B',
+    );
+    assert.equal(ids.status, 'error');
+    assert.match(ids.error, /BAA does not cover the service subscriptions/);
+    const empty = await subscribe(
+      subscription(url(ok, '/prod-empty'), `Observation?code=${LOINC}|8888-8`),
+      'B',
+    );
+    assert.equal(empty.status, 'active', empty.error);
+    // Covered by a further BAA: requested again, it activates.
+    await baa(['subscriptions']);
+    const res = await fhir(`/Subscription/${ids.id}`, {
+      method: 'PUT',
+      body: JSON.stringify({ ...ids, status: 'requested', error: undefined }),
+      as: 'B',
+    });
+    assert.equal(res.status, 200, await res.clone().text());
+    const again = await until('the subscription to leave requested', async () => {
+      const r = (await (await fhir(`/Subscription/${ids.id}`, { as: 'B' })).json()) as Record<string, any>;
+      return r.status !== 'requested' ? r : undefined;
+    });
+    assert.equal(again.status, 'active', again.error);
+  });
 });

@@ -343,3 +343,21 @@ export async function showProject(deps: ProjectDeps, projectId: string): Promise
     })),
   };
 }
+
+/**
+ * A project's kind and the services its recorded BAAs cover together (empty for a sandbox, or a
+ * production project whose BAAs name none); undefined for an unknown project.
+ */
+export async function projectCoverage(
+  db: SqlDriver,
+  projectId: string,
+): Promise<{ kind: 'sandbox' | 'production'; services: string[] } | undefined> {
+  const p = await db.query<{ kind: 'sandbox' | 'production' }>('SELECT kind FROM project WHERE id = $1', [
+    projectId,
+  ]);
+  if (!p.rows[0]) return undefined;
+  const b = await db.query<{ services: string[] }>('SELECT services FROM project_baa WHERE project_id = $1', [
+    projectId,
+  ]);
+  return { kind: p.rows[0].kind, services: [...new Set(b.rows.flatMap((r) => r.services))] };
+}

@@ -69,7 +69,7 @@ export interface SubscriptionFlow {
 }
 
 /** The project BAA service that covers each notification channel (project-baa.ts BAA_SERVICES). */
-const CHANNEL_SERVICE: Readonly<Record<SubscriptionFlow['channel'], string>> = {
+export const CHANNEL_SERVICE: Readonly<Record<SubscriptionFlow['channel'], string>> = {
   'rest-hook': 'subscriptions',
   email: 'email',
 };

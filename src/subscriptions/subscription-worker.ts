@@ -6,7 +6,8 @@ import type { PhiGateway, Principal } from '../phi/gateway.ts';
 import { egressFetch, type EgressGateway } from '../egress/egress.ts';
 import { normalizeHost } from '../egress/address-policy.ts';
 import type { DestinationSource } from '../egress/vendor-registry.ts';
-import type { SubscriptionFlow } from '../egress/flow-map.ts';
+import { CHANNEL_SERVICE, type SubscriptionFlow } from '../egress/flow-map.ts';
+import { projectCoverage } from '../admin/project-baa.ts';
 import { SmtpError, type MailMessage, type SmtpMailer } from '../egress/smtp-mailer.ts';
 import { patientCompartment } from '../fhir/patient-compartment.ts';
 import { parseSubscription, SubscriptionRefusal, type SubscriptionSpec } from './subscription-channel.ts';
@@ -317,6 +318,13 @@ export class SubscriptionWorker {
    * delivery by the egress gateway.)
    */
   private async endpointProblem(spec: SubscriptionSpec): Promise<string | undefined> {
+    // A production project's PHI leaves by a channel only if the project's BAA covers it.
+    if (spec.dataClass !== 'none') {
+      const service = CHANNEL_SERVICE[spec.channel];
+      const project = await projectCoverage(this.#deps.db, spec.projectId);
+      if (project?.kind === 'production' && !project.services.includes(service))
+        return `The project's BAA does not cover the service ${service}: notifications that carry PHI (id-only, full-resource) need it. An administrator records a BAA covering ${service} (custos project baa), or use no payload; then set status to requested again.`;
+    }
     if (spec.channel === 'email') {
       const mailer = this.#deps.mailer;
       if (!mailer) return NO_MAILER;
