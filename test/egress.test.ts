@@ -14,6 +14,7 @@ import { addressKind, normalizeHost } from '../src/egress/address-policy.ts';
 import type { DataClass, Vendor, VendorEndpoint } from '../src/egress/vendor-registry.ts';
 import type { AuditEvent } from '../src/audit/audit-event.ts';
 import { isCustosError } from '../src/kernel/errors.ts';
+import { makePki } from './support/test-pki.ts';
 
 // The egress gateway (issue 7): loopback HTTPS and TLS servers with a throwaway CA; names resolved by
 // an injected resolver. Every refusal: the right code, audited, and the server received nothing.
@@ -30,51 +31,9 @@ const skip = hasOpenssl() ? false : 'openssl not found: it makes the test certif
 
 /** A CA and a server certificate for 127.0.0.1, ::1, localhost and *.example.test. */
 function makeCerts(dir: string): { ca: string; cert: string; key: string } {
-  const run = (args: string[]) =>
-    execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-  run([
-    'req',
-    '-x509',
-    ...ec,
-    '-keyout',
-    'ca.key',
-    '-out',
-    'ca.pem',
-    '-days',
-    '2',
-    '-subj',
-    '/CN=Custos Egress Test CA',
-    '-addext',
-    'basicConstraints=critical,CA:TRUE',
-    '-addext',
-    'keyUsage=critical,keyCertSign,cRLSign',
-  ]);
-  run(['req', ...ec, '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=127.0.0.1']);
-  fs.writeFileSync(
-    path.join(dir, 'server.ext'),
-    'subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost,DNS:*.example.test\nextendedKeyUsage=serverAuth\n' +
-      'keyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n',
-  );
-  run([
-    'x509',
-    '-req',
-    '-in',
-    'server.csr',
-    '-CA',
-    'ca.pem',
-    '-CAkey',
-    'ca.key',
-    '-CAcreateserial',
-    '-out',
-    'server.pem',
-    '-days',
-    '2',
-    '-extfile',
-    'server.ext',
-  ]);
-  const read = (n: string) => fs.readFileSync(path.join(dir, n), 'utf8');
-  return { ca: read('ca.pem'), cert: read('server.pem'), key: read('server.key') };
+  const pki = makePki(dir, { serverSan: 'IP:127.0.0.1,IP:::1,DNS:localhost,DNS:*.example.test' });
+  const read = (f: string) => fs.readFileSync(f, 'utf8');
+  return { ca: read(pki.caFile), cert: read(pki.serverCert), key: read(pki.serverKey) };
 }
 
 /** Names the tests resolve themselves; anything else goes to the system resolver. */

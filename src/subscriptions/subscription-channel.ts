@@ -121,27 +121,35 @@ export function parseSubscription(
       throw new SubscriptionRefusal(
         `criteria may not use the result parameter ${k.split(':')[0]} (paging, sorting, includes, _id).`,
       );
-  if (channel.type === 'email') {
-    if (channel.header !== undefined)
-      throw new SubscriptionRefusal('channel.header is for rest-hook; an email channel takes none.');
-    const to = mailtoAddress(channel.endpoint);
-    const payload = payloadContent(channel);
-    return {
-      projectId,
-      id,
-      versionId,
-      status,
-      type,
-      query,
-      channel: 'email',
-      endpoint: new URL(`mailto:${to}`),
-      to,
-      headers: [],
-      payload,
-      dataClass: PAYLOAD_CLASS[payload],
-      end: endTime(resource),
-    };
-  }
+  const target = channel.type === 'email' ? emailChannel(channel) : restHookChannel(channel);
+  const payload = payloadContent(channel);
+  return {
+    projectId,
+    id,
+    versionId,
+    status,
+    type,
+    query,
+    channel: channel.type,
+    ...target,
+    payload,
+    dataClass: PAYLOAD_CLASS[payload],
+    end: endTime(resource),
+  };
+}
+
+type ChannelTarget = Pick<SubscriptionSpec, 'endpoint' | 'to' | 'headers'>;
+
+/** An email channel: `mailto:` one address; no HTTP headers. */
+function emailChannel(channel: Record<string, unknown>): ChannelTarget {
+  if (channel.header !== undefined)
+    throw new SubscriptionRefusal('channel.header is for rest-hook; an email channel takes none.');
+  const to = mailtoAddress(channel.endpoint);
+  return { endpoint: new URL(`mailto:${to}`), to, headers: [] };
+}
+
+/** A rest-hook channel: an absolute http(s) URL without credentials, and its extra headers. */
+function restHookChannel(channel: Record<string, unknown>): ChannelTarget {
   let endpoint: URL;
   try {
     endpoint = new URL(typeof channel.endpoint === 'string' ? channel.endpoint : '');
@@ -170,21 +178,7 @@ export function parseSubscription(
       throw new SubscriptionRefusal(`channel.header[${i}] sets a header the server controls.`);
     headers.push([name, value]);
   }
-  const payload = payloadContent(channel);
-  return {
-    projectId,
-    id,
-    versionId,
-    status,
-    type,
-    query,
-    channel: 'rest-hook',
-    endpoint,
-    headers,
-    payload,
-    dataClass: PAYLOAD_CLASS[payload],
-    end: endTime(resource),
-  };
+  return { endpoint, headers };
 }
 
 function endTime(resource: Record<string, unknown>): number | undefined {

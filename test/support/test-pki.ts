@@ -28,7 +28,8 @@ function openssl(args: string[], cwd: string): void {
   execFileSync(findExecutable('openssl')!, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
-export function makePki(dir: string): TestPki {
+/** `serverSan`: the server certificate's subjectAltName (default: the address 127.0.0.1 only). */
+export function makePki(dir: string, opts: { serverSan?: string } = {}): TestPki {
   fs.mkdirSync(dir, { recursive: true });
   const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
   const ca = (name: string, cn: string) =>
@@ -79,7 +80,11 @@ export function makePki(dir: string): TestPki {
     );
   };
   const common = 'keyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n';
-  leaf('server', '127.0.0.1', `subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n${common}`);
+  leaf(
+    'server',
+    '127.0.0.1',
+    `subjectAltName=${opts.serverSan ?? 'IP:127.0.0.1'}\nextendedKeyUsage=serverAuth\n${common}`,
+  );
   leaf('client', 'custos-test-client', `extendedKeyUsage=clientAuth\n${common}`);
   const f = (n: string) => path.join(dir, n);
   return {
