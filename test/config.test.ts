@@ -127,3 +127,28 @@ test('CUSTOS_SMTP_*: smtps:// only, a sender, credentials together; stray settin
     /^CUSTOS_SMTP_FROM: is set but CUSTOS_SMTP_URL is not/,
   );
 });
+
+test('CUSTOS_SUBSCRIPTION_*: delivery settings with defaults and bounds', () => {
+  assert.deepEqual(loadConfig({}).subscriptionDelivery, {
+    maxAttempts: 8,
+    retryMaxSeconds: 600,
+    timeoutSeconds: 10,
+  });
+  assert.deepEqual(
+    loadConfig({
+      CUSTOS_SUBSCRIPTION_MAX_ATTEMPTS: '3',
+      CUSTOS_SUBSCRIPTION_RETRY_MAX: '60',
+      CUSTOS_SUBSCRIPTION_TIMEOUT: '30',
+    }).subscriptionDelivery,
+    { maxAttempts: 3, retryMaxSeconds: 60, timeoutSeconds: 30 },
+  );
+  assert.match(
+    refusal({ CUSTOS_SUBSCRIPTION_MAX_ATTEMPTS: '0' }),
+    /^CUSTOS_SUBSCRIPTION_MAX_ATTEMPTS: must be a whole number from 1 to 100/,
+  );
+  assert.match(
+    refusal({ CUSTOS_SUBSCRIPTION_RETRY_MAX: '1' }),
+    /^CUSTOS_SUBSCRIPTION_RETRY_MAX: .*from 2 to 86400/,
+  );
+  assert.match(refusal({ CUSTOS_SUBSCRIPTION_TIMEOUT: '10s' }), /^CUSTOS_SUBSCRIPTION_TIMEOUT: /);
+});

@@ -171,6 +171,7 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
         CUSTOS_SMTP_USER: RELAY_USER,
         CUSTOS_SMTP_PASSWORD: RELAY_PASSWORD,
         CUSTOS_SMTP_CA_FILE: pki.caFile,
+        CUSTOS_SUBSCRIPTION_TIMEOUT: '7',
       },
       subscriptions: {
         pollMs: 40,
@@ -186,6 +187,11 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
     await h?.close();
     await relay?.close();
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('the delivery settings come from the environment; options given in code win', () => {
+    assert.equal(h.server.subscriptions.options.requestTimeoutMs, 7_000);
+    assert.equal(h.server.subscriptions.options.maxAttempts, 6);
   });
 
   test('bad email channels are refused with a reason: lists, header fields, HTTP headers', async () => {

@@ -82,6 +82,16 @@ export interface Config {
         readonly caFile: string | undefined;
       }
     | undefined;
+  /**
+   * CUSTOS_SUBSCRIPTION_*: delivery of subscription notifications (docs/phi-boundary.md,
+   * "Delivery semantics"): attempts before a dead letter, the longest wait between two, and the
+   * time limit of one attempt.
+   */
+  readonly subscriptionDelivery: {
+    readonly maxAttempts: number;
+    readonly retryMaxSeconds: number;
+    readonly timeoutSeconds: number;
+  };
   /** CUSTOS_KEY_PROVIDER=aws-kms: the KMS region, endpoint and credentials (docs/keys.md). */
   readonly kms:
     | {
@@ -422,6 +432,18 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
   if (sessionIdleMinutes > sessionMaxHours * 60)
     throw new ConfigError('CUSTOS_SESSION_IDLE_MINUTES', 'must not exceed CUSTOS_SESSION_MAX_HOURS');
 
+  const whole = (name: string, dflt: number, min: number, max: number, unit: string): number => {
+    const text = str(env, name) ?? String(dflt);
+    if (!/^\d{1,6}$/.test(text) || Number(text) < min || Number(text) > max)
+      throw new ConfigError(name, `must be a whole number${unit} from ${min} to ${max}`);
+    return Number(text);
+  };
+  const subscriptionDelivery = {
+    maxAttempts: whole('CUSTOS_SUBSCRIPTION_MAX_ATTEMPTS', 8, 1, 100, ''),
+    retryMaxSeconds: whole('CUSTOS_SUBSCRIPTION_RETRY_MAX', 600, 2, 86_400, ' of seconds'),
+    timeoutSeconds: whole('CUSTOS_SUBSCRIPTION_TIMEOUT', 10, 1, 300, ' of seconds'),
+  };
+
   if (
     databaseUrl &&
     auditDatabaseUrl &&
@@ -496,5 +518,6 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     kms: kms && Object.freeze(kms),
     siem: siem && Object.freeze(siem),
     smtp: smtp && Object.freeze(smtp),
+    subscriptionDelivery: Object.freeze(subscriptionDelivery),
   });
 }

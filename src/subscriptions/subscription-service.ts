@@ -32,7 +32,12 @@ export function startSubscriptionWorker(
       log,
       mailer: config.smtp && smtpMailer(config.smtp, core.egress),
     },
-    options,
+    {
+      maxAttempts: config.subscriptionDelivery.maxAttempts,
+      retryMaxMs: config.subscriptionDelivery.retryMaxSeconds * 1000,
+      requestTimeoutMs: config.subscriptionDelivery.timeoutSeconds * 1000,
+      ...options,
+    },
   );
   worker.start();
   return worker;
