@@ -1,4 +1,4 @@
-import { after, before, describe, test } from 'node:test';
+import { after, before, beforeEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -86,6 +86,12 @@ describe('the audit log as AuditEvent resources, and its reports', () => {
       .filter((x: any) => x.resource?.resourceType === 'AuditEvent')
       .map((x: any) => Number(x.resource.id));
   const project = (all: Logged[]) => all.filter((x) => x.e.projectId === h.init.projectId);
+
+  // Renewed before each test (the harness renews a token after a minute): a stalled machine must
+  // not turn the rest of the suite into 401s.
+  beforeEach(async () => {
+    if (h) auditor = await h.token('system/AuditEvent.rs');
+  });
 
   before(async () => {
     h = await startHarness();
