@@ -36,7 +36,7 @@ import { EgressGateway } from './egress/egress.ts';
 import { VendorRegistry } from './egress/vendor-registry.ts';
 import { infrastructureVendors } from './egress/infrastructure.ts';
 import { collectFlowMap, type FlowMap, type SubscriptionFlow } from './egress/flow-map.ts';
-import { startSubscriptionWorker } from './subscriptions/subscription-service.ts';
+import { loadSmtpCa, startSubscriptionWorker } from './subscriptions/subscription-service.ts';
 import type { SubscriptionWorker, SubscriptionWorkerOptions } from './subscriptions/subscription-worker.ts';
 
 import { reindex, type ReindexResult } from './phi/reindex.ts';
@@ -387,6 +387,7 @@ export async function startServer(
   }
   // Before storage is opened: a CA bundle or client key that does not load stops the start here.
   const siemTls = config.siem && loadSiemTls(config.siem);
+  const smtpCa = config.smtp && loadSmtpCa(config.smtp);
   const core = await openCore(config, log);
   try {
     const adminToken = readOrCreateKeyFile(paths.adminToken, () =>
@@ -422,7 +423,7 @@ export async function startServer(
     const vendorTimer = setInterval(warnVendors, 86_400_000);
     vendorTimer.unref();
     // FHIR rest-hook subscriptions, delivered through the egress gateway; stopped before storage closes.
-    const subscriptions = startSubscriptionWorker(config, log, core, opts.subscriptions);
+    const subscriptions = startSubscriptionWorker(config, log, core, opts.subscriptions, smtpCa);
     core.subscriptionFlows = () => subscriptions.activeFlows();
     log.info('server.listening', {
       host: config.host,

@@ -103,7 +103,24 @@ test('CUSTOS_SMTP_*: smtps:// only, a sender, credentials together; stray settin
     user: 'custos',
     password: 'relay secret 0001',
     caFile: '/srv/app/ca.pem',
+    recipientDomains: [],
   });
+  assert.deepEqual(
+    loadConfig({
+      CUSTOS_SMTP_URL: 'smtps://relay.example.org',
+      CUSTOS_SMTP_FROM: 'n@example.org',
+      CUSTOS_SMTP_RECIPIENT_DOMAINS: 'Clinic.Example.org, example.net.',
+    }).smtp?.recipientDomains,
+    ['clinic.example.org', 'example.net'],
+  );
+  assert.match(
+    refusal({
+      CUSTOS_SMTP_URL: 'smtps://relay.example.org',
+      CUSTOS_SMTP_FROM: 'n@example.org',
+      CUSTOS_SMTP_RECIPIENT_DOMAINS: '*.example.org',
+    }),
+    /^CUSTOS_SMTP_RECIPIENT_DOMAINS: /,
+  );
   assert.equal(loadConfig({}).smtp, undefined);
   const from = { CUSTOS_SMTP_FROM: 'n@example.org' };
   assert.match(

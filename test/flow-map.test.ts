@@ -339,8 +339,15 @@ describe('PHI flow map', () => {
       baas: [{ counterparty: 'Example Clinic LLC', services: ['fhir', 'audit', ...services] }],
     });
     const subscriptions = [
-      { projectId: 'p3', channel: 'rest-hook' as const, host: 'hooks.example.org', port: 443, count: 2 },
-      { projectId: 'p3', channel: 'email' as const, host: 'smtp.example.org', port: 465, count: 1 },
+      {
+        projectId: 'p3',
+        channel: 'rest-hook' as const,
+        host: 'hooks.example.org',
+        port: 443,
+        count: 2,
+        phi: 1,
+      },
+      { projectId: 'p3', channel: 'email' as const, host: 'smtp.example.org', port: 465, count: 1, phi: 1 },
     ];
     const vendorFlow = (m: ReturnType<typeof buildFlowMap>) =>
       m.flows.find((f) => f.to === 'vendor_v_hooks')!;
@@ -371,6 +378,14 @@ describe('PHI flow map', () => {
       subscriptions,
     });
     assert.equal(vendorFlow(covered).covered, true);
+    // Only notifications carrying PHI need the coverage: empty ones (class none) do not.
+    const emptyOnly = buildFlowMap({
+      config,
+      vendors: [hooks],
+      projects: [project([])],
+      subscriptions: subscriptions.map((x) => ({ ...x, phi: 0 })),
+    });
+    assert.equal(vendorFlow(emptyOnly).covered, true);
     // Not known (no server running): said, not guessed.
     const unknown = buildFlowMap({ config, vendors: [hooks], projects: [project([])] });
     assert.equal(vendorFlow(unknown).covered, true);

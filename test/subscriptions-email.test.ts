@@ -172,6 +172,7 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
         CUSTOS_SMTP_PASSWORD: RELAY_PASSWORD,
         CUSTOS_SMTP_CA_FILE: pki.caFile,
         CUSTOS_SUBSCRIPTION_TIMEOUT: '7',
+        CUSTOS_SMTP_RECIPIENT_DOMAINS: 'example.org',
       },
       subscriptions: {
         pollMs: 40,
@@ -198,6 +199,7 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
     const cases: [Record<string, unknown>, RegExp][] = [
       [emailSubscription('mailto:one@example.org,two@example.org', '1000-1'), /one address/],
       [emailSubscription('mailto:one@example.org?cc=two@example.org', '1000-1'), /one address/],
+      [emailSubscription('mailto:one@example.org%0D%0ABcc:two@example.net', '1000-1'), /one address/],
       [emailSubscription('https://example.org/hook', '1000-1'), /mailto:/],
       [
         emailSubscription('mailto:one@example.org', '1000-1', undefined, { header: ['X-A: b'] }),
@@ -363,6 +365,28 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
     assert.ok(!accounting.rows.some((r) => r.action === 'egress'));
   });
 
+  test('PHI by e-mail only to the listed recipient domains; an empty notification goes anywhere', async () => {
+    const outside = await subscribe(emailSubscription('mailto:someone@example.net', '6000-6', 'id-only'));
+    assert.equal(outside.status, 'error');
+    assert.match(outside.error, /CUSTOS_SMTP_RECIPIENT_DOMAINS/);
+    const sub = await subscribe(emailSubscription('mailto:ward-2@north.example.org', '6000-6', 'id-only'));
+    assert.equal(sub.status, 'active', 'a subdomain of a listed domain');
+    const empty = await subscribe(emailSubscription('mailto:someone@example.net', '6000-6'));
+    assert.equal(empty.status, 'active', empty.error);
+    await create(observation('6000-6'));
+    const [m] = await until('the id-only message', () =>
+      relay.of(sub.id).length ? relay.of(sub.id) : undefined,
+    );
+    await until('the empty message', () => relay.of(empty.id).length === 1);
+    assert.equal(relay.of(outside.id).length, 0);
+    const [e] = await egressOf(m!.parsed.headers.get('x-custos-notification-id') as string);
+    assert.equal(
+      e!.egress?.recipient,
+      'north.example.org',
+      'the recipient domain is audited, not the mailbox',
+    );
+  });
+
   test('a temporary failure of the relay (451) is retried; the message arrives once, with the same notification id', async () => {
     const sub = await subscribe(emailSubscription('mailto:ward-7@example.org', '4000-4', 'id-only'));
     assert.equal(sub.status, 'active', sub.error);
@@ -377,6 +401,13 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
     });
     assert.equal(d!.attempts, 3);
     assert.equal(m!.parsed.headers.get('x-custos-notification-id'), d!.id);
+    // What a failure recorded: the reply code, never the relay's text.
+    const r = await h.server.core.resourceDb.query<{ last_error: string | null }>(
+      'SELECT last_error FROM subscription_delivery WHERE id = $1',
+      [d!.id],
+    );
+    assert.equal(r.rows[0]!.last_error, null, 'cleared on delivery');
+    assert.ok(!h.logLines.join('\n').includes('try again later'), "the relay's reply text is not logged");
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(relay.of(sub.id).length, 1);
     const egress = await egressOf(d!.id);

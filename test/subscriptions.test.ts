@@ -355,6 +355,10 @@ describe('FHIR rest-hook subscriptions', () => {
         [[d!.id, 'Observation', 'dead']],
       );
       assert.ok(!JSON.stringify(listed.json).includes('mg/dL'));
+      assert.ok(
+        listed.json.deadLetters.every((x: Record<string, unknown>) => !('patients' in x)),
+        'the admin listing does not say whose data a notification concerned',
+      );
       flaky.status = 200;
       // The CLI, through the running server's admin API.
       const cli = await runCustos(['subscription', 'dead-letters', '--json'], storage.env);

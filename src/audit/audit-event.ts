@@ -52,6 +52,8 @@ export interface AuditEvent {
     purpose: string;
     /** 0 for the first request, n for the n-th redirect followed. */
     hop: number;
+    /** Where the vendor passes the data on: an e-mail recipient's domain (never the mailbox). */
+    recipient?: string;
   };
 }
 

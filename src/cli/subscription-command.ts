@@ -1,10 +1,10 @@
 import type { Command } from 'commander';
-import { DeadLetters, type Delivery } from '../subscriptions/subscription-queue.ts';
+import { DeadLetters, type AdminDelivery } from '../subscriptions/subscription-queue.ts';
 import { type CommandDeps } from './command-deps.ts';
 
 export type SubscriptionCommandDeps = CommandDeps;
 
-function deliveryText(d: Delivery): string {
+function deliveryText(d: AdminDelivery): string {
   return (
     `${d.id}  subscription ${d.subscriptionId}  ${d.resourceType}/${d.resourceId}/_history/${d.versionId}  ` +
     `project ${d.projectId}  attempts ${d.attempts}  last error ${d.lastError ?? '-'}  ` +
@@ -37,10 +37,10 @@ export function subscriptionCommand(program: Command, d: SubscriptionCommandDeps
           throw d.usage('custos: --limit must be a whole number from 1 to 1000');
       }
       const body = { projectId: opts.project, subscriptionId: opts.subscription, limit };
-      const r = await d.withBackend<{ deadLetters: Delivery[] }>(
+      const r = await d.withBackend<{ deadLetters: AdminDelivery[] }>(
         d.config(),
         async (call) =>
-          (await call('/admin/subscriptions/dead-letters', body)) as { deadLetters: Delivery[] },
+          (await call('/admin/subscriptions/dead-letters', body)) as { deadLetters: AdminDelivery[] },
         (core) => new DeadLetters({ db: core.resourceDb, audit: core.audit }).list(body),
       );
       d.print(
@@ -57,10 +57,10 @@ export function subscriptionCommand(program: Command, d: SubscriptionCommandDeps
     .requiredOption('--id <id>', 'the dead letter (notification) id, from custos subscription dead-letters')
     .option('--json', 'print one JSON document')
     .action(async (opts: { id: string; json?: boolean }) => {
-      const r = await d.withBackend<{ replayed: Delivery }>(
+      const r = await d.withBackend<{ replayed: AdminDelivery }>(
         d.config(),
         async (call) =>
-          (await call('/admin/subscriptions/replay', { id: opts.id })) as { replayed: Delivery },
+          (await call('/admin/subscriptions/replay', { id: opts.id })) as { replayed: AdminDelivery },
         async (core) => ({
           replayed: await new DeadLetters({ db: core.resourceDb, audit: core.audit }).replay(opts.id),
         }),

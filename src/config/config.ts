@@ -80,6 +80,11 @@ export interface Config {
         readonly user: string | undefined;
         readonly password: string | undefined;
         readonly caFile: string | undefined;
+        /**
+         * CUSTOS_SMTP_RECIPIENT_DOMAINS: the only domains (and their subdomains) that e-mail carrying
+         * PHI may be addressed to; empty: none (e-mail without PHI goes anywhere).
+         */
+        readonly recipientDomains: readonly string[];
       }
     | undefined;
   /**
@@ -214,8 +219,10 @@ function smtpConfig(env: Env, cwd: string): Config['smtp'] {
   const user = str(env, 'CUSTOS_SMTP_USER');
   const password = env.CUSTOS_SMTP_PASSWORD === '' ? undefined : env.CUSTOS_SMTP_PASSWORD;
   const caFile = str(env, 'CUSTOS_SMTP_CA_FILE');
+  const domainsText = str(env, 'CUSTOS_SMTP_RECIPIENT_DOMAINS');
   if (urlText === undefined) {
     const stray = [
+      ['CUSTOS_SMTP_RECIPIENT_DOMAINS', domainsText],
       ['CUSTOS_SMTP_FROM', from],
       ['CUSTOS_SMTP_USER', user],
       ['CUSTOS_SMTP_PASSWORD', password],
@@ -252,6 +259,20 @@ function smtpConfig(env: Env, cwd: string): Config['smtp'] {
       user === undefined ? 'CUSTOS_SMTP_USER' : 'CUSTOS_SMTP_PASSWORD',
       'CUSTOS_SMTP_USER and CUSTOS_SMTP_PASSWORD must be set together',
     );
+  const recipientDomains = (domainsText ?? '')
+    .split(',')
+    .map((d) => d.trim().toLowerCase().replace(/\.$/, ''))
+    .filter(Boolean);
+  for (const d of recipientDomains)
+    if (
+      !/^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$/.test(
+        d,
+      )
+    )
+      throw new ConfigError(
+        'CUSTOS_SMTP_RECIPIENT_DOMAINS',
+        'must be comma-separated domain names, e.g. example.org,clinic.example.org',
+      );
   return {
     host,
     port,
@@ -259,6 +280,7 @@ function smtpConfig(env: Env, cwd: string): Config['smtp'] {
     user,
     password,
     caFile: caFile === undefined ? undefined : path.resolve(cwd, caFile),
+    recipientDomains: Object.freeze(recipientDomains),
   };
 }
 

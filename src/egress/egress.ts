@@ -83,6 +83,8 @@ export interface EgressRequest {
   /** For the audit event: the patients whose data the request carries, and the purpose of use. */
   patients?: string[];
   purposeOfUse?: string;
+  /** For the audit event: where the vendor passes the data on (an e-mail recipient's domain). */
+  recipient?: string;
 }
 
 /** An outbound TLS stream (`egressConnectTls`). */
@@ -106,12 +108,13 @@ export interface EgressTlsRequest {
   projectId?: string;
   patients?: string[];
   purposeOfUse?: string;
+  recipient?: string;
 }
 
 /** What the audit event of an egress attempt is made of. */
 type AuditedRequest = Pick<
   EgressRequest,
-  'purpose' | 'dataClass' | 'projectId' | 'patients' | 'purposeOfUse'
+  'purpose' | 'dataClass' | 'projectId' | 'patients' | 'purposeOfUse' | 'recipient'
 >;
 
 /** The redirects followed at most. */
@@ -462,6 +465,7 @@ export class EgressGateway {
         dataClass: req.dataClass,
         purpose: req.purpose,
         hop,
+        ...(req.recipient ? { recipient: req.recipient.slice(0, 253) } : {}),
       },
     };
     try {

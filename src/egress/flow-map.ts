@@ -1,6 +1,7 @@
 import path from 'node:path';
 import { databaseIdentity, type Config } from '../config/config.ts';
 import type { SqlDriver } from '../store/sql-driver.ts';
+import { normalizeHost } from './address-policy.ts';
 import {
   classAllowedNow,
   classRefusal,
@@ -66,6 +67,8 @@ export interface SubscriptionFlow {
   host: string;
   port: number;
   count: number;
+  /** How many of them carry PHI (id-only or full-resource; empty notifications carry none). */
+  phi: number;
 }
 
 /** The project BAA service that covers each notification channel (project-baa.ts BAA_SERVICES). */
@@ -383,9 +386,9 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
     for (const sub of subs) {
       const p = production.find((x) => x.projectId === sub.projectId);
       const service = CHANNEL_SERVICE[sub.channel];
-      if (p && !servicesOf(p).includes(service))
+      if (p && sub.phi > 0 && !servicesOf(p).includes(service))
         reasons.push(
-          `production project ${projectName(p)}: ${sub.count} active ${sub.channel} subscription(s) send to ${v.name}, but no BAA of the project covers ${service}`,
+          `production project ${projectName(p)}: ${sub.phi} active ${sub.channel} subscription(s) send PHI to ${v.name}, but no BAA of the project covers ${service}`,
         );
     }
     const notes =
@@ -404,8 +407,9 @@ export function buildFlowMap(input: FlowMapInput): FlowMap {
   // registered (host, port, protocol tls), every e-mail is refused: a red flow says so.
   if (config.smtp) {
     const { host, port } = config.smtp;
+    const relayHost = normalizeHost(host) ?? host;
     const registered = [...destinationIndex(input.vendors).values()].some(
-      (d) => d.kind === 'vendor' && d.protocol === 'tls' && d.host === host && d.port === port,
+      (d) => d.kind === 'vendor' && d.protocol === 'tls' && d.host === relayHost && d.port === port,
     );
     if (!registered) {
       nodes.push({

@@ -29,6 +29,8 @@ export interface SmtpRelay {
   password?: string;
   /** PEM certificates to trust instead of Node's bundled roots (a private CA). */
   ca?: string | Buffer;
+  /** The domains (and their subdomains) that messages carrying PHI may be addressed to. */
+  recipientDomains: readonly string[];
 }
 
 export interface MailMessage {
@@ -50,6 +52,8 @@ export interface MailContext {
   /** For the egress audit event: whose data the message carries, under which purpose of use. */
   patients?: string[];
   purposeOfUse?: string;
+  /** For the egress audit event: the domain of the recipient the relay passes the message to. */
+  recipient?: string;
   /** Connect, greeting and each command's answer give up after this long. */
   timeoutMs: number;
   signal?: AbortSignal;
@@ -66,15 +70,34 @@ export class SmtpError extends Error {
   }
 }
 
+/** The domain part of an address (lower case). */
+export function recipientDomain(address: string): string {
+  return address.slice(address.lastIndexOf('@') + 1).toLowerCase();
+}
+
 export class SmtpMailer {
   constructor(
     private readonly egress: EgressGateway,
     readonly relay: Readonly<SmtpRelay>,
   ) {}
 
+  /**
+   * Whether a message of `dataClass` may be addressed to `address`: anything without PHI may; PHI
+   * only to the listed domains and their subdomains (the relay's BAA covers the relay, not the
+   * mailbox a subscriber names).
+   */
+  recipientAllowed(address: string, dataClass: DataClass): boolean {
+    if (dataClass === 'none' || dataClass === 'deidentified') return true;
+    const domain = recipientDomain(address);
+    return this.relay.recipientDomains.some((d) => domain === d || domain.endsWith(`.${d}`));
+  }
+
   /** Sends one message; resolves when the relay has accepted it (250 after DATA). */
   async send(message: MailMessage, ctx: MailContext): Promise<void> {
     const { host, port } = this.relay;
+    // One limit for the whole attempt (connect, each command, DATA) and the worker's stop: the
+    // per-step timeouts alone would let a slow relay stretch an attempt past its claim.
+    const signal = AbortSignal.any([AbortSignal.timeout(ctx.timeoutMs), ...(ctx.signal ? [ctx.signal] : [])]);
     const transport = nodemailer.createTransport({
       host,
       port,
@@ -94,11 +117,12 @@ export class SmtpMailer {
           port,
           ca: this.relay.ca,
           timeoutMs: ctx.timeoutMs,
-          signal: ctx.signal,
+          signal,
           requestId: ctx.requestId,
           projectId: ctx.projectId,
           patients: ctx.patients,
           purposeOfUse: ctx.purposeOfUse,
+          recipient: ctx.recipient,
         }).then(
           (socket) => callback(null, { connection: socket, secured: true }),
           (e: unknown) => callback(e as Error),
@@ -107,6 +131,7 @@ export class SmtpMailer {
     });
     try {
       await transport.sendMail({
+        signal,
         from: this.relay.from,
         to: message.to,
         subject: message.subject,

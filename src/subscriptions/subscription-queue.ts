@@ -294,13 +294,25 @@ export class SubscriptionQueue {
  * replay, each audited as an admin action (`subscription.dead_letters_listed`,
  * `subscription.replayed`). The list names resource types and ids (record locators), never content.
  */
+/**
+ * A delivery as administrators see it (dead-letter list, replay): without the patients it concerns.
+ * Those reads are audited as admin actions naming no patient, so they must not reveal whose data
+ * each notification was about.
+ */
+export type AdminDelivery = Omit<Delivery, 'patients'>;
+
+function forAdmin(d: Delivery): AdminDelivery {
+  const { patients: _patients, ...rest } = d;
+  return rest;
+}
+
 export class DeadLetters {
   constructor(private readonly deps: { db: SqlDriver; audit: AuditLog }) {}
 
   async list(
     opts: { projectId?: string; subscriptionId?: string; limit?: number } = {},
     requestId = newId(),
-  ): Promise<{ deadLetters: Delivery[] }> {
+  ): Promise<{ deadLetters: AdminDelivery[] }> {
     const limit = Math.min(Math.max(Math.trunc(opts.limit ?? 100), 1), 1000);
     const where = [`status = 'dead'`];
     const args: unknown[] = [];
@@ -319,7 +331,7 @@ export class DeadLetters {
         count: r.rows.length,
       }),
     );
-    return { deadLetters: r.rows.map(delivery) };
+    return { deadLetters: r.rows.map((x) => forAdmin(delivery(x))) };
   }
 
   /**
@@ -327,7 +339,7 @@ export class DeadLetters {
    * notification id (a receiver that did get an earlier attempt dedupes it). Audited in the same
    * transaction: if the audit log cannot take it, nothing changes.
    */
-  async replay(id: unknown, requestId = newId(), now = new Date()): Promise<Delivery> {
+  async replay(id: unknown, requestId = newId(), now = new Date()): Promise<AdminDelivery> {
     if (typeof id !== 'string' || !/^[0-9a-f-]{36}$/i.test(id))
       throw new CustosError('BAD_REQUEST', [
         { severity: 'error', code: 'value', expression: 'id', diagnostics: 'id must be a dead letter id.' },
@@ -357,6 +369,6 @@ export class DeadLetters {
         }),
       );
     });
-    return (await new SubscriptionQueue(this.deps.db).get(id))!;
+    return forAdmin((await new SubscriptionQueue(this.deps.db).get(id))!);
   }
 }

@@ -18,6 +18,7 @@ export function startSubscriptionWorker(
   log: Logger,
   core: Pick<CustosCore, 'resourceDb' | 'audit' | 'encryption' | 'egress' | 'vendors'>,
   options: Partial<SubscriptionWorkerOptions> = {},
+  smtpCa?: Buffer,
 ): SubscriptionWorker {
   const fhirBaseUrl = `${config.publicUrl}/fhir/R4`;
   const gateway = servingGateway(config, log, core);
@@ -30,7 +31,7 @@ export function startSubscriptionWorker(
       isResourceType,
       fhirBaseUrl,
       log,
-      mailer: config.smtp && smtpMailer(config.smtp, core.egress),
+      mailer: config.smtp && smtpMailer(config.smtp, core.egress, smtpCa),
     },
     {
       maxAttempts: config.subscriptionDelivery.maxAttempts,
@@ -43,13 +44,20 @@ export function startSubscriptionWorker(
   return worker;
 }
 
-/** The SMTP relay of CUSTOS_SMTP_*; the CA file is read now, so a bad one stops the start. */
-function smtpMailer(smtp: NonNullable<Config['smtp']>, egress: EgressGateway): SmtpMailer {
-  let ca: Buffer | undefined;
-  if (smtp.caFile) {
-    ca = readPem('CUSTOS_SMTP_CA_FILE', smtp.caFile);
-    certificates('CUSTOS_SMTP_CA_FILE', smtp.caFile, ca);
-  }
+/** Reads CUSTOS_SMTP_CA_FILE: call before storage is opened, so that a bad file stops the start. */
+export function loadSmtpCa(smtp: NonNullable<Config['smtp']>): Buffer | undefined {
+  if (!smtp.caFile) return undefined;
+  const ca = readPem('CUSTOS_SMTP_CA_FILE', smtp.caFile);
+  certificates('CUSTOS_SMTP_CA_FILE', smtp.caFile, ca);
+  return ca;
+}
+
+/** The SMTP relay of CUSTOS_SMTP_*, trusting `ca` (loadSmtpCa) when given. */
+function smtpMailer(
+  smtp: NonNullable<Config['smtp']>,
+  egress: EgressGateway,
+  ca: Buffer | undefined,
+): SmtpMailer {
   return new SmtpMailer(egress, {
     host: smtp.host,
     port: smtp.port,
@@ -57,5 +65,6 @@ function smtpMailer(smtp: NonNullable<Config['smtp']>, egress: EgressGateway): S
     user: smtp.user,
     password: smtp.password,
     ca,
+    recipientDomains: smtp.recipientDomains,
   });
 }

@@ -8,7 +8,8 @@ import { normalizeHost } from '../egress/address-policy.ts';
 import type { DestinationSource } from '../egress/vendor-registry.ts';
 import { CHANNEL_SERVICE, type SubscriptionFlow } from '../egress/flow-map.ts';
 import { projectCoverage } from '../admin/project-baa.ts';
-import { SmtpError, type MailMessage, type SmtpMailer } from '../egress/smtp-mailer.ts';
+import { TtlCache } from '../kernel/ttl-cache.ts';
+import { recipientDomain, SmtpError, type MailMessage, type SmtpMailer } from '../egress/smtp-mailer.ts';
 import { patientCompartment } from '../fhir/patient-compartment.ts';
 import { parseSubscription, SubscriptionRefusal, type SubscriptionSpec } from './subscription-channel.ts';
 import { SubscriptionQueue, type Change, type Delivery } from './subscription-queue.ts';
@@ -103,6 +104,8 @@ const UNREGISTERED =
   'channel.endpoint is not a registered vendor endpoint (host, port and protocol): an administrator registers it (custos vendor endpoint), then set status to requested again.';
 const NO_MAILER =
   'E-mail notifications are off on this server: an administrator sets CUSTOS_SMTP_URL and CUSTOS_SMTP_FROM, then set status to requested again.';
+const RECIPIENT_NOT_ALLOWED =
+  "E-mail that carries PHI (id-only, full-resource) goes only to the domains an administrator lists in CUSTOS_SMTP_RECIPIENT_DOMAINS, and this address's domain is not one of them: use no payload, or ask for the domain to be listed; then set status to requested again.";
 const RELAY_UNREGISTERED =
   'The SMTP relay (CUSTOS_SMTP_URL) is not a registered vendor endpoint with protocol tls: an administrator registers it (custos vendor endpoint), then set status to requested again.';
 /** The version to notify cannot be read (deleted, key destroyed): a dead letter at once. */
@@ -148,6 +151,7 @@ export class SubscriptionWorker {
   readonly #deps: SubscriptionWorkerDeps;
   /** Active subscriptions by project, then id (from the gateway; refreshed on Subscription changes). */
   readonly #active = new Map<string, Map<string, SubscriptionSpec>>();
+  readonly #coverage = new TtlCache<string, { kind: 'sandbox' | 'production'; services: string[] }>(1_000);
   readonly #abort = new AbortController();
   readonly #inflight = new Set<Promise<void>>();
   #loops: Promise<void>[] = [];
@@ -289,6 +293,21 @@ export class SubscriptionWorker {
     else this.#active.delete(projectId);
   }
 
+  /**
+   * Whether the project's BAAs cover the channel's service, when the payload carries PHI and the
+   * project is production. Read afresh at activation; before each attempt, at most every 5 s
+   * per project: recording a BAA turns a sandbox into production under running subscriptions.
+   */
+  private async channelCovered(spec: SubscriptionSpec, fresh = false): Promise<boolean> {
+    if (spec.dataClass === 'none') return true;
+    let project = fresh ? undefined : this.#coverage.get(spec.projectId);
+    if (!project) {
+      project = (await projectCoverage(this.#deps.db, spec.projectId)) ?? { kind: 'sandbox', services: [] };
+      this.#coverage.set(spec.projectId, project, Date.now() + 5_000);
+    }
+    return project.kind !== 'production' || project.services.includes(CHANNEL_SERVICE[spec.channel]);
+  }
+
   /** The active subscriptions per project, channel and destination host and port (the flow map). */
   activeFlows(): SubscriptionFlow[] {
     const out = new Map<string, SubscriptionFlow>();
@@ -304,8 +323,9 @@ export class SubscriptionWorker {
               };
         if (!dest) continue;
         const key = `${projectId}|${s.channel}|${dest.host}|${dest.port}`;
-        const f = out.get(key) ?? { projectId, channel: s.channel, ...dest, count: 0 };
+        const f = out.get(key) ?? { projectId, channel: s.channel, ...dest, count: 0, phi: 0 };
         f.count++;
+        if (s.dataClass !== 'none') f.phi++;
         out.set(key, f);
       }
     return [...out.values()];
@@ -319,15 +339,14 @@ export class SubscriptionWorker {
    */
   private async endpointProblem(spec: SubscriptionSpec): Promise<string | undefined> {
     // A production project's PHI leaves by a channel only if the project's BAA covers it.
-    if (spec.dataClass !== 'none') {
+    if (!(await this.channelCovered(spec, true))) {
       const service = CHANNEL_SERVICE[spec.channel];
-      const project = await projectCoverage(this.#deps.db, spec.projectId);
-      if (project?.kind === 'production' && !project.services.includes(service))
-        return `The project's BAA does not cover the service ${service}: notifications that carry PHI (id-only, full-resource) need it. An administrator records a BAA covering ${service} (custos project baa), or use no payload; then set status to requested again.`;
+      return `The project's BAA does not cover the service ${service}: notifications that carry PHI (id-only, full-resource) need it. An administrator records a BAA covering ${service} (custos project baa), or use no payload; then set status to requested again.`;
     }
     if (spec.channel === 'email') {
       const mailer = this.#deps.mailer;
       if (!mailer) return NO_MAILER;
+      if (!mailer.recipientAllowed(spec.to!, spec.dataClass)) return RECIPIENT_NOT_ALLOWED;
       const d = await this.#deps.vendors.find(normalizeHost(mailer.relay.host) ?? '', mailer.relay.port);
       return d !== undefined && d.protocol === 'tls' && d.kind === 'vendor' ? undefined : RELAY_UNREGISTERED;
     }
@@ -508,7 +527,11 @@ export class SubscriptionWorker {
     }
     let outcome: Outcome;
     try {
-      outcome = spec.channel === 'email' ? await this.mail(spec, d) : await this.post(spec, d);
+      outcome = !(await this.channelCovered(spec))
+        ? { ok: false, error: 'PROJECT_BAA_NOT_COVERED', refused: true }
+        : spec.channel === 'email'
+          ? await this.mail(spec, d)
+          : await this.post(spec, d);
       if (!outcome.ok && outcome.error === UNREADABLE) {
         await this.queue.failed(d.id, UNREADABLE, undefined, this.now());
         return;
@@ -563,6 +586,9 @@ export class SubscriptionWorker {
   private async mail(spec: SubscriptionSpec, d: Delivery): Promise<Outcome> {
     const mailer = this.#deps.mailer;
     if (!mailer) return { ok: false, error: 'EMAIL_OFF', refused: true };
+    // Checked again at each send: the list may have shrunk since activation (a restart).
+    if (!mailer.recipientAllowed(spec.to!, spec.dataClass))
+      return { ok: false, error: 'EMAIL_RECIPIENT_NOT_ALLOWED', refused: true };
     const message = await this.message(spec, d);
     if (!message) return { ok: false, error: UNREADABLE, refused: false };
     try {
@@ -573,6 +599,7 @@ export class SubscriptionWorker {
         projectId: d.projectId,
         timeoutMs: this.options.requestTimeoutMs,
         signal: this.#abort.signal,
+        recipient: recipientDomain(spec.to!),
         ...this.disclosed(spec, d),
       });
     } catch (e) {
@@ -671,7 +698,10 @@ export class SubscriptionWorker {
         d.resourceId,
         String(d.versionId),
       );
-      return r.status === 200 ? r.version?.json : undefined;
+      const json = r.status === 200 ? r.version?.json : undefined;
+      // The version sent names its own patients (matching saw the current version, which may differ).
+      if (json) d.patients = patientCompartment(JSON.parse(json) as { resourceType: string; id?: string });
+      return json;
     } catch (e) {
       if (isCustosError(e) && (e.code === 'NOT_FOUND' || e.code === 'GONE' || e.code === 'KEY_DESTROYED'))
         return undefined;
