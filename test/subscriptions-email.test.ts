@@ -171,7 +171,7 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
         CUSTOS_SMTP_USER: RELAY_USER,
         CUSTOS_SMTP_PASSWORD: RELAY_PASSWORD,
         CUSTOS_SMTP_CA_FILE: pki.caFile,
-        CUSTOS_SUBSCRIPTION_TIMEOUT: '7',
+        CUSTOS_SUBSCRIPTION_TIMEOUT: '20',
         CUSTOS_SMTP_RECIPIENT_DOMAINS: 'example.org',
       },
       subscriptions: {
@@ -191,7 +191,7 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
   });
 
   test('the delivery settings come from the environment; options given in code win', () => {
-    assert.equal(h.server.subscriptions.options.requestTimeoutMs, 7_000);
+    assert.equal(h.server.subscriptions.options.requestTimeoutMs, 20_000);
     assert.equal(h.server.subscriptions.options.maxAttempts, 6);
   });
 
@@ -399,7 +399,8 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
       const ds = await deliveries(sub.id);
       return ds[0]?.status === 'delivered' ? ds : undefined;
     });
-    assert.equal(d!.attempts, 3);
+    // Two refusals, then the delivery (more only if a loaded machine timed an attempt out).
+    assert.ok(d!.attempts >= 3, `attempts ${d!.attempts}`);
     assert.equal(m!.parsed.headers.get('x-custos-notification-id'), d!.id);
     // What a failure recorded: the reply code, never the relay's text.
     const r = await h.server.core.resourceDb.query<{ last_error: string | null }>(
@@ -411,6 +412,6 @@ describe('e-mail subscriptions through the SMTP relay', { skip }, () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(relay.of(sub.id).length, 1);
     const egress = await egressOf(d!.id);
-    assert.equal(egress.length, 3, 'each attempt is an audited connection');
+    assert.equal(egress.length, d!.attempts, 'each attempt is an audited connection');
   });
 });
