@@ -16,8 +16,12 @@
  *                (detection and delivery alone, not bounded by the write rate).
  * The worker polls the change feed every `--poll-ms` (default: the server default, 250 ms), which
  * bounds the latency from below on average by half of it; `--poll-ms 20` shows the cost without it.
+ * Payload `email` (opt in: `--payload full-resource,empty,email`): id-only e-mail through a real
+ * SMTP server on loopback (smtp-server, implicit TLS with a throwaway CA from openssl, login
+ * required) registered as the relay (CUSTOS_SMTP_URL); a notification arrives when the relay has
+ * taken the message (250 after DATA).
  * Flags: --iterations N (latency samples per payload, default 100), --burst N (default 500),
- * --poll-ms N, --payload full-resource,empty, --storage embedded|postgres, --json.
+ * --poll-ms N, --payload full-resource,empty[,email], --storage embedded|postgres, --json.
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -30,12 +34,15 @@ import pg from 'pg';
 import { loadConfig } from '../src/config/config.ts';
 import { createLogger } from '../src/log/logger.ts';
 import { startServer } from '../src/server.ts';
-import { startSubscriptionWorker } from '../src/subscriptions/subscription-service.ts';
+import { loadSmtpCa, startSubscriptionWorker } from '../src/subscriptions/subscription-service.ts';
 import {
   DEFAULT_SUBSCRIPTION_OPTIONS,
   NOTIFICATION_ID_HEADER,
 } from '../src/subscriptions/subscription-worker.ts';
 import { PAYLOAD_CONTENT_EXTENSION } from '../src/subscriptions/subscription-channel.ts';
+import { SMTPServer } from 'smtp-server';
+import { simpleParser } from 'mailparser';
+import { makePki } from '../test/support/test-pki.ts';
 
 const { values: flags } = parseArgs({
   options: {
@@ -50,7 +57,7 @@ const { values: flags } = parseArgs({
 const ITER = Number(flags.iterations);
 const BURST = Number(flags.burst);
 const POLL = flags['poll-ms'] ? Number(flags['poll-ms']) : DEFAULT_SUBSCRIPTION_OPTIONS.pollMs;
-const PAYLOADS = flags.payload!.split(',') as ('full-resource' | 'empty')[];
+const PAYLOADS = flags.payload!.split(',') as ('full-resource' | 'empty' | 'email')[];
 const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
 const say = (s: string) => process.stderr.write(`subscription-bench: ${s}\n`);
 
@@ -100,6 +107,49 @@ const waitFor = (key: string) =>
 // ---- storage and server -----------------------------------------------------------------------
 const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-subbench-'));
 const env: Record<string, string> = { CUSTOS_DATA_DIR: dataDir, CUSTOS_PORT: '0' };
+
+// ---- the SMTP relay (payload email): a message's arrival resolves the waiter of its resource ---
+let relay: SMTPServer | undefined;
+let relayPort = 0;
+if (PAYLOADS.includes('email')) {
+  const pki = makePki(path.join(dataDir, 'pki'));
+  relay = new SMTPServer({
+    secure: true,
+    key: fs.readFileSync(pki.serverKey),
+    cert: fs.readFileSync(pki.serverCert),
+    authMethods: ['PLAIN'],
+    logger: false,
+    onAuth: (_auth, _session, cb) => cb(null, { user: 'bench' }),
+    onData: (stream, _session, cb) => {
+      let raw = '';
+      stream.on('data', (c: Buffer) => (raw += c.toString('utf8')));
+      stream.on('end', async () => {
+        const t = performance.now();
+        cb();
+        // The text may be quoted-printable or base64: read it as a mail client would.
+        const text = (await simpleParser(raw)).text ?? '';
+        const id = /Resource: Observation\/([A-Za-z0-9.-]+)\/_history/.exec(text)?.[1];
+        if (!id) return;
+        const key = `/email/Observation/${id}`;
+        const w = waiters.get(key);
+        if (w) {
+          waiters.delete(key);
+          w(t);
+        } else arrived.set(key, t);
+      });
+    },
+  });
+  await new Promise<void>((r) => relay!.listen(0, '127.0.0.1', r));
+  relayPort = (relay.server.address() as { port: number }).port;
+  Object.assign(env, {
+    CUSTOS_SMTP_URL: `smtps://127.0.0.1:${relayPort}`,
+    CUSTOS_SMTP_FROM: 'bench@example.org',
+    CUSTOS_SMTP_USER: 'bench',
+    CUSTOS_SMTP_PASSWORD: 'bench-password-0001',
+    CUSTOS_SMTP_CA_FILE: pki.caFile,
+    CUSTOS_SMTP_RECIPIENT_DOMAINS: 'example.org',
+  });
+}
 const pgAdmin = process.env.CUSTOS_BENCH_DATABASE_URL || process.env.CUSTOS_TEST_DATABASE_URL;
 let dbName: string | undefined;
 if (flags.storage === 'postgres') {
@@ -140,6 +190,22 @@ await server.core.vendors.recordBaa({
   expiresOn: new Date(today.getTime() + 365 * 86_400_000).toISOString().slice(0, 10),
   documentSha256: 'c'.repeat(64),
 });
+if (relay) {
+  await server.core.vendors.addVendor({ name: 'Bench relay', services: ['email'], phiClass: 'full' });
+  await server.core.vendors.addEndpoint({
+    vendor: 'Bench relay',
+    host: '127.0.0.1',
+    port: relayPort,
+    protocol: 'tls',
+    allowPrivate: true,
+  });
+  await server.core.vendors.recordBaa({
+    vendor: 'Bench relay',
+    executedAt: new Date(today.getTime() - 86_400_000).toISOString().slice(0, 10),
+    expiresOn: new Date(today.getTime() + 365 * 86_400_000).toISOString().slice(0, 10),
+    documentSha256: 'c'.repeat(64),
+  });
+}
 const tokenRes = await fetch(`${server.url}/oauth/token`, {
   method: 'POST',
   headers: { 'content-type': 'application/x-www-form-urlencoded' },
@@ -201,23 +267,25 @@ try {
   say(`post p50 ${summary(post).p50} ms, write p50 ${summary(write).p50} ms`);
 
   for (const payload of PAYLOADS) {
-    const code = payload === 'empty' ? '1111-1' : '2222-2';
+    const code = payload === 'empty' ? '1111-1' : payload === 'email' ? '3333-3' : '2222-2';
+    const content = (valueCode: string) => ({
+      payload: 'application/fhir+json',
+      _payload: { extension: [{ url: PAYLOAD_CONTENT_EXTENSION, valueCode }] },
+    });
     const sub = await create({
       resourceType: 'Subscription',
       meta: { security: [HTEST] },
       status: 'requested',
       reason: 'bench',
       criteria: `Observation?code=http://loinc.org|${code}`,
-      channel: {
-        type: 'rest-hook',
-        endpoint: `http://127.0.0.1:${rport}/${payload}`,
-        ...(payload === 'empty'
-          ? {}
+      channel:
+        payload === 'email'
+          ? { type: 'email', endpoint: 'mailto:bench-desk@example.org', ...content('id-only') }
           : {
-              payload: 'application/fhir+json',
-              _payload: { extension: [{ url: PAYLOAD_CONTENT_EXTENSION, valueCode: payload }] },
-            }),
-      },
+              type: 'rest-hook',
+              endpoint: `http://127.0.0.1:${rport}/${payload}`,
+              ...(payload === 'empty' ? {} : content(payload)),
+            },
     });
     for (;;) {
       const r = (await (await fetch(`${base}/Subscription/${sub.id}`, { headers })).json()) as {
@@ -293,7 +361,13 @@ try {
           })
         : undefined;
     const drainStart = performance.now();
-    worker = startSubscriptionWorker(config, log, server.core, { pollMs: POLL });
+    worker = startSubscriptionWorker(
+      config,
+      log,
+      server.core,
+      { pollMs: POLL },
+      config.smtp && loadSmtpCa(config.smtp),
+    );
     const drainLast = drainAll
       ? await drainAll
       : Math.max(...(await Promise.all(backlog.map((id) => waitFor(keyOf(id))))));
@@ -316,6 +390,7 @@ try {
   await server.close();
   receiver.closeAllConnections();
   receiver.close();
+  await new Promise<void>((r) => (relay ? relay.close(() => r()) : r()));
   fs.rmSync(dataDir, { recursive: true, force: true });
   if (dbName && pgAdmin) {
     const c = new pg.Client({ connectionString: pgAdmin });
