@@ -175,37 +175,26 @@ const server = await startServer(config, log, { subscriptions: { pollMs: POLL } 
 let worker = server.subscriptions;
 const init = await server.core.admin.init();
 const base = `${server.url}/fhir/R4`;
-await server.core.vendors.addVendor({ name: 'Bench hooks', services: ['webhooks'], phiClass: 'full' });
-await server.core.vendors.addEndpoint({
-  vendor: 'Bench hooks',
-  host: '127.0.0.1',
-  port: rport,
-  protocol: 'http',
-  allowPrivate: true,
-});
-const today = new Date();
-await server.core.vendors.recordBaa({
-  vendor: 'Bench hooks',
-  executedAt: new Date(today.getTime() - 86_400_000).toISOString().slice(0, 10),
-  expiresOn: new Date(today.getTime() + 365 * 86_400_000).toISOString().slice(0, 10),
-  documentSha256: 'c'.repeat(64),
-});
-if (relay) {
-  await server.core.vendors.addVendor({ name: 'Bench relay', services: ['email'], phiClass: 'full' });
+/** A loopback vendor that may receive full PHI, with one endpoint and an executed BAA. */
+const registerVendor = async (name: string, service: string, port: number, protocol: 'http' | 'tls') => {
+  const day = (offset: number) => new Date(Date.now() + offset * 86_400_000).toISOString().slice(0, 10);
+  await server.core.vendors.addVendor({ name, services: [service], phiClass: 'full' });
   await server.core.vendors.addEndpoint({
-    vendor: 'Bench relay',
+    vendor: name,
     host: '127.0.0.1',
-    port: relayPort,
-    protocol: 'tls',
+    port,
+    protocol,
     allowPrivate: true,
   });
   await server.core.vendors.recordBaa({
-    vendor: 'Bench relay',
-    executedAt: new Date(today.getTime() - 86_400_000).toISOString().slice(0, 10),
-    expiresOn: new Date(today.getTime() + 365 * 86_400_000).toISOString().slice(0, 10),
+    vendor: name,
+    executedAt: day(-1),
+    expiresOn: day(365),
     documentSha256: 'c'.repeat(64),
   });
-}
+};
+await registerVendor('Bench hooks', 'webhooks', rport, 'http');
+if (relay) await registerVendor('Bench relay', 'email', relayPort, 'tls');
 const tokenRes = await fetch(`${server.url}/oauth/token`, {
   method: 'POST',
   headers: { 'content-type': 'application/x-www-form-urlencoded' },
