@@ -10,6 +10,7 @@ import type { SqlDriver } from './store/sql-driver.ts';
 import { PgliteDriver } from './store/pglite/pglite-driver.ts';
 import { PgDriver } from './store/pg/pg-driver.ts';
 import { migrate, RESOURCE_MIGRATIONS } from './store/migrations.ts';
+import { PlannerStatistics, type PlannerStatisticsOptions } from './store/planner-statistics.ts';
 import { prepareAuditSchema } from './audit/audit-migrations.ts';
 import { AuditLog } from './audit/audit-log.ts';
 import { Checkpoints } from './audit/checkpoints.ts';
@@ -310,6 +311,8 @@ export interface RunningServer {
   app: FastifyInstance;
   /** Forwarding of the audit log to a SIEM (CUSTOS_SIEM_URL), when configured. */
   siem: SiemForwarder | undefined;
+  /** The statistics keepers of the resource and audit databases, where they need one. */
+  statistics: (PlannerStatistics | undefined)[];
   /** FHIR rest-hook subscriptions: change feed and delivery (docs/phi-boundary.md, "Subscriptions"). */
   subscriptions: SubscriptionWorker;
   /** The URL the server listens on (port resolved). */
@@ -371,7 +374,11 @@ export async function buildApp(
 export async function startServer(
   config: Config,
   log: Logger,
-  opts: { subscriptions?: Partial<SubscriptionWorkerOptions> } = {},
+  opts: {
+    subscriptions?: Partial<SubscriptionWorkerOptions>;
+    /** Tests shorten the interval of the statistics keeper. */
+    plannerStatistics?: PlannerStatisticsOptions;
+  } = {},
 ): Promise<RunningServer> {
   const paths = dataPaths(config.dataDir);
   const other = runningServer(config.dataDir);
@@ -401,6 +408,12 @@ export async function startServer(
     const url = `${scheme}://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
     fs.writeFileSync(paths.serverInfo, JSON.stringify({ pid: process.pid, url }), { mode: 0o600 });
     const stopCheckpoints = scheduleCheckpoints(core, config.auditCheckpointIntervalSeconds, log);
+    // Where no autovacuum analyzes our tables (PGlite; a server with it off), Custos does, so that
+    // plans stay right as data grows (src/store/planner-statistics.ts).
+    const statistics = [
+      await PlannerStatistics.start(core.resourceDb, 'resources', log, opts.plannerStatistics),
+      await PlannerStatistics.start(core.auditDb, 'audit', log, opts.plannerStatistics),
+    ];
     // Asynchronous from the appends: a slow or absent SIEM never delays a request (docs/audit.md).
     const siem =
       config.siem && siemTls
@@ -433,6 +446,7 @@ export async function startServer(
     return {
       core,
       app,
+      statistics,
       siem,
       subscriptions,
       url,
@@ -445,6 +459,7 @@ export async function startServer(
         }
         stopCheckpoints();
         clearInterval(vendorTimer);
+        await Promise.all(statistics.map((s) => s?.stop()));
         await siem?.stop();
         await subscriptions.stop();
         await app.close();

@@ -2,6 +2,7 @@ import type { SubscriptionWorkerOptions } from '../../src/subscriptions/subscrip
 import { loadConfig, type Config } from '../../src/config/config.ts';
 import { createLogger, type Logger } from '../../src/log/logger.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
+import type { PlannerStatisticsOptions } from '../../src/store/planner-statistics.ts';
 import type { InitResult } from '../../src/admin/admin-service.ts';
 import { createTestStorage, type TestStorage } from './storage.ts';
 import { Writable } from 'node:stream';
@@ -48,6 +49,7 @@ export async function startHarness(
     storage?: TestStorage;
     env?: Record<string, string>;
     subscriptions?: Partial<SubscriptionWorkerOptions>;
+    plannerStatistics?: PlannerStatisticsOptions;
   } = {},
 ): Promise<Harness> {
   const storage = opts.storage ?? (await createTestStorage());
@@ -62,7 +64,10 @@ export async function startHarness(
     },
   });
   const log: Logger = createLogger({ level: 'debug', destination: destination as never });
-  const server = await startServer(config, log, { subscriptions: opts.subscriptions });
+  const server = await startServer(config, log, {
+    subscriptions: opts.subscriptions,
+    plannerStatistics: opts.plannerStatistics,
+  });
   const init = await server.core.admin.init();
   const base = `${server.url}/fhir/R4`;
   // Tokens live five minutes; a cached one is renewed after one (a machine stalled for minutes
