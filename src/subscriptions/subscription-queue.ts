@@ -91,10 +91,27 @@ function delivery(r: DeliveryRow): Delivery {
   };
 }
 
+/** The change feed's query ($1 the cursor's name, $2 the limit): see {@link SubscriptionQueue.changes}. */
+export const CHANGES_SQL = `SELECT v.project_id, v.resource_type, v.id, v.version_id, v.deleted, v.change_xid::text AS xid, v.change_seq AS seq
+         FROM resource_version v
+        WHERE v.change_xid IS NOT NULL
+          AND (v.change_xid, v.change_seq) >
+              ((SELECT change_xid FROM subscription_cursor WHERE name = $1),
+               (SELECT change_seq FROM subscription_cursor WHERE name = $1))
+          AND v.change_xid < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY v.change_xid, v.change_seq
+        LIMIT $2`;
+
 export class SubscriptionQueue {
   constructor(private readonly db: SqlDriver) {}
 
-  /** Up to `limit` versions after the cursor whose transactions have all ended. */
+  /**
+   * Up to `limit` versions after the cursor whose transactions have all ended. The cursor is read by
+   * two scalar subqueries, not a join: as parameters of the row comparison they make it a condition
+   * of the index scan on resource_version_change, where a join left it a filter applied after
+   * reading every version ever written (37 ms at 5,600 versions, four times a second, growing with
+   * the history; CHANGES_SQL is exported for the plan test in test/query-plans.test.ts).
+   */
   async changes(limit: number): Promise<Change[]> {
     const r = await this.db.query<{
       project_id: string;
@@ -104,16 +121,7 @@ export class SubscriptionQueue {
       deleted: boolean;
       xid: string;
       seq: string | number;
-    }>(
-      `SELECT v.project_id, v.resource_type, v.id, v.version_id, v.deleted, v.change_xid::text AS xid, v.change_seq AS seq
-         FROM resource_version v, subscription_cursor c
-        WHERE c.name = $1 AND v.change_xid IS NOT NULL
-          AND (v.change_xid, v.change_seq) > (c.change_xid, c.change_seq)
-          AND v.change_xid < pg_snapshot_xmin(pg_current_snapshot())
-        ORDER BY v.change_xid, v.change_seq
-        LIMIT $2`,
-      [CURSOR, limit],
-    );
+    }>(CHANGES_SQL, [CURSOR, limit]);
     return r.rows.map((x) => ({
       projectId: x.project_id,
       resourceType: x.resource_type,

@@ -11,9 +11,15 @@ import {
   tableSizes,
   type TableSize,
 } from '../src/store/planner-statistics.ts';
+import { CHANGES_SQL, SubscriptionQueue } from '../src/subscriptions/subscription-queue.ts';
+import { PgDriver } from '../src/store/pg/pg-driver.ts';
 import { HTEST, startHarness } from './support/harness.ts';
 import { until } from './support/until.ts';
+import { createTestStorage, needs } from './support/storage.ts';
 
+// Queries whose plan must stay right as data grows: a wrong plan here is not slower by a constant,
+// it reads the whole history on every call.
+//
 // Where no autovacuum runs (embedded PGlite always, a server configured with autovacuum = off),
 // tables are never analyzed, and the planner then reads a resource by id through
 // resource_last_updated with a filter on id: a scan of every resource of that type. Custos analyzes
@@ -144,6 +150,70 @@ describe('planner statistics: a running server', () => {
       assert.match(lines, /"count":\d+/);
     } finally {
       await h.close();
+    }
+  });
+});
+
+describe('the subscription change feed reads only what follows its cursor', () => {
+  /** Writes `n` versions (one transaction), analyzes, and moves the cursor past all but the last 3. */
+  async function feedOf(db: SqlDriver, n: number): Promise<void> {
+    await migrate(db, RESOURCE_MIGRATIONS, 'custos_migration', silentLogger);
+    await db.query(
+      `INSERT INTO resource_version (project_id, resource_type, id, version_id, last_updated, deleted, method)
+       SELECT 'p-feed', 'Observation', 'feed-' || g, 1, now(), false, 'create' FROM generate_series(1, $1::int) g`,
+      [n],
+    );
+    await db.query('ANALYZE resource_version');
+    await db.query(
+      `UPDATE subscription_cursor SET (change_xid, change_seq) =
+         (SELECT change_xid, change_seq FROM resource_version ORDER BY change_xid, change_seq OFFSET $1 LIMIT 1)
+       WHERE name = 'rest-hook'`,
+      [n - 4],
+    );
+  }
+
+  async function check(db: SqlDriver): Promise<void> {
+    await feedOf(db, 5000);
+    const changes = await new SubscriptionQueue(db).changes(100);
+    assert.deepEqual(
+      changes.map((c) => c.id),
+      ['feed-4998', 'feed-4999', 'feed-5000'],
+      'the three versions after the cursor, in order',
+    );
+    const plan = (
+      await db.query<{ 'QUERY PLAN': string }>(`EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) ${CHANGES_SQL}`, [
+        'rest-hook',
+        100,
+      ])
+    ).rows
+      .map((r) => r['QUERY PLAN'])
+      .join('\n');
+    // The cursor bounds the index scan; a filter or a join filter would read all 5,000 versions.
+    assert.match(plan, /Index Cond: \(\(ROW\(change_xid, change_seq\) > ROW\(/);
+    assert.doesNotMatch(plan, /Rows Removed/);
+    assert.match(
+      plan,
+      /Index Scan using resource_version_change on resource_version v \(actual rows=3(\.00)? /,
+    );
+  }
+
+  test('embedded', async () => {
+    const db = await PgliteDriver.open(undefined);
+    try {
+      await check(db);
+    } finally {
+      await db.close();
+    }
+  });
+
+  test('PostgreSQL server', { skip: needs('postgres') }, async () => {
+    const storage = await createTestStorage({ forceServer: true });
+    const db = await PgDriver.open(storage.databaseUrl!);
+    try {
+      await check(db);
+    } finally {
+      await db.close();
+      await storage.cleanup();
     }
   });
 });
