@@ -16,8 +16,15 @@ import type { SqlDriver } from './sql-driver.ts';
  * because PGlite keeps no row counters: a table is analyzed when it was never analyzed and holds
  * at least `minPages`, or when it has grown by more than `minPages` + 10% of the pages it had at
  * its last ANALYZE. ANALYZE reads a fixed sample (300 × default_statistics_target rows), so one
- * pass costs about the same at any table size. What this does not do: VACUUM. Dead row versions
- * left by updates and deletes are not reclaimed without autovacuum (README, "Database maintenance").
+ * pass costs about the same at any table size.
+ *
+ * The other thing autovacuum does that searches depend on: it empties the pending lists of GIN
+ * indexes (new entries queue there, and every scan reads the whole list). Each pass does that too,
+ * with `gin_clean_pending_list`, which costs what merging those entries costs and nothing when the
+ * list is empty. Migration 12 caps the lists at 256 kB between passes.
+ *
+ * What this does not do: VACUUM. Dead row versions left by updates and deletes are not reclaimed
+ * without autovacuum (README, "Database maintenance").
  */
 export interface PlannerStatisticsOptions {
   /** How often the tables' sizes are compared with their last ANALYZE. */
@@ -58,6 +65,19 @@ export async function needsOwnStatistics(db: SqlDriver): Promise<boolean> {
   );
   const s = r.rows[0];
   return !s || s.autovacuum !== 'on' || s.track_counts !== 'on';
+}
+
+/** The GIN indexes of the current schema's tables this role owns (schema-qualified, quoted). */
+export async function ginIndexes(db: SqlDriver): Promise<string[]> {
+  const r = await db.query<{ qualified: string }>(
+    `SELECT quote_ident(n.nspname) || '.' || quote_ident(i.relname) AS qualified
+       FROM pg_class i
+       JOIN pg_am am ON am.oid = i.relam AND am.amname = 'gin'
+       JOIN pg_namespace n ON n.oid = i.relnamespace
+      WHERE n.nspname = current_schema() AND i.relkind = 'i' AND pg_has_role(i.relowner, 'USAGE')
+      ORDER BY i.relname`,
+  );
+  return r.rows.map((x) => x.qualified);
 }
 
 /** The current schema's ordinary tables this role may ANALYZE, with their sizes. */
@@ -119,8 +139,21 @@ export class PlannerStatistics {
       .finally(() => (this.running = undefined));
   }
 
-  /** One pass: ANALYZE every table that is due. Returns the names of the tables analyzed. */
+  /**
+   * One pass: empty the GIN pending lists, then ANALYZE every table that is due. Returns the names
+   * of the tables analyzed.
+   */
   async pass(): Promise<string[]> {
+    for (const index of await ginIndexes(this.db)) {
+      if (this.stopped) return [];
+      const r = await this.db.query<{ pages: number }>(
+        `SELECT gin_clean_pending_list($1::regclass)::int AS pages`,
+        [index],
+      );
+      const pages = r.rows[0]?.pages ?? 0;
+      if (pages > 0)
+        this.log.debug('store.gin_pending_merged', { code: index.replace(/^.*\./, ''), count: pages });
+    }
     const analyzed: string[] = [];
     for (const t of await tableSizes(this.db)) {
       if (this.stopped) break;
