@@ -98,6 +98,7 @@ const { values: flags } = parseArgs({
     'quiet-wait': { type: 'string', default: '10' },
     synthea: { type: 'string', default: path.join(repoRoot, '..', 'shared', 'data', 'synthea-r4') },
     seed: { type: 'string', default: '20240601' },
+    'keep-data': { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },
   allowPositionals: false,
@@ -107,6 +108,7 @@ if (flags.help) {
   process.stderr.write(`usage: npm run bench:encryption -- [--no-micro] [--no-http] [--runs 7] [--run-ms 150]
   [--storage embedded,postgres] [--rounds 6] [--concurrency 16] [--creates 600] [--reads 2500]
   [--searches 300] [--count-requests 200] [--no-profile] [--profile-requests 600] [--warmup 200] [--max-phase-seconds 30] [--quiet-wait 10] [--synthea DIR] [--seed N]
+  [--keep-data] keep the embedded servers' data directories (their paths are logged) for EXPLAIN afterwards
 Per round and server: --creates Patients, --creates Conditions, --reads reads of each, --searches SSN searches.
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
@@ -1256,7 +1258,8 @@ async function stopServer(s: Partial<Server> & { child?: Child; dataDir?: string
   s.stopToken?.();
   s.client?.close();
   await s.child?.stop().catch(() => {});
-  if (s.dataDir) fs.rmSync(s.dataDir, { recursive: true, force: true });
+  if (s.dataDir && flags['keep-data']) log(`kept data directory ${s.dataDir}`);
+  else if (s.dataDir) fs.rmSync(s.dataDir, { recursive: true, force: true });
   if (s.dbName) {
     for (const db of [s.dbName, `${s.dbName}_audit`])
       await adminQuery(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`).catch((e: unknown) =>
