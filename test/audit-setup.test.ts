@@ -444,6 +444,47 @@ describe('custos audit setup (PostgreSQL)', { skip }, () => {
     }
   });
 
+  test('audit_append refuses a transaction that is not READ COMMITTED and appends nothing', async () => {
+    // Under REPEATABLE READ its max(seq) would come from a snapshot taken before the sequence lock
+    // was granted: a number another process already used. The fast path (autocommit) relies on this
+    // refusal to fall back to a READ COMMITTED transaction.
+    const entry = encodeAuditEvent(event('rr-refused'));
+    const before = await admin(appUrl, (c) =>
+      c.query<{ n: string }>('SELECT count(*) AS n FROM audit_entry'),
+    );
+    const code = await admin(appUrl, async (c) => {
+      await c.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      try {
+        return await sqlstate(
+          c.query(
+            `SELECT audit_append($1::bytea[], $2::bytea[], $3::text[], $4::text[], '{}', '{}', '{}', '{}',
+                                 '{}', '{}', '{}', '{}', '{}')`,
+            [[entry], [leafHash(entry)], ['rr-refused'], ['access']],
+          ),
+        );
+      } finally {
+        await c.query('ROLLBACK');
+      }
+    });
+    assert.equal(code, 'CA001');
+    const after = await admin(appUrl, (c) => c.query<{ n: string }>('SELECT count(*) AS n FROM audit_entry'));
+    assert.equal(after.rows[0]!.n, before.rows[0]!.n);
+    // The application role runs it (EXECUTE is PUBLIC's) and it writes entry and index rows at once.
+    const a = await PgDriver.open(appUrl, { max: 1 });
+    try {
+      const seq = await new AuditLog(a).append(event('rc-accepted'));
+      const rows = await admin(appUrl, (c) =>
+        c.query<{ request_id: string; ix: number }>(
+          'SELECT request_id, (SELECT count(*)::int FROM audit_index i WHERE i.seq = e.seq) AS ix FROM audit_entry e WHERE seq = $1',
+          [seq],
+        ),
+      );
+      assert.deepEqual(rows.rows, [{ request_id: 'rc-accepted', ix: 1 }]);
+    } finally {
+      await a.close();
+    }
+  });
+
   test('setup upgrades a version-2 audit database; the log continues without a gap', async () => {
     const db = `custos_test_v2_${suffix}`;
     await admin(serverUrl!, (c) => c.query(`CREATE DATABASE ${db}`));

@@ -1,12 +1,6 @@
 import type { SqlDriver } from '../store/sql-driver.ts';
 import { encodeAuditEvent, leafHash, type AuditEvent } from './audit-event.ts';
-import {
-  indexColumns,
-  indexRowsOf,
-  INDEX_COLUMNS,
-  unnestIndexColumns,
-  type AuditIndexRow,
-} from './audit-index.ts';
+import { indexColumns, indexRowsOf, type AuditIndexRow } from './audit-index.ts';
 import type { AuditSealer, SensitiveFields } from './audit-sealer.ts';
 
 interface Pending {
@@ -26,7 +20,16 @@ interface Pending {
  * SELECT only: docs/adr/0006-audit-app-role.md) and is released by COMMIT, ROLLBACK or a lost
  * connection. Advisory locks are per database, so the key cannot collide with the resource database's.
  */
-const SEQUENCE_LOCK = "pg_advisory_xact_lock(hashtextextended('custos-audit-sequence', 0))";
+/**
+ * One batch of appends: the sequence lock, the next number read after it was granted, the entries and
+ * their query index rows, all in one statement (audit migration 9): one round trip where the
+ * transaction of five statements (BEGIN, SET, lock, INSERT, COMMIT) took five.
+ */
+const APPEND_SQL = `SELECT audit_append($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::bigint[],
+  $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[]) AS start`;
+
+/** SQLSTATE audit_append raises when the transaction is not READ COMMITTED. */
+const NEEDS_READ_COMMITTED = 'CA001';
 
 /**
  * Appends audit events durably, in sequence order, with group commit: events arriving while a
@@ -49,6 +52,8 @@ const SEQUENCE_LOCK = "pg_advisory_xact_lock(hashtextextended('custos-audit-sequ
 export class AuditLog {
   private queue: Pending[] = [];
   private flushing = false;
+  /** The database defaults to an isolation level audit_append refuses (see appendBatch). */
+  private explicitIsolation = false;
   private static readonly MAX_BATCH = 512;
 
   /** Seals the PHI-bearing fields of events (audit-sealer.ts); without one they are dropped. */
@@ -90,39 +95,15 @@ export class AuditLog {
       while (this.queue.length > 0) {
         const batch = this.queue.splice(0, AuditLog.MAX_BATCH);
         try {
-          const first = await this.db.transaction(async (tx) => {
-            // Each statement must see what committed before the lock was granted, whatever the
-            // database's default isolation (REPEATABLE READ would keep the snapshot of the lock call).
-            await tx.query('SET TRANSACTION ISOLATION LEVEL READ COMMITTED');
-            await tx.query(`SELECT ${SEQUENCE_LOCK}`);
-            // The query index rows go in with the entries, in the same statement: x.seq is the
-            // entry's position in the batch until the head is known.
-            const index = batch.flatMap((p, i) => p.index.map((row) => ({ ...row, seq: i })));
-            const r = await tx.query<{ start: number }>(
-              `WITH ins AS (
-                 INSERT INTO audit_entry (seq, entry, leaf_hash, request_id, phase)
-                 SELECT (SELECT coalesce(max(seq) + 1, 0) FROM audit_entry) + u.ord - 1,
-                        u.entry, u.leaf_hash, u.request_id, u.phase
-                   FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[])
-                        WITH ORDINALITY AS u(entry, leaf_hash, request_id, phase, ord)
-                 RETURNING seq),
-               head AS (SELECT min(seq) AS start FROM ins),
-               idx AS (
-                 INSERT INTO audit_index (${INDEX_COLUMNS})
-                 SELECT head.start + x.seq, x.patient, x.event_time, x.action, x.outcome, x.purpose,
-                        x.project_id, x.client_id, x.user_id
-                   FROM head, ${unnestIndexColumns(5)})
-               SELECT start FROM head`,
-              [
-                batch.map((p) => p.entry),
-                batch.map((p) => p.hash),
-                batch.map((p) => p.requestId),
-                batch.map((p) => p.phase),
-                ...indexColumns(index),
-              ],
-            );
-            return Number(r.rows[0]!.start);
-          });
+          // x.seq of an index row is its entry's position in the batch until the head is known.
+          const index = batch.flatMap((p, i) => p.index.map((row) => ({ ...row, seq: i })));
+          const first = await this.appendBatch([
+            batch.map((p) => p.entry),
+            batch.map((p) => p.hash),
+            batch.map((p) => p.requestId),
+            batch.map((p) => p.phase),
+            ...indexColumns(index),
+          ]);
           batch.forEach((p, i) => p.resolve(first + i));
         } catch (e) {
           for (const p of batch) p.reject(e);
@@ -131,6 +112,28 @@ export class AuditLog {
     } finally {
       this.flushing = false;
     }
+  }
+
+  /**
+   * Runs audit_append on its own (autocommit: one round trip). Where transactions default to another
+   * isolation level than READ COMMITTED the function refuses, and from then on it runs inside a
+   * transaction that asks for READ COMMITTED, as the append did before (four round trips).
+   */
+  private async appendBatch(params: unknown[]): Promise<number> {
+    if (!this.explicitIsolation) {
+      try {
+        const r = await this.db.query<{ start: number }>(APPEND_SQL, params);
+        return Number(r.rows[0]!.start);
+      } catch (e) {
+        if ((e as { code?: unknown } | null)?.code !== NEEDS_READ_COMMITTED) throw e;
+        this.explicitIsolation = true;
+      }
+    }
+    return this.db.transaction(async (tx) => {
+      await tx.query('SET TRANSACTION ISOLATION LEVEL READ COMMITTED');
+      const r = await tx.query<{ start: number }>(APPEND_SQL, params);
+      return Number(r.rows[0]!.start);
+    });
   }
 
   /**

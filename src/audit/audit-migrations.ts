@@ -123,6 +123,45 @@ CREATE TRIGGER audit_cosignature_no_truncate BEFORE TRUNCATE ON audit_cosignatur
     name: 'audit archive watermarks',
     sql: ARCHIVE_MIGRATION_SQL,
   },
+  {
+    // A batch of appends in one statement, so one round trip (audit-log.ts). The same steps the
+    // application ran as five statements: the sequence lock, max(seq) + 1 read after the lock was
+    // granted, the entries and their query index rows. Each statement of a plpgsql function takes
+    // its own snapshot only under READ COMMITTED, hence the check: the caller then runs it inside a
+    // transaction that asks for READ COMMITTED. SECURITY INVOKER (the default): it can do only what
+    // the calling role may, which for the application role is INSERT into the two tables.
+    version: 9,
+    name: 'appends in one statement',
+    sql: `
+CREATE FUNCTION audit_append(
+  entries bytea[], leaf_hashes bytea[], request_ids text[], phases text[],
+  ix_seq bigint[], ix_patient text[], ix_event_time timestamptz[], ix_action text[], ix_outcome text[],
+  ix_purpose text[], ix_project_id text[], ix_client_id text[], ix_user_id text[]
+) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+  start bigint;
+BEGIN
+  IF current_setting('transaction_isolation') <> 'read committed' THEN
+    RAISE EXCEPTION 'audit_append needs READ COMMITTED, the transaction is %',
+      current_setting('transaction_isolation') USING ERRCODE = 'CA001';
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('custos-audit-sequence', 0));
+  SELECT coalesce(max(seq) + 1, 0) INTO start FROM audit_entry;
+  INSERT INTO audit_entry (seq, entry, leaf_hash, request_id, phase)
+    SELECT start + u.ord - 1, u.entry, u.leaf_hash, u.request_id, u.phase
+      FROM unnest(entries, leaf_hashes, request_ids, phases)
+           WITH ORDINALITY AS u(entry, leaf_hash, request_id, phase, ord);
+  INSERT INTO audit_index (seq, patient, event_time, action, outcome, purpose, project_id, client_id, user_id)
+    SELECT start + x.seq, x.patient, x.event_time, x.action, x.outcome, x.purpose, x.project_id,
+           x.client_id, x.user_id
+      FROM unnest(ix_seq, ix_patient, ix_event_time, ix_action, ix_outcome, ix_purpose, ix_project_id,
+                  ix_client_id, ix_user_id)
+           AS x(seq, patient, event_time, action, outcome, purpose, project_id, client_id, user_id);
+  RETURN start;
+END;
+$$;
+`,
+  },
 ];
 
 /** The table that records applied audit migrations (one row per version). */
