@@ -457,9 +457,9 @@ describe('custos audit setup (PostgreSQL)', { skip }, () => {
       try {
         return await sqlstate(
           c.query(
-            `SELECT audit_append($1::bytea[], $2::bytea[], $3::text[], $4::text[], '{}', '{}', '{}', '{}',
-                                 '{}', '{}', '{}', '{}', '{}')`,
-            [[entry], [leafHash(entry)], ['rr-refused'], ['access']],
+            `SELECT audit_append($1::bytea, '{0}', $2::int[], $3::bytea, $4::text[], $5::text[], '{}', '{}',
+                                 '{}', '{}', '{}', '{}', '{}', '{}', '{}')`,
+            [entry, [entry.length], leafHash(entry), ['rr-refused'], ['access']],
           ),
         );
       } finally {

@@ -133,8 +133,11 @@ CREATE TRIGGER audit_cosignature_no_truncate BEFORE TRUNCATE ON audit_cosignatur
     version: 9,
     name: 'appends in one statement',
     sql: `
+-- entries: the entries' bytes end to end, entry i at entry_offsets[i] (0-based) for entry_lengths[i];
+-- leaf_hashes: 32 bytes per entry, in order. One bytea each travels as raw bytes (binary parameter);
+-- a bytea[] travels as hex text inside an array literal, twice the bytes and parsed twice.
 CREATE FUNCTION audit_append(
-  entries bytea[], leaf_hashes bytea[], request_ids text[], phases text[],
+  entries bytea, entry_offsets int[], entry_lengths int[], leaf_hashes bytea, request_ids text[], phases text[],
   ix_seq bigint[], ix_patient text[], ix_event_time timestamptz[], ix_action text[], ix_outcome text[],
   ix_purpose text[], ix_project_id text[], ix_client_id text[], ix_user_id text[]
 ) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
@@ -148,9 +151,10 @@ BEGIN
   PERFORM pg_advisory_xact_lock(hashtextextended('custos-audit-sequence', 0));
   SELECT coalesce(max(seq) + 1, 0) INTO start FROM audit_entry;
   INSERT INTO audit_entry (seq, entry, leaf_hash, request_id, phase)
-    SELECT start + u.ord - 1, u.entry, u.leaf_hash, u.request_id, u.phase
-      FROM unnest(entries, leaf_hashes, request_ids, phases)
-           WITH ORDINALITY AS u(entry, leaf_hash, request_id, phase, ord);
+    SELECT start + u.ord - 1, substring(entries FROM u.off + 1 FOR u.len),
+           substring(leaf_hashes FROM (u.ord::int - 1) * 32 + 1 FOR 32), u.request_id, u.phase
+      FROM unnest(entry_offsets, entry_lengths, request_ids, phases)
+           WITH ORDINALITY AS u(off, len, request_id, phase, ord);
   INSERT INTO audit_index (seq, patient, event_time, action, outcome, purpose, project_id, client_id, user_id)
     SELECT start + x.seq, x.patient, x.event_time, x.action, x.outcome, x.purpose, x.project_id,
            x.client_id, x.user_id
