@@ -1424,6 +1424,10 @@ async function dropKept(name: string): Promise<void> {
         await adminQuery(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`);
         log(`dropped database ${db} (if it existed)`);
       }
+    else if (kind === 'postgres')
+      log(
+        `databases ${k.dbName}[_audit] not dropped: set CUSTOS_BENCH_DATABASE_URL (or CUSTOS_TEST_DATABASE_URL) to drop them`,
+      );
   }
 }
 
