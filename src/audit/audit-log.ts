@@ -137,7 +137,8 @@ export class AuditLog {
   private async appendBatch(params: unknown[]): Promise<number> {
     if (!this.explicitIsolation) {
       try {
-        const r = await this.db.query<{ start: number }>(APPEND_SQL, params);
+        // Prepared once per connection: an append is then one Bind/Execute, no parse or plan.
+        const r = await this.db.query<{ start: number }>(APPEND_SQL, params, { name: 'custos_audit_append' });
         return Number(r.rows[0]!.start);
       } catch (e) {
         if ((e as { code?: unknown } | null)?.code !== NEEDS_READ_COMMITTED) throw e;

@@ -5,7 +5,20 @@
  * shared suite in test/store.test.ts runs against both.
  */
 export interface SqlQueryable {
-  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[]): Promise<{ rows: R[] }>;
+  query<R = Record<string, unknown>>(
+    sql: string,
+    params?: readonly unknown[],
+    opts?: QueryOptions,
+  ): Promise<{ rows: R[] }>;
+}
+
+export interface QueryOptions {
+  /**
+   * A PostgreSQL server prepares the statement once per connection under this name and then only
+   * binds and executes it (no parse and plan per call): for a fixed statement run very often, such as
+   * the audit append. The same name must always go with the same SQL. Ignored where not supported.
+   */
+  name?: string;
 }
 
 export interface SqlDriver extends SqlQueryable {

@@ -1,6 +1,6 @@
 import pg from 'pg';
 import { to as copyTo } from 'pg-copy-streams';
-import type { SqlDriver, SqlQueryable } from '../sql-driver.ts';
+import type { QueryOptions, SqlDriver, SqlQueryable } from '../sql-driver.ts';
 
 // bigint (int8) columns come back as JS numbers: our sequence numbers and versions stay far below 2^53.
 pg.types.setTypeParser(20, (v) => Number(v));
@@ -59,8 +59,10 @@ export class PgDriver implements SqlDriver, BoundedQueries {
     return b.q;
   }
 
-  async query<R>(sql: string, params: readonly unknown[] = []): Promise<{ rows: R[] }> {
-    const r = await this.pool.query(sql, params as unknown[]);
+  async query<R>(sql: string, params: readonly unknown[] = [], opts?: QueryOptions): Promise<{ rows: R[] }> {
+    const r = opts?.name
+      ? await this.pool.query({ name: opts.name, text: sql, values: params as unknown[] })
+      : await this.pool.query(sql, params as unknown[]);
     return { rows: r.rows as R[] };
   }
 
