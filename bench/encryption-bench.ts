@@ -1504,6 +1504,10 @@ async function benchStorage(kind: 'embedded' | 'postgres') {
         perSecondOff: round(median(b), 1),
         throughputCost: round(1 - median(a) / median(b), 3),
         throughputCostPerRound: perRound,
+        // The paired estimate: each round's on and off ran back to back, so their ratio cancels the
+        // drift between rounds (tables grow, throughput falls) and a stall that hits one round
+        // (a statistics pass, a burst of I/O) moves one of the ratios instead of both medians.
+        throughputCostMedianOfRounds: round(median(perRound), 3),
         quietRounds: quiet.map((r) => r + 1),
         throughputCostQuietRounds: quiet.length ? round(median(quiet.map((r) => perRound[r]!)), 3) : null,
       };
@@ -1511,7 +1515,7 @@ async function benchStorage(kind: 'embedded' | 'postgres') {
     const reads = combined(['read-patient', 'read-condition']);
     const writes = combined(['create-patient', 'create-condition']);
     out.summary = {
-      what: "perSecond = median over rounds; throughputCost = 1 − on/off; cpuMsPerRequest = CPU ms per request of the server child + PostgreSQL (auxiliary processes and the backends of this server's two databases; other databases' backends excluded): robust to foreign load",
+      what: "perSecond = median over rounds; throughputCost = 1 − on/off of those medians; throughputCostMedianOfRounds = median over rounds of each round's 1 − on/off (the targets' value); cpuMsPerRequest = CPU ms per request of the server child + PostgreSQL (auxiliary processes and the backends of this server's two databases; other databases' backends excluded): robust to foreign load",
       reads,
       writes,
       ...summary,
@@ -1519,8 +1523,9 @@ async function benchStorage(kind: 'embedded' | 'postgres') {
     out.targets = [
       {
         name: 'read throughput cost ≤ 15%',
-        value: reads.throughputCost,
-        pass: reads.throughputCost <= 0.15,
+        value: reads.throughputCostMedianOfRounds,
+        pass: reads.throughputCostMedianOfRounds <= 0.15,
+        ratioOfMediansValue: reads.throughputCost,
         quietRoundsValue: reads.throughputCostQuietRounds,
         cpuCostPatientCondition: [
           (summary['read-patient'] as { cpuCostServerPlusPostgres: number }).cpuCostServerPlusPostgres,
@@ -1529,8 +1534,9 @@ async function benchStorage(kind: 'embedded' | 'postgres') {
       },
       {
         name: 'write throughput cost ≤ 20%',
-        value: writes.throughputCost,
-        pass: writes.throughputCost <= 0.2,
+        value: writes.throughputCostMedianOfRounds,
+        pass: writes.throughputCostMedianOfRounds <= 0.2,
+        ratioOfMediansValue: writes.throughputCost,
         quietRoundsValue: writes.throughputCostQuietRounds,
         cpuCostPatientCondition: [
           (summary['create-patient'] as { cpuCostServerPlusPostgres: number }).cpuCostServerPlusPostgres,
