@@ -1419,15 +1419,17 @@ async function dropKept(name: string): Promise<void> {
       fs.rmSync(k.dataDir, { recursive: true, force: true });
       log(`removed ${k.dataDir}`);
     }
-    if (kind === 'postgres' && pgAdminUrl)
-      for (const db of [k.dbName, `${k.dbName}_audit`]) {
-        await adminQuery(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`);
-        log(`dropped database ${db} (if it existed)`);
-      }
-    else if (kind === 'postgres')
+    if (kind !== 'postgres') continue;
+    if (!pgAdminUrl) {
       log(
         `databases ${k.dbName}[_audit] not dropped: set CUSTOS_BENCH_DATABASE_URL (or CUSTOS_TEST_DATABASE_URL) to drop them`,
       );
+      continue;
+    }
+    for (const db of [k.dbName, `${k.dbName}_audit`]) {
+      await adminQuery(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`);
+      log(`dropped database ${db} (if it existed)`);
+    }
   }
 }
 
