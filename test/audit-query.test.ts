@@ -418,6 +418,10 @@ describe('the audit log as AuditEvent resources, and its reports', () => {
     assert.match(sealed, /^v1\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]+$/);
     assert.deepEqual(s.open('event-1', sealed), { query: 'a=b', userAgent: 'x' });
     assert.notEqual(s.seal('event-1', { query: 'a=b' }), s.seal('event-1', { query: 'a=b' }), 'fresh nonce');
+    // Nonces come from a pooled CSPRNG block of 341 (src/kernel/nonce.ts): none repeats across refills.
+    const many = Array.from({ length: 1_000 }, () => s.seal('event-1', { query: 'a=b' })!);
+    assert.equal(new Set(many.map((x) => x.split('.')[1])).size, many.length);
+    assert.ok(many.every((x) => s.open('event-1', x).query === 'a=b'));
     assert.throws(() => s.open('event-2', sealed), /integrity/);
     assert.throws(() => AuditSealer.fromKey(Buffer.alloc(32, 8)).open('event-1', sealed), /integrity/);
     assert.equal(s.seal('e', {}), undefined);

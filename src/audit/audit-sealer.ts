@@ -1,6 +1,7 @@
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { CustosError } from '../kernel/errors.ts';
 import { readOrCreateKeyFile } from '../kernel/key-file.ts';
+import { freshNonce } from '../kernel/nonce.ts';
 import { canonicalJson } from './audit-event.ts';
 
 /**
@@ -27,7 +28,7 @@ const TAG_BYTES = 16;
 
 /**
  * Seals the PHI-bearing fields of audit events (docs/audit.md, "Sealed fields"): AES-256-GCM
- * (node:crypto) with a fresh random 96-bit nonce per event and the event id as associated data,
+ * (node:crypto) with a fresh random 96-bit nonce per event (from a pooled CSPRNG block) and the event id as associated data,
  * so a sealed value cannot be moved to another event. The result is `v1.<nonce>.<ciphertext‖tag>`,
  * base64url. The plaintext is the canonical JSON of the fields.
  *
@@ -70,7 +71,8 @@ export class AuditSealer {
     }
     if (Object.keys(kept).length === 0) return undefined;
     if (truncated.length > 0) kept.truncated = truncated;
-    const nonce = randomBytes(NONCE_BYTES);
+    // A view of the shared nonce block, consumed before this function returns (src/kernel/nonce.ts).
+    const nonce = freshNonce();
     const cipher = createCipheriv('aes-256-gcm', this.key, nonce);
     cipher.setAAD(Buffer.from(eventId, 'utf8'));
     const ct = Buffer.concat([
