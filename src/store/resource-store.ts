@@ -133,9 +133,12 @@ export class ResourceStore {
     id: string,
     q: SqlQueryable = this.db,
   ): Promise<StoredVersion | undefined> {
+    // The commonest statement of all (every read, and the current version of every update): prepared
+    // once per connection on a server, so each read skips PostgreSQL's parse and plan.
     const r = await q.query<Row>(
       `SELECT ${COLS} FROM resource WHERE project_id = $1 AND resource_type = $2 AND id = $3`,
       [projectId, type, id],
+      { name: 'custos_read' },
     );
     return r.rows[0] && toVersion(r.rows[0]);
   }
@@ -149,6 +152,7 @@ export class ResourceStore {
     const r = await this.db.query<Row>(
       `SELECT ${COLS}, method FROM resource_version WHERE project_id = $1 AND resource_type = $2 AND id = $3 AND version_id = $4`,
       [projectId, type, id, versionId],
+      { name: 'custos_vread' },
     );
     return r.rows[0] && toVersion(r.rows[0]);
   }
