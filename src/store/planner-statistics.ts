@@ -93,10 +93,16 @@ export async function tableSizes(db: SqlDriver): Promise<TableSize[]> {
   return r.rows;
 }
 
+/** How many passes apart a table with pages that ANALYZE found empty is looked at again. */
+const EMPTY_RECHECK_PASSES = 10;
+
 export class PlannerStatistics {
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<unknown> | undefined;
   private stopped = false;
+  /** Passes run so far, and the pass at which each table was last analyzed and found empty. */
+  private passes = 0;
+  private readonly foundEmpty = new Map<string, number>();
   private readonly minPages: number;
   private readonly scale: number;
 
@@ -155,11 +161,21 @@ export class PlannerStatistics {
         this.log.debug('store.gin_pending_merged', { code: index.replace(/^.*\./, ''), count: pages });
     }
     const analyzed: string[] = [];
+    const pass = ++this.passes;
     for (const t of await tableSizes(this.db)) {
       if (this.stopped) break;
-      if (!dueForAnalyze(t, this.minPages, this.scale)) continue;
+      // ANALYZE counts only committed rows: run while a bulk insert was still open, it records 0 rows
+      // at the table's full size, and the growth rule then never fires again (the table does not
+      // grow). A table that holds pages but was last seen empty is therefore analyzed again, at most
+      // every EMPTY_RECHECK_PASSES passes (a table emptied by deletes keeps its pages until VACUUM).
+      const recheck =
+        t.reltuples === 0 &&
+        t.pages >= this.minPages &&
+        pass - (this.foundEmpty.get(t.name) ?? -EMPTY_RECHECK_PASSES) >= EMPTY_RECHECK_PASSES;
+      if (!recheck && !dueForAnalyze(t, this.minPages, this.scale)) continue;
       const started = performance.now();
       await this.db.query(`ANALYZE ${t.qualified}`);
+      if (recheck) this.foundEmpty.set(t.name, pass);
       analyzed.push(t.name);
       this.log.info('store.analyzed', {
         code: t.name,
