@@ -8,7 +8,7 @@
  * before (docs/bench.md, search benchmark).
  */
 import type { IncomingHttpHeaders } from 'node:http';
-import { Pool } from 'undici';
+import { Pool, type Dispatcher } from 'undici';
 
 export interface RequestSpec {
   method: string;
@@ -64,7 +64,7 @@ export class HttpClient {
 
   async send(spec: RequestSpec): Promise<Reply> {
     const r = await this.pool.request({
-      method: spec.method as 'GET',
+      method: spec.method as Dispatcher.HttpMethod,
       path: spec.path,
       headers: spec.headers,
       body: spec.body,

@@ -5,7 +5,9 @@ import { migrate, RESOURCE_MIGRATIONS } from '../src/store/migrations.ts';
 import { silentLogger } from '../src/log/logger.ts';
 import type { SqlDriver } from '../src/store/sql-driver.ts';
 import {
+  dueAsEmpty,
   dueForAnalyze,
+  EMPTY_RECHECK_PASSES,
   needsOwnStatistics,
   PlannerStatistics,
   tableSizes,
@@ -66,6 +68,16 @@ describe('planner statistics: the rule', () => {
     assert.equal(dueForAnalyze(t(8000, 200, 224), 4, 0.1), false);
     assert.equal(dueForAnalyze(t(8000, 200, 225), 4, 0.1), true);
     assert.equal(dueForAnalyze(t(8000, 200, 150), 4, 0.1), false, 'shrinking is not growth');
+  });
+  test('a table analyzed empty while it holds pages is due again, not at every pass', () => {
+    // ANALYZE during an open bulk insert: 0 rows at the full 20 pages; the growth rule stays silent.
+    assert.equal(dueForAnalyze(t(0, 20, 20), 2, 0.1), false);
+    assert.equal(dueAsEmpty(t(0, 20, 20), 2, 1), true, 'never found empty by this keeper');
+    assert.equal(dueAsEmpty(t(0, 20, 20), 2, 5, 1), false);
+    assert.equal(dueAsEmpty(t(0, 20, 20), 2, 1 + EMPTY_RECHECK_PASSES, 1), true);
+    assert.equal(dueAsEmpty(t(0, 1, 1), 2, 1), false, 'below the fixed part');
+    assert.equal(dueAsEmpty(t(-1, 0, 20), 2, 1), false, 'never analyzed: the growth rule decides');
+    assert.equal(dueAsEmpty(t(120, 20, 20), 2, 1), false, 'rows counted');
   });
   test('a server with autovacuum on is left to autovacuum; off, or embedded, Custos analyzes', async () => {
     const server = (autovacuum: string, trackCounts = 'on'): SqlDriver =>

@@ -28,9 +28,9 @@ const TAG_BYTES = 16;
 
 /**
  * Seals the PHI-bearing fields of audit events (docs/audit.md, "Sealed fields"): AES-256-GCM
- * (node:crypto) with a fresh random 96-bit nonce per event (from a pooled CSPRNG block) and the event id as associated data,
- * so a sealed value cannot be moved to another event. The result is `v1.<nonce>.<ciphertext‖tag>`,
- * base64url. The plaintext is the canonical JSON of the fields.
+ * (node:crypto) with a fresh random 96-bit nonce per event (from a pooled CSPRNG block) and the event
+ * id as associated data, so a sealed value cannot be moved to another event. The result is
+ * `v1.<nonce>.<ciphertext‖tag>`, base64url. The plaintext is the canonical JSON of the fields.
  *
  * The key is 32 random bytes in `<data dir>/keys/audit-field.key` (mode 0600), outside both
  * databases (DESIGN.md rule 5). A key provider (HSM, KMS) for this key, and its rotation, arrive

@@ -94,7 +94,20 @@ export async function tableSizes(db: SqlDriver): Promise<TableSize[]> {
 }
 
 /** How many passes apart a table with pages that ANALYZE found empty is looked at again. */
-const EMPTY_RECHECK_PASSES = 10;
+export const EMPTY_RECHECK_PASSES = 10;
+
+/**
+ * Whether `t`, which holds pages but whose last ANALYZE counted no rows, is due again at pass `pass`.
+ * ANALYZE counts only committed rows: run while a bulk insert was still open, it records 0 rows at the
+ * table's full size, and {@link dueForAnalyze}'s growth rule then never fires (the table does not grow
+ * after the commit). Such a table is analyzed again, at most every EMPTY_RECHECK_PASSES passes after
+ * the keeper last found it empty (`lastEmptyPass`; a table emptied by deletes keeps its pages until
+ * VACUUM, so not at every pass). Exported for its tests.
+ */
+export function dueAsEmpty(t: TableSize, minPages: number, pass: number, lastEmptyPass?: number): boolean {
+  if (t.reltuples !== 0 || t.pages < minPages) return false;
+  return lastEmptyPass === undefined || pass - lastEmptyPass >= EMPTY_RECHECK_PASSES;
+}
 
 export class PlannerStatistics {
   private timer: NodeJS.Timeout | undefined;
@@ -164,14 +177,7 @@ export class PlannerStatistics {
     const pass = ++this.passes;
     for (const t of await tableSizes(this.db)) {
       if (this.stopped) break;
-      // ANALYZE counts only committed rows: run while a bulk insert was still open, it records 0 rows
-      // at the table's full size, and the growth rule then never fires again (the table does not
-      // grow). A table that holds pages but was last seen empty is therefore analyzed again, at most
-      // every EMPTY_RECHECK_PASSES passes (a table emptied by deletes keeps its pages until VACUUM).
-      const recheck =
-        t.reltuples === 0 &&
-        t.pages >= this.minPages &&
-        pass - (this.foundEmpty.get(t.name) ?? -EMPTY_RECHECK_PASSES) >= EMPTY_RECHECK_PASSES;
+      const recheck = dueAsEmpty(t, this.minPages, pass, this.foundEmpty.get(t.name));
       if (!recheck && !dueForAnalyze(t, this.minPages, this.scale)) continue;
       const started = performance.now();
       await this.db.query(`ANALYZE ${t.qualified}`);
