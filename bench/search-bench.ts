@@ -67,6 +67,7 @@ const { values: flags } = parseArgs({
     'keep-db': { type: 'string' },
     searches: { type: 'string' },
     'skip-explain': { type: 'boolean', default: false },
+    'statement-runs': { type: 'string', default: '3' },
     'drop-kept': { type: 'string' },
     help: { type: 'boolean', default: false },
   },
@@ -85,6 +86,8 @@ if (flags.help) {
   [--drop-kept NAME] drop what --keep-db NAME kept, and exit
   [--searches 'Encounter patient,Condition patient'] measure only these combinations (names as in the JSON)
   [--skip-explain] no EXPLAIN phase
+  [--statement-runs 3] PostgreSQL: runs of the statement-cost phase (each search's page statement for
+      every target, unprepared against prepared, PostgreSQL CPU per statement); 0 skips it
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
 }
@@ -112,6 +115,7 @@ const cfg = {
   quietWait: int('quiet-wait', flags['quiet-wait']),
   writes: !flags['skip-writes'],
   skipExplain: flags['skip-explain'],
+  statementRuns: int('statement-runs', flags['statement-runs']),
 };
 const pgAdminUrl = process.env.CUSTOS_BENCH_DATABASE_URL || process.env.CUSTOS_TEST_DATABASE_URL || undefined;
 const keepName = flags['keep-db'] ?? flags['drop-kept'];
@@ -1391,6 +1395,87 @@ async function explainSearches(db: Db, projectId: string, targets: Target[], ver
   return out;
 }
 
+/** CPU time (ns) a process has run, from /proc/<pid>/schedstat (nanosecond resolution). */
+function schedNs(pid: number): number {
+  return Number(fs.readFileSync(`/proc/${pid}/schedstat`, 'utf8').split(' ')[0]);
+}
+
+/**
+ * PostgreSQL's CPU per search statement, unprepared (parse, analyse, plan and run each time) against
+ * prepared once per connection and planned for each call's values, as the server's search pool does
+ * (src/store/pg/pg-driver.ts `bounded`: `plan_cache_mode = force_custom_plan`). One connection of
+ * our own, no server and no other load of ours: the backend's CPU (schedstat) is the statement's cost
+ * alone. Each run measures both modes, in alternating order, each over every target's page statement
+ * several times; the ratio is prepared / unprepared of the medians.
+ */
+async function statementCost(url: string, projectId: string, targets: Target[], runs: number) {
+  const c = new pg.Client({ connectionString: url, options: '-c plan_cache_mode=force_custom_plan' });
+  await c.connect();
+  const pid = (await c.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+  const passes = 8;
+  const out: Record<string, { unpreparedMs: number; preparedMs: number; ratio: number }> = {};
+  let n = 0;
+  try {
+    for (const [name, type, params] of SEARCHES) {
+      const statements: { sql: string; params: unknown[] }[] = [];
+      for (const t of targets) {
+        const captured: { sql: string; params: unknown[] }[] = [];
+        const q: SqlQueryable = {
+          query: async <R>(sql: string, p: readonly unknown[] = []) => {
+            captured.push({ sql, params: [...p] });
+            return { rows: (await c.query(sql, [...p])).rows as R[] };
+          },
+        };
+        const req = parseSearch([type], new URLSearchParams(params(t)), { strict: true });
+        await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
+        statements.push(captured.find((x) => /ORDER BY/.test(x.sql)) ?? captured[0]!);
+      }
+      const texts = new Map<string, string>();
+      const perMode: Record<'unprepared' | 'prepared', number[]> = { unprepared: [], prepared: [] };
+      for (let r = 0; r < runs; r++) {
+        const order =
+          r % 2 === 0 ? (['unprepared', 'prepared'] as const) : (['prepared', 'unprepared'] as const);
+        for (const mode of order) {
+          const t0 = schedNs(pid);
+          for (let k = 0; k < passes; k++)
+            for (const st of statements) {
+              if (mode === 'unprepared') await c.query(st.sql, st.params);
+              else {
+                let stName = texts.get(st.sql);
+                if (!stName) texts.set(st.sql, (stName = `bench_s${n++}`));
+                await c.query({ name: stName, text: st.sql, values: st.params });
+              }
+            }
+          perMode[mode].push((schedNs(pid) - t0) / 1e6 / (passes * statements.length));
+        }
+      }
+      const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+      const u = med(perMode.unprepared);
+      const pr = med(perMode.prepared);
+      out[name] = { unpreparedMs: round(u, 3), preparedMs: round(pr, 3), ratio: round(pr / u, 3) };
+      log(
+        `  statement ${name}: ${round(u, 3)} → ${round(pr, 3)} ms of PostgreSQL CPU (× ${round(pr / u, 2)})`,
+      );
+    }
+  } finally {
+    await c.end();
+  }
+  const all = Object.values(out);
+  const mean = (f: (x: (typeof all)[number]) => number) => all.reduce((a, x) => a + f(x), 0) / all.length;
+  return {
+    what: `PostgreSQL backend CPU per search page statement (schedstat), one connection, ${passes} passes over every target per mode and run, ${runs} runs alternating the order; medians of runs`,
+    meanUnpreparedMs: round(
+      mean((x) => x.unpreparedMs),
+      3,
+    ),
+    meanPreparedMs: round(
+      mean((x) => x.preparedMs),
+      3,
+    ),
+    searches: out,
+  };
+}
+
 // ---- one storage ------------------------------------------------------------------------------
 
 /** Where --keep-db NAME keeps one storage's data set. */
@@ -1535,6 +1620,15 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
     if (!cfg.skipExplain) {
       log(`${kind}: EXPLAIN of each search's page query…`);
       out.explain = await explainSearches(dbs[0]!, creds.projectId, targets);
+    }
+    if (kind === 'postgres' && cfg.statementRuns > 0) {
+      log(`${kind}: PostgreSQL CPU per search statement, unprepared and prepared…`);
+      out.statementCost = await statementCost(
+        env.CUSTOS_DATABASE_URL!,
+        creds.projectId,
+        targets,
+        cfg.statementRuns,
+      );
     }
     for (const db of dbs.splice(0)) await db.close();
 

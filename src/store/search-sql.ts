@@ -849,6 +849,7 @@ async function runSearchUnchecked(
     const t = await q.query<{ n: string | number }>(
       `SELECT count(*) AS n FROM ${from} WHERE ${where}`,
       whereParams,
+      { prepare: true },
     );
     total = Number(t.rows[0]?.n ?? 0);
   } else if (wantTotal === 'estimate') {
@@ -889,7 +890,7 @@ async function runSearchUnchecked(
     explain.plan = plan.rows.map((r) => r['QUERY PLAN']).join('\n');
     return { matches: [], includes: [], warnings, blindChecks: [] };
   }
-  const rows = await q.query<DbRow>(pageSql, c.p.values);
+  const rows = await q.query<DbRow>(pageSql, c.p.values, { prepare: true });
   const more = rows.rows.length > req.count;
   const page = rows.rows.slice(0, req.count);
   if (backward) page.reverse();
@@ -958,6 +959,7 @@ async function fetchIncludes(
            ON r.resource_type = k.t AND r.id = k.i
          WHERE r.project_id = ${p.add(access.projectId)} AND NOT r.deleted${allowed ? ` AND ${allowed}` : ''}`,
         p.values,
+        { prepare: true },
       );
       found.push(...res.rows.map(toRow));
     }
@@ -982,6 +984,7 @@ async function fetchIncludes(
            ${access.patient !== undefined ? `AND r.patients @> ${p.add([access.patient])}::text[]` : ''}${accessSql(access, rev.source, 'read', 'r', (v) => p.add(v))}
          LIMIT ${SEARCH_LIMITS.maxIncludes + 1}`,
         p.values,
+        { prepare: true },
       );
       found.push(...res.rows.map(toRow));
     }

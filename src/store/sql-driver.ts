@@ -19,6 +19,12 @@ export interface QueryOptions {
    * the audit append. The same name must always go with the same SQL. Ignored where not supported.
    */
   name?: string;
+  /**
+   * A statement whose text repeats with different values (a search's page query): a driver that can
+   * prepares it per connection under a name it assigns, for a bounded number of distinct texts, and
+   * plans it for each call's values (never a generic plan). Ignored where not supported.
+   */
+  prepare?: boolean;
 }
 
 export interface SqlDriver extends SqlQueryable {
