@@ -68,6 +68,7 @@ const { values: flags } = parseArgs({
     searches: { type: 'string' },
     'skip-explain': { type: 'boolean', default: false },
     'statement-runs': { type: 'string', default: '3' },
+    'mixed-only': { type: 'boolean', default: false },
     'drop-kept': { type: 'string' },
     help: { type: 'boolean', default: false },
   },
@@ -88,6 +89,7 @@ if (flags.help) {
   [--skip-explain] no EXPLAIN phase
   [--statement-runs 3] PostgreSQL: runs of the statement-cost phase (each search's page statement for
       every target, unprepared against prepared, PostgreSQL CPU per statement); 0 skips it
+  [--mixed-only] of the search phases, only the read baseline and the mixed one (for A/B runs)
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
 }
@@ -116,6 +118,7 @@ const cfg = {
   writes: !flags['skip-writes'],
   skipExplain: flags['skip-explain'],
   statementRuns: int('statement-runs', flags['statement-runs']),
+  mixedOnly: flags['mixed-only'],
 };
 const pgAdminUrl = process.env.CUSTOS_BENCH_DATABASE_URL || process.env.CUSTOS_TEST_DATABASE_URL || undefined;
 const keepName = flags['keep-db'] ?? flags['drop-kept'];
@@ -1113,7 +1116,7 @@ async function searchPhase(s: Session, targets: Target[], seconds: number) {
       readsPerSearch: number;
     }
   > = {};
-  for (const [name, type, params] of SEARCHES) {
+  for (const [name, type, params] of cfg.mixedOnly ? [] : SEARCHES) {
     const paths = targets.map((t) => searchPath(type, params(t)));
     const m = await measure(s, name, paths, seconds);
     const u = await unloaded(name, paths);

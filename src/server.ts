@@ -180,7 +180,7 @@ export async function openCore(config: Config, log: Logger): Promise<CustosCore>
   const sealer = AuditSealer.fromKeyFile(paths.auditFieldKey);
   const totpSealer = TotpSealer.fromKeyFile(paths.totpKey);
   const resourceDb = config.databaseUrl
-    ? await PgDriver.open(config.databaseUrl)
+    ? await PgDriver.open(config.databaseUrl, { max: config.databasePoolSize })
     : await PgliteDriver.open(paths.resources);
   let auditDb: SqlDriver;
   try {

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { availableParallelism } from 'node:os';
 import { ConfigError, loadConfig } from '../src/config/config.ts';
 
 const PROD_OK = {
@@ -168,4 +169,14 @@ test('CUSTOS_SUBSCRIPTION_*: delivery settings with defaults and bounds', () => 
     /^CUSTOS_SUBSCRIPTION_RETRY_MAX: .*from 2 to 86400/,
   );
   assert.match(refusal({ CUSTOS_SUBSCRIPTION_TIMEOUT: '10s' }), /^CUSTOS_SUBSCRIPTION_TIMEOUT: /);
+});
+
+test('CUSTOS_DATABASE_POOL_SIZE: connections per pool, default cores + 1, bounded', () => {
+  assert.equal(loadConfig({}).databasePoolSize, availableParallelism() + 1);
+  assert.equal(loadConfig({ CUSTOS_DATABASE_POOL_SIZE: '12' }).databasePoolSize, 12);
+  assert.match(
+    refusal({ CUSTOS_DATABASE_POOL_SIZE: '0' }),
+    /^CUSTOS_DATABASE_POOL_SIZE: must be a whole number from 1 to 100/,
+  );
+  assert.match(refusal({ CUSTOS_DATABASE_POOL_SIZE: 'ten' }), /^CUSTOS_DATABASE_POOL_SIZE: /);
 });

@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 
 /**
@@ -97,6 +98,12 @@ export interface Config {
     readonly retryMaxSeconds: number;
     readonly timeoutSeconds: number;
   };
+  /**
+   * CUSTOS_DATABASE_POOL_SIZE: connections to the resource database per pool (one for reads and
+   * writes, one for searches), with a PostgreSQL server. Default: this machine's cores + 1 (see
+   * {@link defaultDatabasePoolSize}).
+   */
+  readonly databasePoolSize: number;
   /** CUSTOS_KEY_PROVIDER=aws-kms: the KMS region, endpoint and credentials (docs/keys.md). */
   readonly kms:
     | {
@@ -107,6 +114,17 @@ export interface Config {
         sessionToken: string | undefined;
       }
     | undefined;
+}
+
+/**
+ * Connections per pool to the resource database: the cores of this machine plus one. More backends
+ * than cores do not run more statements at once; they take turns, and each statement then costs
+ * PostgreSQL more CPU (on the 2-core bench machine, 3 connections against node-postgres' default of 10:
+ * PostgreSQL CPU per mixed search 1.03–1.07 against 1.23–1.44 ms, docs/bench.md). Sized for a database
+ * on the same machine or one of similar size; set CUSTOS_DATABASE_POOL_SIZE for a larger server.
+ */
+export function defaultDatabasePoolSize(): number {
+  return availableParallelism() + 1;
 }
 
 /** A configuration problem: the message names the variable and the reason, in one line. */
@@ -460,6 +478,7 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
       throw new ConfigError(name, `must be a whole number${unit} from ${min} to ${max}`);
     return Number(text);
   };
+  const databasePoolSize = whole('CUSTOS_DATABASE_POOL_SIZE', defaultDatabasePoolSize(), 1, 100, '');
   const subscriptionDelivery = {
     maxAttempts: whole('CUSTOS_SUBSCRIPTION_MAX_ATTEMPTS', 8, 1, 100, ''),
     retryMaxSeconds: whole('CUSTOS_SUBSCRIPTION_RETRY_MAX', 600, 2, 86_400, ' of seconds'),
@@ -541,5 +560,6 @@ export function loadConfig(env: Env = process.env, cwd = process.cwd()): Config 
     siem: siem && Object.freeze(siem),
     smtp: smtp && Object.freeze(smtp),
     subscriptionDelivery: Object.freeze(subscriptionDelivery),
+    databasePoolSize,
   });
 }
