@@ -68,7 +68,7 @@ export class PgDriver implements SqlDriver, BoundedQueries {
    * round trip; `SET LOCAL statement_timeout` needed BEGIN, SET and COMMIT around every search.
    *
    * `QueryOptions.prepare` is honoured here: searches repeat a few statement texts with new values,
-   * and parsing and analysing a search's text took 15–25% of its PostgreSQL CPU (docs/bench.md). These
+   * and parsing and analysing a search's text took 10–17% of its PostgreSQL CPU (docs/bench.md). These
    * connections set `plan_cache_mode = force_custom_plan`, so a prepared statement is still planned
    * for each call's values: a generic plan, chosen once for all values, could scan where the actual
    * value is selective (a common category against a rare one).
