@@ -1322,6 +1322,28 @@ async function ginPendingEffect(db: Db, projectId: string, targets: Target[]) {
 }
 
 /**
+ * Runs one search through `runSearch` on `run`, recording its statements: the page statement (the one
+ * with ORDER BY, else the first) and how many statements it took.
+ */
+async function captureSearch(
+  run: <R>(sql: string, params?: unknown[]) => Promise<R[]>,
+  projectId: string,
+  type: string,
+  params: [string, string][],
+): Promise<{ page: { sql: string; params: unknown[] }; statements: number }> {
+  const captured: { sql: string; params: unknown[] }[] = [];
+  const q: SqlQueryable = {
+    query: async <R>(sql: string, p: readonly unknown[] = []) => {
+      captured.push({ sql, params: [...p] });
+      return { rows: await run<R>(sql, [...p]) };
+    },
+  };
+  const req = parseSearch([type], new URLSearchParams(params), { strict: true });
+  await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
+  return { page: captured.find((c) => /ORDER BY/.test(c.sql)) ?? captured[0]!, statements: captured.length };
+}
+
+/**
  * The SQL the server runs for each search (built by src/store/search-sql.ts), planned with
  * EXPLAIN (ANALYZE, BUFFERS) for a few targets spread over the copies; the middle one's plan is kept.
  */
@@ -1336,16 +1358,7 @@ async function explainSearches(db: Db, projectId: string, targets: Target[], ver
     const runs: { pid: string; executionMs: number; planningMs: number; scans: string[] }[] = [];
     let kept: Json = {};
     for (const t of picks) {
-      const captured: { sql: string; params: unknown[] }[] = [];
-      const q: SqlQueryable = {
-        query: async <R>(sql: string, p: readonly unknown[] = []) => {
-          captured.push({ sql, params: [...p] });
-          return { rows: await db.query<R>(sql, [...p]) };
-        },
-      };
-      const req = parseSearch([type], new URLSearchParams(params(t)), { strict: true });
-      await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
-      const main = captured.find((c) => /ORDER BY/.test(c.sql)) ?? captured[0]!;
+      const { page: main, statements } = await captureSearch(db.query, projectId, type, params(t));
       await db.query(`EXPLAIN (ANALYZE) ${main.sql}`, main.params); // warm the cache
       const json = (
         await db.query<{ 'QUERY PLAN': unknown }>(
@@ -1369,7 +1382,7 @@ async function explainSearches(db: Db, projectId: string, targets: Target[], ver
           await db.query<{ 'QUERY PLAN': string }>(`EXPLAIN (ANALYZE, BUFFERS) ${main.sql}`, main.params)
         ).map((r) => r['QUERY PLAN']);
         kept = {
-          statements: captured.length,
+          statements,
           sql: main.sql.replace(/\s+/g, ' '),
           params: main.params,
           plan: text,
@@ -1421,18 +1434,8 @@ async function statementCost(url: string, projectId: string, targets: Target[], 
   try {
     for (const [name, type, params] of SEARCHES) {
       const statements: { sql: string; params: unknown[] }[] = [];
-      for (const t of targets) {
-        const captured: { sql: string; params: unknown[] }[] = [];
-        const q: SqlQueryable = {
-          query: async <R>(sql: string, p: readonly unknown[] = []) => {
-            captured.push({ sql, params: [...p] });
-            return { rows: (await c.query(sql, [...p])).rows as R[] };
-          },
-        };
-        const req = parseSearch([type], new URLSearchParams(params(t)), { strict: true });
-        await runSearch(q, req, { projectId, canRead: () => true, baseUrl: 'http://127.0.0.1/fhir/R4' });
-        statements.push(captured.find((x) => /ORDER BY/.test(x.sql)) ?? captured[0]!);
-      }
+      const run = async <R>(sql: string, p?: unknown[]) => (await c.query(sql, p)).rows as R[];
+      for (const t of targets) statements.push((await captureSearch(run, projectId, type, params(t))).page);
       const texts = new Map<string, string>();
       const perMode: Record<'unprepared' | 'prepared', number[]> = { unprepared: [], prepared: [] };
       for (let r = 0; r < runs; r++) {

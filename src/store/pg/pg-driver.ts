@@ -20,6 +20,19 @@ export interface BoundedQueries {
  */
 export const MAX_PREPARED_TEXTS = 128;
 
+/** One statement on a pool: as the named prepared statement `name` when given, else unnamed. */
+async function run<R>(
+  pool: pg.Pool,
+  sql: string,
+  params: readonly unknown[],
+  name: string | undefined,
+): Promise<{ rows: R[] }> {
+  const r = name
+    ? await pool.query({ name, text: sql, values: params as unknown[] })
+    : await pool.query(sql, params as unknown[]);
+  return { rows: r.rows as R[] };
+}
+
 /** A PostgreSQL server through node-postgres' pool. */
 export class PgDriver implements SqlDriver, BoundedQueries {
   readonly kind = 'postgres' as const;
@@ -87,13 +100,13 @@ export class PgDriver implements SqlDriver, BoundedQueries {
       b = {
         pool,
         q: {
-          query: async <R>(sql: string, params: readonly unknown[] = [], opts?: QueryOptions) => {
-            const name = opts?.prepare && this.customPlans ? this.preparedName(sql) : undefined;
-            const r = name
-              ? await pool.query({ name, text: sql, values: params as unknown[] })
-              : await pool.query(sql, params as unknown[]);
-            return { rows: r.rows as R[] };
-          },
+          query: <R>(sql: string, params: readonly unknown[] = [], opts?: QueryOptions) =>
+            run<R>(
+              pool,
+              sql,
+              params,
+              opts?.name ?? (opts?.prepare && this.customPlans ? this.preparedName(sql) : undefined),
+            ),
         },
       };
       this.boundedPools.set(ms, b);
@@ -102,11 +115,8 @@ export class PgDriver implements SqlDriver, BoundedQueries {
   }
 
   /** `opts.prepare` is not honoured on this pool: its connections may choose generic plans (see `bounded`). */
-  async query<R>(sql: string, params: readonly unknown[] = [], opts?: QueryOptions): Promise<{ rows: R[] }> {
-    const r = opts?.name
-      ? await this.pool.query({ name: opts.name, text: sql, values: params as unknown[] })
-      : await this.pool.query(sql, params as unknown[]);
-    return { rows: r.rows as R[] };
+  query<R>(sql: string, params: readonly unknown[] = [], opts?: QueryOptions): Promise<{ rows: R[] }> {
+    return run<R>(this.pool, sql, params, opts?.name);
   }
 
   async transaction<T>(fn: (tx: SqlQueryable) => Promise<T>): Promise<T> {
