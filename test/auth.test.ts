@@ -18,7 +18,7 @@ import { PgliteDriver } from '../src/store/pglite/pglite-driver.ts';
 import { migrate, RESOURCE_MIGRATIONS } from '../src/store/migrations.ts';
 import type { Logger, LogFields } from '../src/log/logger.ts';
 import { CustosError } from '../src/kernel/errors.ts';
-import { ClientRegistry } from '../src/auth/client-registry.ts';
+import { ClientRegistry, newClientId } from '../src/auth/client-registry.ts';
 import { createAuthorizationServer, type AuthorizationServer } from '../src/auth/authorization-server.ts';
 import { createAccessTokenVerifier } from '../src/auth/access-token.ts';
 import { PostgresOidcAdapter, purgeExpiredOidcPayloads } from '../src/auth/oidc-adapter.ts';
@@ -133,6 +133,14 @@ async function rejectsUnauthenticated(p: Promise<unknown>): Promise<void> {
     (e: unknown) => e instanceof CustosError && e.code === 'UNAUTHENTICATED' && e.details.length === 0,
   );
 }
+
+test('client ids never start with - or _ (command-line options, spreadsheet formulas)', () => {
+  // With plain base64url, 4,000 draws start with one of them about 125 times.
+  const ids = Array.from({ length: 4000 }, newClientId);
+  assert.equal(ids.filter((id) => /^[-_]/.test(id)).length, 0);
+  assert.ok(ids.every((id) => /^[A-Za-z0-9][\w-]{21}$/.test(id)));
+  assert.equal(new Set(ids).size, ids.length);
+});
 
 test('client_secret_basic: a JWT access token the verifier accepts, with the granted scopes and purpose', async () => {
   const { clientId, clientSecret } = await clients.create({
