@@ -100,7 +100,7 @@ export function summarize(latenciesMs: Float64Array | number[]): LatencySummary 
  * at `maxSeconds`. `onReply` sees every answer (e.g. to collect created ids).
  */
 export async function runLoad(opts: {
-  client: HttpClient;
+  client: Pick<HttpClient, 'send'>;
   concurrency: number;
   total: number;
   maxSeconds: number;

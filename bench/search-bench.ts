@@ -38,7 +38,7 @@ import { dataPaths } from '../src/server.ts';
 import { Envelope, type SealContext } from '../src/crypto/envelope.ts';
 import { openLocalKeyring } from '../src/crypto/local-keyring.ts';
 import { readOrCreateKeyFile } from '../src/kernel/key-file.ts';
-import { HttpClient, prng, runLoad, type LoadResult } from './load.ts';
+import { HttpClient, prng, runLoad, type LoadResult, type Reply, type RequestSpec } from './load.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const HTEST = { system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'HTEST' };
@@ -69,6 +69,8 @@ const { values: flags } = parseArgs({
     'skip-explain': { type: 'boolean', default: false },
     'statement-runs': { type: 'string', default: '3' },
     'mixed-only': { type: 'boolean', default: false },
+    'pool-size': { type: 'string' },
+    servers: { type: 'string', default: '1' },
     'drop-kept': { type: 'string' },
     help: { type: 'boolean', default: false },
   },
@@ -90,6 +92,9 @@ if (flags.help) {
   [--statement-runs 3] PostgreSQL: runs of the statement-cost phase (each search's page statement for
       every target, unprepared against prepared, PostgreSQL CPU per statement); 0 skips it
   [--mixed-only] of the search phases, only the read baseline and the mixed one (for A/B runs)
+  [--pool-size N] the server's CUSTOS_DATABASE_POOL_SIZE (default: the server's own default)
+  [--servers 1] PostgreSQL: search phases against N Custos processes on the same databases (each with a
+      copy of the data directory's files and the first one's public URL), requests dealt round-robin
 PostgreSQL runs when CUSTOS_BENCH_DATABASE_URL or CUSTOS_TEST_DATABASE_URL is set.\n`);
   process.exit(0);
 }
@@ -119,6 +124,8 @@ const cfg = {
   skipExplain: flags['skip-explain'],
   statementRuns: int('statement-runs', flags['statement-runs']),
   mixedOnly: flags['mixed-only'],
+  servers: Math.max(1, int('servers', flags.servers)),
+  poolSize: flags['pool-size'] === undefined ? undefined : Math.max(1, int('pool-size', flags['pool-size'])),
 };
 const pgAdminUrl = process.env.CUSTOS_BENCH_DATABASE_URL || process.env.CUSTOS_TEST_DATABASE_URL || undefined;
 const keepName = flags['keep-db'] ?? flags['drop-kept'];
@@ -142,7 +149,8 @@ interface CpuSnap {
 }
 const TICK = 100; // USER_HZ
 
-function procTicks(pid: number | undefined): number {
+function procTicks(pid: number | readonly number[] | undefined): number {
+  if (Array.isArray(pid)) return pid.reduce((sum: number, p: number) => sum + procTicks(p), 0);
   if (!pid) return 0;
   try {
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
@@ -201,7 +209,7 @@ function postgresDelta(a: Map<string, number>, b: Map<string, number>): number {
   return sum;
 }
 
-function cpuSnap(serverPid: number | undefined): CpuSnap {
+function cpuSnap(serverPid: number | readonly number[] | undefined): CpuSnap {
   let machineBusy = 0;
   let machineTotal = 0;
   try {
@@ -247,7 +255,7 @@ function perRequest(a: CpuSnap, b: CpuSnap, requests: number) {
 }
 
 /** Waits up to --quiet-wait seconds for foreign load (other sessions' tests) to drop below 0.25 cores. */
-async function waitForQuiet(serverPid: number | undefined): Promise<number> {
+async function waitForQuiet(serverPid: number | readonly number[] | undefined): Promise<number> {
   const deadline = performance.now() + cfg.quietWait * 1000;
   for (;;) {
     const a = cpuSnap(serverPid);
@@ -379,9 +387,75 @@ async function tokenKeeper(client: HttpClient, creds: Creds) {
 /** A running server with its client and token. */
 interface Session {
   child: Child;
-  client: HttpClient;
+  /** With --servers N > 1: the other processes, which `client` deals requests to in turn. */
+  extra?: Child[];
+  client: Pick<HttpClient, 'send' | 'close'>;
   token: { value: string };
   stop(): Promise<void>;
+}
+
+/** The server processes of a session (for their CPU). */
+function serverPids(s: Session): number[] {
+  return [s.child, ...(s.extra ?? [])].map((c) => c.proc.pid!).filter(Boolean);
+}
+
+/** Requests dealt to several clients in turn (one per server process). */
+class RoundRobinClient {
+  private next = 0;
+  constructor(private readonly clients: HttpClient[]) {}
+  send(spec: RequestSpec): Promise<Reply> {
+    return this.clients[this.next++ % this.clients.length]!.send(spec);
+  }
+  close(): void {
+    for (const c of this.clients) c.close();
+  }
+}
+
+/**
+ * Starts `n - 1` more servers beside `s` on the same databases: each gets a copy of the data
+ * directory's files (keys, admin token; a data directory is one process's) and the first server's
+ * public URL, so that the tokens the first issues are valid on all. The session's client then deals
+ * requests to them in turn; `stop()` stops them too.
+ */
+async function addServers(s: Session, n: number, env: NodeJS.ProcessEnv, dataDir: string): Promise<Session> {
+  if (n <= 1) return s;
+  const extra: Child[] = [];
+  const clients = [s.client as HttpClient];
+  try {
+    for (let i = 1; i < n; i++) {
+      const dir = `${dataDir}-server${i}`;
+      fs.rmSync(dir, { recursive: true, force: true });
+      fs.cpSync(dataDir, dir, {
+        recursive: true,
+        filter: (src) => !/(server\.json|\.log|[/\\]profile)$/.test(src),
+      });
+      const child = await startCustos(
+        {
+          ...env,
+          CUSTOS_DATA_DIR: dir,
+          CUSTOS_PORT: String(await freePort()),
+          CUSTOS_PUBLIC_URL: s.child.url,
+        },
+        path.join(dir, 'server.log'),
+      );
+      extra.push(child);
+      clients.push(new HttpClient(child.url, cfg.concurrency + 2));
+    }
+  } catch (e) {
+    for (const c of extra) await c.stop();
+    throw e;
+  }
+  const stopFirst = s.stop.bind(s);
+  return {
+    ...s,
+    extra,
+    client: new RoundRobinClient(clients),
+    async stop() {
+      for (const c of clients.slice(1)) c.close();
+      for (const c of extra) await c.stop();
+      await stopFirst();
+    },
+  };
 }
 
 async function openSession(env: NodeJS.ProcessEnv, logFile: string, creds?: Creds) {
@@ -1042,9 +1116,9 @@ async function measure(
   seconds: number,
   concurrency = cfg.concurrency,
 ) {
-  const foreignBefore = await waitForQuiet(s.child.proc.pid);
+  const foreignBefore = await waitForQuiet(serverPids(s));
   const from = hr();
-  const a = cpuSnap(s.child.proc.pid);
+  const a = cpuSnap(serverPids(s));
   const r = await runLoad({
     client: s.client,
     concurrency,
@@ -1052,7 +1126,7 @@ async function measure(
     maxSeconds: seconds,
     build: (i) => ({ method: 'GET', path: paths[i % paths.length]!, headers: fhirHeaders(s.token, false) }),
   });
-  const b = cpuSnap(s.child.proc.pid);
+  const b = cpuSnap(serverPids(s));
   const to = hr();
   const cpu = cpuDelta(a, b);
   log(
@@ -1165,8 +1239,8 @@ function syntheticObservation(pid: string, i: number): string {
 }
 
 async function createPhase(s: Session, pid: string, seconds: number, offset: number, quiet = true) {
-  const foreignBefore = quiet ? await waitForQuiet(s.child.proc.pid) : undefined;
-  const a = cpuSnap(s.child.proc.pid);
+  const foreignBefore = quiet ? await waitForQuiet(serverPids(s)) : undefined;
+  const a = cpuSnap(serverPids(s));
   const r = await runLoad({
     client: s.client,
     concurrency: cfg.concurrency,
@@ -1179,7 +1253,7 @@ async function createPhase(s: Session, pid: string, seconds: number, offset: num
       body: syntheticObservation(pid, offset + i),
     }),
   });
-  const b = cpuSnap(s.child.proc.pid);
+  const b = cpuSnap(serverPids(s));
   const { capped: _capped, ...rest } = r;
   return {
     ...rest,
@@ -1550,6 +1624,7 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
   } else dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'custos-search-bench-'));
   const logFile = path.join(dataDir, 'server.log');
   const env: Record<string, string> = { CUSTOS_DATA_DIR: dataDir, CUSTOS_LOG_LEVEL: 'info' };
+  if (cfg.poolSize !== undefined) env.CUSTOS_DATABASE_POOL_SIZE = String(cfg.poolSize);
   let dbName: string | undefined;
   const sessions: Session[] = [];
   const dbs: Db[] = [];
@@ -1642,6 +1717,13 @@ async function benchStorage(kind: 'postgres' | 'embedded', synthea: PreparedBund
       log(`${kind}: starting Custos on the data set`);
       session = (await openSession(serverEnv, logFile, creds)).session;
       sessions.push(session);
+    }
+    if (cfg.servers > 1 && kind === 'postgres') {
+      log(`${kind}: starting ${cfg.servers - 1} more server process(es) on the same databases`);
+      const i = sessions.indexOf(session);
+      session = await addServers(session, cfg.servers, serverEnv, dataDir);
+      sessions[i] = session;
+      out.servers = cfg.servers;
     }
     log(`${kind}: searches (${seconds} s each, concurrency ${cfg.concurrency})`);
     Object.assign(out, await searchPhase(session, targets, seconds));
