@@ -421,10 +421,14 @@ async function addServers(s: Session, n: number, env: NodeJS.ProcessEnv, dataDir
   if (n <= 1) return s;
   const extra: Child[] = [];
   const clients = [s.client as HttpClient];
+  // The copies hold key files: removed when the servers stop, kept data set or not.
+  const dirs: string[] = [];
+  const removeCopies = () => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true }));
   try {
     for (let i = 1; i < n; i++) {
       const dir = `${dataDir}-server${i}`;
       fs.rmSync(dir, { recursive: true, force: true });
+      dirs.push(dir);
       fs.cpSync(dataDir, dir, {
         recursive: true,
         filter: (src) => !/(server\.json|\.log|[/\\]profile)$/.test(src),
@@ -443,6 +447,7 @@ async function addServers(s: Session, n: number, env: NodeJS.ProcessEnv, dataDir
     }
   } catch (e) {
     for (const c of extra) await c.stop();
+    removeCopies();
     throw e;
   }
   const stopFirst = s.stop.bind(s);
@@ -453,6 +458,7 @@ async function addServers(s: Session, n: number, env: NodeJS.ProcessEnv, dataDir
     async stop() {
       for (const c of clients.slice(1)) c.close();
       for (const c of extra) await c.stop();
+      removeCopies();
       await stopFirst();
     },
   };
